@@ -1,0 +1,1 @@
+"""Identity -> credential: the authenticators of both modes."""

@@ -1,0 +1,1 @@
+"""Credential -> batch job and tunnel: the SLURM-over-SSH spawner."""
