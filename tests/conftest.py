@@ -57,3 +57,99 @@ def in_cluster(info: ClusterInfo, *argv: str, **kw) -> subprocess.CompletedProce
     kw.setdefault("text", True)
     kw.setdefault("check", False)
     return subprocess.run([*netns.nsenter_argv(info.cluster_netns), *argv], **kw)
+
+
+# --------------------------------------------------------------------------- hubs
+import signal  # noqa: E402
+import socket  # noqa: E402
+
+from xsedehub import localhub  # noqa: E402
+
+from .hubclient import Hub  # noqa: E402
+
+PROVIDER = "http://127.0.0.1:9400"
+
+#: identities at the local provider: sub -> claims (GitHub-like and CILogon-like)
+IDENTITIES = {
+    "ada": {"login": "Ada-L", "id": 1001, "email": "ada@example.org"},
+    "grace": {"login": "grace", "id": 1002, "email": "grace@example.org"},
+    "admin": {"login": "admin", "id": 1, "email": "admin@example.org"},
+}
+
+
+def _free(port: int) -> bool:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+@pytest.fixture(scope="session")
+def provider(cluster, tmp_path_factory):
+    """oidc-provider-mock on the hub side's loopback, standing in for GitHub/CILogon."""
+    if not _free(9400):
+        pytest.fail("port 9400 is taken on the hub side")
+    proc = localhub.start_provider(tmp_path_factory.mktemp("provider"))
+    for sub, claims in IDENTITIES.items():
+        localhub.put_user(PROVIDER, sub, claims)
+    yield PROVIDER
+    proc.terminate()
+    proc.wait(10)
+
+
+class RunningHub:
+    def __init__(self, workdir, proc, client: Hub):
+        self.workdir, self.proc, self.client = workdir, proc, client
+
+    @property
+    def log(self) -> str:
+        return (self.workdir / "hub.log").read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    def restart(self) -> None:
+        self.stop()
+        self.proc = localhub.start_hub(self.workdir)
+
+
+def make_hub(workdir, cluster, provider, **kw) -> RunningHub:
+    busy = [p for p in (8000, 8001, cluster.hub_api_port) if not _free(p)]
+    if busy:
+        pytest.fail(f"ports {busy} are taken on the hub side (a hub left from an earlier run?)")
+    localhub.write_config(workdir, cluster, provider_url=provider, **kw)
+    proc = localhub.start_hub(workdir)
+    token = (workdir / "service_token").read_text().strip()
+    return RunningHub(workdir, proc, Hub("http://127.0.0.1:8000", token, provider))
+
+
+def stop_hub_and_proxy(hub: RunningHub) -> None:
+    """Stop every server, the hub and the (hub-independent) proxy."""
+    try:
+        for u in hub.client.get("/users").json():
+            if u["servers"]:
+                hub.client.delete(f"/users/{u['name']}/server")
+        for u in hub.client.get("/users").json():
+            try:
+                hub.client.wait_stopped(u["name"], 60)
+            except TimeoutError:
+                pass
+    except Exception as e:  # the hub may be what failed: still stop everything
+        print(f"stopping servers failed: {e}")
+    hub.stop()
+    pid_file = hub.workdir / "proxy.pid"
+    if pid_file.exists():
+        try:
+            os.kill(int(pid_file.read_text()), signal.SIGTERM)
+        except (OSError, ValueError):
+            pass

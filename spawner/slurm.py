@@ -1,0 +1,285 @@
+"""Pure builders and parsers for SLURM: no I/O here, everything unit-tested.
+
+The job script is assembled from validated values only; every value that is not a
+fixed string of ours goes through :func:`shlex.quote`.  Secrets never appear in it:
+SLURM stores job scripts, and anyone with ``scontrol write batch_script`` rights can
+read them.  The hub delivers the environment and the tunnel key as 0600 files over
+SFTP instead, and the script reads them at run time.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from . import validate as v
+
+#: states in which a job is still (or about to be) alive
+ALIVE_STATES = frozenset(
+    {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED",
+     "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD"}
+)
+
+SQUEUE_FORMAT = "%i|%T|%N|%r|%S|%u"
+
+
+@dataclass(frozen=True)
+class JobResources:
+    """What the job asks SLURM for (all validated on construction)."""
+
+    partition: str
+    walltime_minutes: int
+    cpus: int = 1
+    memory_mb: int = 1024
+    gpus: int = 0
+    account: str | None = None
+    qos: str | None = None
+    reservation: str | None = None
+
+    def __post_init__(self) -> None:
+        v.slurm_name(self.partition, "partition")
+        v.walltime_minutes(self.walltime_minutes)
+        v.positive_int(self.cpus, "cores")
+        v.memory_mb(self.memory_mb)
+        v.positive_int(self.gpus, "gpus", low=0, high=64)
+        for name in ("account", "qos", "reservation"):
+            val = getattr(self, name)
+            if val is not None:
+                v.slurm_name(val, name)
+
+
+@dataclass(frozen=True)
+class Tunnel:
+    """Where and how the compute node opens the reverse tunnel back to the hub."""
+
+    host: str
+    port: int
+    user: str
+    hub_port: int  # the port the hub listens on (hub-side loopback), one per server
+    api_host: str  # hub API as seen from the hub's sshd
+    api_port: int
+
+    def __post_init__(self) -> None:
+        v.host(self.host, "tunnel host")
+        v.host(self.api_host, "hub API host")
+        v.posix_username(self.user, "tunnel user")
+        for name in ("port", "hub_port", "api_port"):
+            v.positive_int(getattr(self, name), name, high=65535)
+
+
+@dataclass(frozen=True)
+class JobScript:
+    """Everything the batch script needs.  Paths are relative to the account's home."""
+
+    job_name: str
+    resources: JobResources
+    job_dir: str  # holds env, tunnel key, known_hosts, log and the server socket
+    work_dir: str  # where JupyterLab starts
+    singleuser: list[str]  # argv of jupyterhub-singleuser on the compute node
+    tunnel: Tunnel
+    python: str  # a python3 on the compute node (picks the node-side API port)
+    prologue: list[str] = field(default_factory=list)  # argv lists run before the server
+    extra_directives: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        v.slurm_name(self.job_name, "job name")
+        v.relative_path(self.job_dir, "job directory", hidden=True)
+        if self.work_dir != ".":
+            v.relative_path(self.work_dir, "work directory", hidden=True)
+        if not self.singleuser:
+            raise v.InvalidValue("singleuser command", "must not be empty")
+        for key, val in self.extra_directives.items():
+            if not key.replace("-", "").isalnum():
+                raise v.InvalidValue("extra directive", f"{key!r} is not an sbatch option name")
+            v.slurm_name(val, f"--{key}")
+
+
+def sbatch_directives(job: JobScript) -> list[str]:
+    r = job.resources
+    lines = [
+        f"--job-name={job.job_name}",
+        f"--partition={r.partition}",
+        f"--time={v.format_walltime(r.walltime_minutes)}",
+        "--nodes=1",
+        "--ntasks=1",
+        f"--cpus-per-task={r.cpus}",
+        f"--mem={r.memory_mb}M",
+        f"--output={job.job_dir}/job.log",
+        "--open-mode=append",
+        "--signal=B:TERM@60",
+    ]
+    if r.gpus:
+        lines.append(f"--gpus={r.gpus}")
+    for name in ("account", "qos", "reservation"):
+        val = getattr(r, name)
+        if val:
+            lines.append(f"--{name}={val}")
+    lines += [f"--{k}={val}" for k, val in job.extra_directives.items()]
+    for line in lines:  # belt and braces: nothing that could end a directive line
+        if any(c in line for c in "\n\r\0 \t;`$"):
+            raise v.InvalidValue("sbatch directive", f"{line!r} contains unsafe characters")
+    return ["#SBATCH " + line for line in lines]
+
+
+_FREE_PORT = (
+    "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"
+)
+
+
+def build_job_script(job: JobScript) -> str:
+    """The batch script.  No secret and no user-chosen text except validated values."""
+    q = shlex.quote
+    t = job.tunnel
+    ssh = [
+        "ssh", "-N", "-F", "/dev/null",
+        "-o", "BatchMode=yes",
+        "-o", "IdentitiesOnly=yes",
+        "-o", "StrictHostKeyChecking=yes",
+        "-o", "UserKnownHostsFile=$XH_DIR/known_hosts",
+        "-o", "GlobalKnownHostsFile=/dev/null",
+        "-o", "ExitOnForwardFailure=yes",
+        "-o", "ServerAliveInterval=5",
+        "-o", "ServerAliveCountMax=3",
+        "-o", "ConnectTimeout=10",
+        "-i", "$XH_DIR/tunnel_key",
+        "-p", str(t.port),
+        "-R", f"127.0.0.1:{t.hub_port}:$XH_DIR/server.sock",
+        "-L", f"127.0.0.1:$XH_API_PORT:{t.api_host}:{t.api_port}",
+        f"{t.user}@{t.host}",
+    ]
+    # $XH_DIR and $XH_API_PORT are ours (set below from quoted constants); keep them
+    # expandable, quote everything else.
+    ssh_cmd = " ".join(
+        f'"{a}"' if "$XH_" in a else q(a) for a in ssh
+    )
+    prologue = "\n".join(" ".join(q(a) for a in argv) for argv in job.prologue)
+    singleuser = " ".join(q(a) for a in job.singleuser)
+    return f"""#!/bin/bash
+{chr(10).join(sbatch_directives(job))}
+# Written by xsedehub.  The hub delivers secrets as 0600 files in the job directory;
+# nothing secret is in this script, in an argv or in the job's log.
+set -uo pipefail
+umask 077
+cd "$HOME" || exit 1
+XH_DIR="$HOME"/{q(job.job_dir)}
+XH_WORK="$HOME"/{q(job.work_dir) if job.work_dir != "." else '""'}
+XH_PY={q(job.python)}
+log() {{ printf '%s [xsedehub] %s\\n' "$(date -u +%FT%TZ)" "$*"; }}
+cleanup() {{
+    trap - EXIT TERM INT
+    [ -n "${{XH_SERVER:-}}" ] && kill -TERM "$XH_SERVER" 2>/dev/null && wait "$XH_SERVER"
+    [ -n "${{XH_TUNNEL:-}}" ] && kill -TERM "$XH_TUNNEL" 2>/dev/null
+    pkill -TERM -P "${{XH_TUNNEL:-0}}" 2>/dev/null
+    rm -f "$XH_DIR/env" "$XH_DIR/tunnel_key" "$XH_DIR/server.sock"
+    log "job ended"
+}}
+trap cleanup EXIT
+trap 'exit 143' TERM INT
+
+[ -r "$XH_DIR/env" ] && [ -r "$XH_DIR/tunnel_key" ] || {{ log "job files missing in $XH_DIR"; exit 2; }}
+log "on node ${{SLURMD_NODENAME:-$(hostname)}} as $(id -un), job ${{SLURM_JOB_ID:-?}}"
+XH_API_PORT=$("$XH_PY" -c {q(_FREE_PORT)}) || {{ log "no python3 at $XH_PY"; exit 2; }}
+
+# The reverse tunnel (hub -> this server) and the forward to the hub API share one
+# SSH connection as the tunnel account, re-opened whenever it drops.
+(
+    while :; do
+        {ssh_cmd} </dev/null
+        log "tunnel closed ($?); reopening"
+        sleep 2
+    done
+) &
+XH_TUNNEL=$!
+for _ in $(seq 1 300); do
+    "$XH_PY" -c "import socket,sys; socket.create_connection(('127.0.0.1', int(sys.argv[1])), 1)" \\
+        "$XH_API_PORT" 2>/dev/null && break
+    sleep 0.2
+done
+log "tunnel up: hub port {t.hub_port}, hub API on local port $XH_API_PORT"
+
+set -a
+. "$XH_DIR/env"
+set +a
+mkdir -p "$XH_WORK" && cd "$XH_WORK" || exit 2
+{prologue}
+log "starting the single-user server"
+{singleuser} --ServerApp.sock="$XH_DIR/server.sock" --ServerApp.sock_mode=0600 &
+XH_SERVER=$!
+wait "$XH_SERVER"
+"""
+
+
+def env_file(env: Mapping[str, str], api_origin: str) -> str:
+    """Shell-sourceable ``export`` lines; the hub API origin is rewritten to the node's
+    local forward (``$XH_API_PORT``), every value shell-quoted."""
+    lines = []
+    for key, value in sorted(env.items()):
+        if not key.replace("_", "").isalnum() or key[0].isdigit():
+            raise v.InvalidValue("environment", f"{key!r} is not a variable name")
+        if any(c in value for c in "\0"):
+            raise v.InvalidValue("environment", f"{key} contains NUL")
+        if api_origin and value.startswith(api_origin):
+            rest = value[len(api_origin) :]
+            lines.append(f'export {key}="http://127.0.0.1:$XH_API_PORT"{shlex.quote(rest)}')
+        else:
+            lines.append(f"export {key}={shlex.quote(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def sbatch_argv() -> list[str]:
+    return ["sbatch", "--parsable"]
+
+
+def parse_sbatch(stdout: str) -> str:
+    """``sbatch --parsable`` prints ``jobid[;cluster]``."""
+    line = stdout.strip().splitlines()[-1] if stdout.strip() else ""
+    job_id = line.split(";")[0]
+    if not job_id.isdigit():
+        raise ValueError(f"sbatch printed no job id: {stdout!r}")
+    return job_id
+
+
+def squeue_argv(user: str, job_ids: list[str] | None = None) -> list[str]:
+    argv = ["squeue", "--noheader", "--states=all", f"--format={SQUEUE_FORMAT}"]
+    if job_ids:
+        argv.append("--jobs=" + ",".join(sorted(job_ids, key=int)))
+    else:
+        argv.append(f"--user={v.posix_username(user)}")
+    return argv
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    job_id: str
+    state: str
+    nodes: str
+    reason: str
+    start: str
+    user: str
+
+    @property
+    def alive(self) -> bool:
+        return self.state in ALIVE_STATES
+
+    @property
+    def running(self) -> bool:
+        return self.state == "RUNNING"
+
+
+def parse_squeue(text: str) -> dict[str, JobStatus]:
+    out: dict[str, JobStatus] = {}
+    for line in text.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) != 6 or not parts[0].isdigit():
+            continue
+        job_id, state, nodes, reason, start, user = parts
+        state = state.split()[0].rstrip("+")  # "CANCELLED by 1001" -> CANCELLED
+        out[job_id] = JobStatus(job_id, state, nodes, reason, start, user)
+    return out
+
+
+def scancel_argv(job_id: str) -> list[str]:
+    if not job_id.isdigit():
+        raise v.InvalidValue("job id", f"{job_id!r} is not a job id")
+    return ["scancel", job_id]

@@ -1,0 +1,676 @@
+"""The spawner: a credential in, a SLURM job and a tunnel out.
+
+One spawner serves both modes; only the way it gets an SSH identity differs:
+
+* ``gateway``: the hub's own key, as the shared workshop account; each attendee works
+  in ``<gateway_workdir_root>/<github login>`` with the workshop notebooks;
+* ``xsede``: the short-lived certificate the authenticator obtained for the user, as
+  the user's own cluster account (the certificate's principal).
+
+The flow of :meth:`start`: allocate a hub-side port and a per-job tunnel key; write the
+job's environment and key as 0600 files over SFTP; ``sbatch`` a script (no secrets in
+it) over the shared SSH connection; follow the job through the queue; wait until the
+server answers through the tunnel; return the hub-side address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+from jupyterhub.spawner import Spawner
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+from traitlets import (
+    Bool,
+    CaselessStrEnum,
+    Dict,
+    Float,
+    Integer,
+    List,
+    Tuple,
+    Unicode,
+    default,
+)
+
+from . import slurm
+from . import validate as v
+from .ssh import POOL, ClusterUnreachable, Connection, LoginNode, SSHIdentity
+from .tunnel import TunnelKeys
+
+STATE_VERSION = 1
+
+
+class SpawnError(RuntimeError):
+    """A failure with a message meant for the user on the spawn page."""
+
+
+class SlurmSSHSpawner(Spawner):
+    """Start each user's server as a SLURM batch job over SSH, reached through a tunnel."""
+
+    # ----------------------------------------------------------------- mode & identity
+    mode = CaselessStrEnum(
+        ["gateway", "xsede"],
+        default_value="gateway",
+        config=True,
+        help="""How the hub logs in to the cluster.
+
+        ``gateway``: every job runs under one shared account (:attr:`gateway_user`) reached
+        with the hub's key (:attr:`gateway_key`); attendees get a folder each.
+        ``xsede``: each user's own account, with the short-lived SSH certificate the
+        authenticator put in their auth_state.
+        """,
+    )
+    login_host = Unicode(
+        config=True, help="Host name or address of the cluster's login node, as the hub reaches it."
+    )
+    login_port = Integer(22, config=True, help="SSH port of the login node.")
+    known_hosts = Unicode(
+        config=True,
+        help="""known_hosts file that vouches for the login node's host key (a plain key line
+        or an ``@cert-authority`` line).  Required: host keys are always verified.""",
+    )
+    gateway_user = Unicode("gateway", config=True, help="The shared cluster account (gateway mode).")
+    gateway_key = Unicode(
+        config=True,
+        help="Path on the hub of the private key that logs in as :attr:`gateway_user` (gateway mode).",
+    )
+    ssh_max_sessions = Integer(
+        8,
+        config=True,
+        help="""Channels open at once on one SSH connection.  Keep it below the login node's
+        sshd ``MaxSessions`` (OpenSSH default 10).""",
+    )
+
+    # ----------------------------------------------------------------- batch job
+    partition = Unicode("compute", config=True, help="Default SLURM partition.")
+    walltime = Unicode("01:00:00", config=True, help="Default walltime, ``[D-]HH:MM[:SS]`` or minutes.")
+    cores = Integer(1, config=True, help="Default CPU cores per server (``--cpus-per-task``).")
+    memory = Unicode("2G", config=True, help="Default memory per server (``--mem``), e.g. ``2G``.")
+    gpus = Integer(0, config=True, help="Default number of GPUs (``--gpus``), 0 for none.")
+    account = Unicode(
+        "", config=True, help="Default SLURM account (allocation) to charge; empty for the user's default."
+    )
+    qos = Unicode("", config=True, help="SLURM QOS for every job; empty for none.")
+    extra_sbatch = Dict(
+        config=True,
+        help="""Further ``#SBATCH`` options for every job, as ``{"constraint": "haswell"}``.
+        Values are validated like partition names.""",
+    )
+    job_python = Unicode(
+        "python3",
+        config=True,
+        help="""A Python 3 on the compute nodes, used by the job script to pick a free local
+        port.  The environment that has ``jupyterhub-singleuser`` is a good choice.""",
+    )
+    job_dir_root = Unicode(
+        ".xsedehub/jobs",
+        config=True,
+        help="""Where, relative to the cluster account's home, each job keeps its files
+        (0600 environment and tunnel key, its log, the server's socket).""",
+    )
+    status_interval = Float(
+        10.0,
+        config=True,
+        help="""How old a shared ``squeue`` result may be when a poll reads it.  All servers
+        that share an SSH identity share one squeue per interval.""",
+    )
+    cluster_retry_seconds = Float(
+        120.0,
+        config=True,
+        help="""During a spawn, how long to keep retrying when the login node cannot be
+        reached before failing with a clear message.""",
+    )
+
+    # ----------------------------------------------------------------- tunnel
+    tunnel_host = Unicode(
+        config=True, help="The hub's sshd as the compute nodes reach it (host name or address)."
+    )
+    tunnel_port = Integer(22, config=True, help="Port of the hub's sshd.")
+    tunnel_user = Unicode("tunnelbot", config=True, help="The no-shell account jobs tunnel in as.")
+    tunnel_known_hosts = Unicode(
+        config=True,
+        help="""known_hosts file (on the hub) that vouches for the hub sshd's host key; it is
+        copied into each job's directory so the compute node verifies the hub.""",
+    )
+    tunnel_authorized_keys = Unicode(
+        "/etc/xsedehub/tunnelbot_authorized_keys",
+        config=True,
+        help="""The tunnel account's authorized_keys file, which the hub manages: one line per
+        running job, restricted to that job's port, expiring, removed at stop.  Point the
+        sshd ``Match User`` block's ``AuthorizedKeysFile`` at it.""",
+    )
+    tunnel_port_range = Tuple(
+        Integer(),
+        Integer(),
+        default_value=(20000, 29999),
+        config=True,
+        help="Hub-side loopback ports handed out to tunnels, inclusive.",
+    )
+    hub_api_host = Unicode(
+        "",
+        config=True,
+        help="""The hub API's host as the hub's sshd reaches it (what jobs forward to).
+        Default: the host of the hub's API URL.""",
+    )
+
+    # ----------------------------------------------------------------- work folder
+    gateway_workdir_root = Unicode(
+        "workshop",
+        config=True,
+        help="""Gateway mode: attendees' folders live in ``<this>/<github login>``, relative
+        to the gateway account's home.""",
+    )
+    workshop_repo = Unicode(
+        "",
+        config=True,
+        help="""Gateway mode: git repository of the workshop notebooks, checked out into
+        each attendee's folder with nbgitpuller on every start (never overwriting edits).
+        Empty for none.""",
+    )
+    workshop_branch = Unicode("main", config=True, help="Branch of :attr:`workshop_repo`.")
+    workshop_checkout = Unicode(
+        "",
+        config=True,
+        help="Folder name of the checkout inside the attendee's folder; default: the repository's name.",
+    )
+    gitpuller = Unicode(
+        "gitpuller",
+        config=True,
+        help="The nbgitpuller command on the compute nodes (from the job's Python environment).",
+    )
+    require_github_id = Bool(
+        True,
+        config=True,
+        help="""Gateway mode: refuse to start unless auth_state holds the numeric GitHub id,
+        which guards each folder against renamed or re-registered logins.""",
+    )
+    xsede_workdir = Unicode(
+        ".",
+        config=True,
+        help="xsede mode: the folder JupyterLab starts in, relative to the user's home.",
+    )
+
+    # ----------------------------------------------------------------- jupyterhub defaults
+    @default("env_keep")
+    def _env_keep_default(self) -> list[str]:
+        # the hub's PATH, PYTHONPATH... mean nothing on a compute node
+        return ["LANG", "LC_ALL"]
+
+    @default("start_timeout")
+    def _start_timeout_default(self) -> int:
+        return 900  # includes the time in the queue
+
+    @default("http_timeout")
+    def _http_timeout_default(self) -> int:
+        return 120
+
+    @default("poll_interval")
+    def _poll_interval_default(self) -> int:
+        return 30
+
+    @default("hub_api_host")
+    def _hub_api_host_default(self) -> str:
+        from urllib.parse import urlparse
+
+        return urlparse(self.hub.api_url).hostname or "127.0.0.1"
+
+    # ----------------------------------------------------------------- state
+    job_id = Unicode("")
+    hub_port = Integer(0)
+    spawn_id = Unicode("")
+    ssh_user = Unicode("")
+    _submitted_at = 0.0
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        super().load_state(state)
+        if state.get("version", 0) > STATE_VERSION:
+            self.log.warning("state of %s from a newer xsedehub: %s", self._log_name, state)
+        self.job_id = state.get("job_id", "")
+        self.hub_port = int(state.get("hub_port", 0))
+        self.spawn_id = state.get("spawn_id", "")
+        self.ssh_user = state.get("ssh_user", "")
+
+    def get_state(self) -> dict[str, Any]:
+        state = super().get_state()
+        if self.job_id:
+            state.update(
+                version=STATE_VERSION, job_id=self.job_id, hub_port=self.hub_port,
+                spawn_id=self.spawn_id, ssh_user=self.ssh_user,
+            )
+        return state
+
+    def clear_state(self) -> None:
+        super().clear_state()
+        self.job_id = self.spawn_id = self.ssh_user = ""
+        self.hub_port = 0
+
+    # ----------------------------------------------------------------- progress
+    def _progress(self, message: str, pct: int | None = None) -> None:
+        self.log.info("%s: %s", self._log_name, message)
+        ev: dict[str, Any] = {"message": message}
+        if pct is not None:
+            ev["progress"] = pct
+        self._events.append(ev)
+        self._events_changed.set()
+
+    @property
+    def _events(self) -> list[dict[str, Any]]:
+        if not hasattr(self, "_event_list"):
+            self._event_list: list[dict[str, Any]] = []
+            self._event_flag = asyncio.Event()
+        return self._event_list
+
+    @property
+    def _events_changed(self) -> asyncio.Event:
+        self._events  # noqa: B018 (initialise)
+        return self._event_flag
+
+    async def progress(self):
+        sent = 0
+        while True:
+            while sent < len(self._events):
+                yield self._events[sent]
+                sent += 1
+            if self._spawn_future is not None and self._spawn_future.done():
+                break
+            self._events_changed.clear()
+            try:
+                await asyncio.wait_for(self._events_changed.wait(), 1)
+            except asyncio.TimeoutError:
+                pass
+
+    # ----------------------------------------------------------------- identity
+    def login_node(self) -> LoginNode:
+        if not self.login_host:
+            raise SpawnError("xsedehub is not configured: SlurmSSHSpawner.login_host is empty")
+        if not self.known_hosts:
+            raise SpawnError("xsedehub is not configured: SlurmSSHSpawner.known_hosts is empty")
+        return LoginNode(v.host(self.login_host, "login_host"), self.login_port, self.known_hosts)
+
+    _key_cache: dict[str, tuple[float, asyncssh.SSHKey]] = {}
+
+    def _gateway_identity(self) -> SSHIdentity:
+        if not self.gateway_key:
+            raise SpawnError("xsedehub is not configured: SlurmSSHSpawner.gateway_key is empty")
+        mtime = Path(self.gateway_key).stat().st_mtime
+        cached = self._key_cache.get(self.gateway_key)
+        if cached is None or cached[0] != mtime:
+            cached = (mtime, asyncssh.read_private_key(self.gateway_key))
+            self._key_cache[self.gateway_key] = cached
+        return SSHIdentity(v.posix_username(self.gateway_user, "gateway_user"), cached[1], label="gateway")
+
+    async def ssh_identity(self) -> SSHIdentity:
+        """The identity this user's jobs are submitted with (override to change how)."""
+        if self.mode == "gateway":
+            return self._gateway_identity()
+        return await self._certificate_identity()
+
+    async def _certificate_identity(self) -> SSHIdentity:
+        auth_state = await self.user.get_auth_state() or {}
+        cred = auth_state.get("xsedehub_credential")
+        if not cred:
+            raise SpawnError(
+                "No cluster credential for this login: log out and log in again to get one."
+            )
+        key = asyncssh.import_private_key(cred["private_key"])
+        cert = asyncssh.import_certificate(cred["certificate"])
+        principal = v.posix_username(cred["principal"], "certificate principal")
+        if cert.valid_before <= time.time():
+            raise SpawnError("Your cluster certificate has expired: log out and log in again.")
+        return SSHIdentity(principal, key, cert, label="certificate")
+
+    async def connection(self) -> Connection:
+        ident = await self.ssh_identity()
+        self.ssh_user = ident.username
+        return POOL.get(self.login_node(), ident, max_sessions=self.ssh_max_sessions)
+
+    def tunnel_keys(self) -> TunnelKeys:
+        from urllib.parse import urlparse
+
+        api = urlparse(self.hub.api_url)
+        return TunnelKeys.for_file(
+            self.tunnel_authorized_keys, tuple(self.tunnel_port_range),
+            self.hub_api_host, api.port or 80,
+        )
+
+    # ----------------------------------------------------------------- job pieces
+    def resources(self) -> slurm.JobResources:
+        """Defaults from config, overridden by validated ``user_options``."""
+        opts = self.user_options or {}
+        known = {"partition", "walltime", "cores", "memory", "gpus", "account"}
+        unknown = set(opts) - known
+        if unknown:
+            raise v.InvalidValue(sorted(unknown)[0], "is not an option this hub offers")
+        return slurm.JobResources(
+            partition=v.slurm_name(opts.get("partition", self.partition), "partition"),
+            walltime_minutes=v.walltime_minutes(opts.get("walltime", self.walltime)),
+            cpus=v.positive_int(opts.get("cores", self.cores), "cores"),
+            memory_mb=v.memory_mb(opts.get("memory", self.memory)),
+            gpus=v.positive_int(opts.get("gpus", self.gpus), "gpus", low=0, high=64),
+            account=v.slurm_name(opts["account"], "account") if opts.get("account")
+            else (self.account or None),
+            qos=self.qos or None,
+        )
+
+    def attendee_login(self) -> str:
+        return v.github_login(self.user.name, "GitHub login")
+
+    def work_dir(self) -> str:
+        if self.mode == "gateway":
+            root = v.relative_path(self.gateway_workdir_root, "gateway_workdir_root", hidden=True)
+            return f"{root}/{self.attendee_login()}"
+        return "." if self.xsede_workdir in ("", ".") else v.relative_path(self.xsede_workdir, "xsede_workdir", hidden=True)
+
+    def checkout_name(self) -> str:
+        if self.workshop_checkout:
+            return v.path_part(self.workshop_checkout, "workshop_checkout")
+        base = self.workshop_repo.rstrip("/").rsplit("/", 1)[-1].removesuffix(".git")
+        return v.path_part(base or "workshop", "workshop checkout")
+
+    def node_env(self) -> dict[str, str]:
+        """What the single-user server gets: everything from :meth:`get_env`, with the
+        service URL pointing at the node side of the tunnel."""
+        env = self.get_env()
+        env["JUPYTERHUB_SERVICE_URL"] = "http://127.0.0.1:8888" + self.server.base_url
+        # the server listens on a unix socket; jupyter-server only accepts --sock when
+        # the port is its default (8888), hence the service URL above.
+        if self.mode == "gateway":
+            env["JUPYTERHUB_ROOT_DIR"] = "."
+        return env
+
+    def job_script(self, job_dir: str, hub_port: int) -> str:
+        from urllib.parse import urlparse
+
+        api = urlparse(self.hub.api_url)
+        prologue: list[list[str]] = []
+        if self.mode == "gateway" and self.workshop_repo:
+            prologue.append(
+                [self.gitpuller, self.workshop_repo, self.workshop_branch, self.checkout_name()]
+            )
+        job = slurm.JobScript(
+            job_name=f"jupyter-{self.user.name}"[:60] if self.mode == "gateway" else "jupyterhub",
+            resources=self.resources(),
+            job_dir=job_dir,
+            work_dir=self.work_dir(),
+            singleuser=[*self.cmd, *self.get_args()],
+            tunnel=slurm.Tunnel(
+                host=self.tunnel_host, port=self.tunnel_port, user=self.tunnel_user,
+                hub_port=hub_port, api_host=self.hub_api_host, api_port=api.port or 80,
+            ),
+            python=self.job_python,
+            prologue=prologue,
+            extra_directives=self.extra_sbatch,
+        )
+        return slurm.build_job_script(job)
+
+    def _api_origin(self) -> str:
+        from urllib.parse import urlparse
+
+        api = urlparse(self.hub.api_url)
+        return f"{api.scheme}://{api.netloc}"
+
+    # ----------------------------------------------------------------- cluster I/O
+    async def _retrying(self, what: str, fn, *args, **kw):
+        """Run ``fn`` and retry with backoff while the login node is unreachable."""
+        deadline = time.monotonic() + self.cluster_retry_seconds
+        delay = 1.0
+        while True:
+            try:
+                return await fn(*args, **kw)
+            except ClusterUnreachable as e:
+                if time.monotonic() + delay > deadline:
+                    raise SpawnError(
+                        f"The cluster's login node cannot be reached ({what}): {e}. "
+                        "Try again later; if it persists, tell the hub's administrators."
+                    ) from e
+                self._progress(f"Login node unreachable ({what}); retrying in {delay:.0f} s")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 15)
+
+    async def _claim_folder(self, sftp: asyncssh.SFTPClient, folder: str) -> None:
+        """Gateway mode: create the attendee's folder and bind it to their GitHub id."""
+        auth_state = await self.user.get_auth_state() or {}
+        gh_id = str((auth_state.get("github_user") or {}).get("id") or "")
+        if not gh_id.isdigit():
+            if self.require_github_id:
+                raise SpawnError(
+                    "The hub has no GitHub id for this login (auth_state is off or empty): "
+                    "log out and in again, or ask the administrators to enable auth_state."
+                )
+            gh_id = ""
+        await sftp.makedirs(folder, exist_ok=True)
+        owner = f"{folder}/.xsedehub-owner"
+        try:
+            async with sftp.open(owner, "x") as f:  # exclusive create: first claim wins
+                await f.write(gh_id + "\n")
+            return
+        except asyncssh.SFTPFailure:
+            pass
+        except asyncssh.SFTPError as e:
+            if getattr(e, "code", None) not in (asyncssh.FX_FILE_ALREADY_EXISTS, asyncssh.FX_FAILURE):
+                raise
+        async with sftp.open(owner, "r") as f:
+            recorded = (await f.read()).strip()
+        if gh_id and recorded and recorded != gh_id:
+            raise SpawnError(
+                f"The folder for GitHub login {self.user.name!r} belongs to another GitHub "
+                "account (the login was renamed or re-registered).  Ask the workshop's "
+                "organisers to move or remove the old folder."
+            )
+
+    async def _write_job_files(self, conn: Connection, job_dir: str, grant) -> None:
+        sftp = await conn.sftp()
+        await sftp.makedirs(job_dir, attrs=asyncssh.SFTPAttrs(permissions=0o700), exist_ok=True)
+        await sftp.chmod(job_dir.split("/")[0], 0o700)
+        await sftp.chmod(job_dir, 0o700)
+        known_hosts = Path(self.tunnel_known_hosts).read_text() if self.tunnel_known_hosts else ""
+        if not known_hosts.strip():
+            raise SpawnError("xsedehub is not configured: SlurmSSHSpawner.tunnel_known_hosts is empty")
+        files = {
+            "env": slurm.env_file(self.node_env(), self._api_origin()),
+            "tunnel_key": grant.private_key,
+            "known_hosts": known_hosts,
+        }
+        for name, content in files.items():
+            # created 0600 before a byte is written
+            async with sftp.open(
+                f"{job_dir}/{name}", "w", attrs=asyncssh.SFTPAttrs(permissions=0o600)
+            ) as f:
+                await f.write(content)
+        if self.mode == "gateway":
+            await self._claim_folder(sftp, self.work_dir())
+
+    async def _remove_job_files(self, conn: Connection, job_dir: str) -> None:
+        try:
+            sftp = await conn.sftp()
+            for name in ("env", "tunnel_key"):
+                try:
+                    await sftp.remove(f"{job_dir}/{name}")
+                except asyncssh.SFTPNoSuchFile:
+                    pass
+        except (ClusterUnreachable, asyncssh.Error, OSError) as e:
+            self.log.warning("%s: could not remove job files: %s", self._log_name, e)
+
+    async def _sbatch(self, conn: Connection, script: str) -> str:
+        r = await conn.run(slurm.sbatch_argv(), input=script, timeout=60)
+        if r.exit_status != 0:
+            raise SpawnError(f"The cluster refused the job: {str(r.stderr).strip()[:500]}")
+        return slurm.parse_sbatch(str(r.stdout))
+
+    async def _scancel(self, conn: Connection, job_id: str) -> None:
+        r = await conn.run(slurm.scancel_argv(job_id), timeout=30)
+        if r.exit_status != 0 and "Invalid job id" not in str(r.stderr):
+            raise ClusterUnreachable(f"scancel {job_id}: {str(r.stderr).strip()[:300]}")
+
+    async def _job_log_tail(self, conn: Connection, job_dir: str, lines: int = 20) -> str:
+        try:
+            sftp = await conn.sftp()
+            async with sftp.open(f"{job_dir}/job.log", "r") as f:
+                text = await f.read()
+            return "\n".join(text.splitlines()[-lines:])
+        except (ClusterUnreachable, asyncssh.Error, OSError):
+            return ""
+
+    # ----------------------------------------------------------------- spawner API
+    async def start(self) -> tuple[str, int]:
+        self._events.clear()
+        self._progress("Preparing the batch job", 5)
+        conn = await self._retrying("connecting", self.connection)
+        keys = self.tunnel_keys()
+        resources = self.resources()  # validate before anything is written anywhere
+        self.spawn_id = f"u{self.user.id}-{secrets.token_hex(6)}"
+        job_dir = f"{v.relative_path(self.job_dir_root, 'job_dir_root', hidden=True)}/{self.spawn_id}"
+        lifetime = self.start_timeout + resources.walltime_minutes * 60 + 600
+        grant = await keys.grant(self.spawn_id, lifetime)
+        self.hub_port = grant.port
+        script = self.job_script(job_dir, grant.port)
+        try:
+            await self._retrying("writing job files", self._write_job_files, conn, job_dir, grant)
+            self.job_id = await self._retrying("submitting", self._sbatch, conn, script)
+        except BaseException:
+            await keys.revoke(self.spawn_id)
+            await self._remove_job_files(conn, job_dir)
+            self.clear_state()
+            raise
+        self._submitted_at = time.monotonic()
+        self._progress(f"Submitted batch job {self.job_id} to partition {resources.partition}", 15)
+        try:
+            await self._wait_running(conn, job_dir)
+            await self._wait_server(conn, job_dir)
+        except BaseException:
+            # cancelled (stop pressed, timeout) or failed: nothing may be left behind
+            await self._cleanup(conn, job_dir)
+            raise
+        return ("127.0.0.1", self.hub_port)
+
+    async def _wait_running(self, conn: Connection, job_dir: str) -> None:
+        last = ""
+        while True:
+            try:
+                st = await conn.status.get(
+                    self.job_id, max_age=1.0, not_before=self._submitted_at
+                )
+            except ClusterUnreachable as e:
+                self._progress(f"Login node unreachable while job {self.job_id} is queued ({e}); retrying")
+                await asyncio.sleep(5)
+                continue
+            if st is None or not st.alive:
+                tail = await self._job_log_tail(conn, job_dir)
+                state = st.state if st else "gone from the queue"
+                raise SpawnError(
+                    f"Batch job {self.job_id} ended before the server started ({state})."
+                    + (f"\nLast lines of its log:\n{tail}" if tail else "")
+                )
+            if st.running:
+                self._progress(f"Job {self.job_id} running on {st.nodes}; opening the tunnel", 50)
+                return
+            msg = f"Job {self.job_id} is {st.state.lower()}"
+            if st.reason and st.reason != "None":
+                msg += f" ({st.reason})"
+            if st.start and st.start not in ("N/A", "Unknown"):
+                msg += f", expected to start {st.start}"
+            if msg != last:
+                self._progress(msg, 30)
+                last = msg
+            await asyncio.sleep(1)
+
+    async def _wait_server(self, conn: Connection, job_dir: str) -> None:
+        url = f"http://127.0.0.1:{self.hub_port}{self.server.base_url}api"
+        client = AsyncHTTPClient()
+        tunnel_seen = False
+        deadline = time.monotonic() + self.http_timeout
+        checks = 0
+        while time.monotonic() < deadline:
+            if not tunnel_seen and await _port_open(self.hub_port):
+                tunnel_seen = True
+                self._progress("Tunnel to the compute node is up; waiting for the server", 70)
+            if tunnel_seen:
+                try:
+                    await client.fetch(HTTPRequest(url, request_timeout=5, follow_redirects=False))
+                    self._progress("Server is ready", 95)
+                    return
+                except HTTPClientError as e:
+                    if e.code != 599:  # any HTTP answer means the server is there
+                        self._progress("Server is ready", 95)
+                        return
+                except OSError:
+                    pass
+            checks += 1
+            if checks % 10 == 0:
+                st = await conn.status.get(self.job_id, max_age=2.0)
+                if st is None or not st.alive:
+                    tail = await self._job_log_tail(conn, job_dir)
+                    raise SpawnError(
+                        f"Batch job {self.job_id} ended while the server was starting."
+                        + (f"\nLast lines of its log:\n{tail}" if tail else "")
+                    )
+            await asyncio.sleep(0.5)
+        tail = await self._job_log_tail(conn, job_dir)
+        raise SpawnError(
+            f"The server in job {self.job_id} did not answer within {self.http_timeout} s."
+            + (f"\nLast lines of its log:\n{tail}" if tail else "")
+        )
+
+    async def _cleanup(self, conn: Connection | None, job_dir: str | None = None) -> None:
+        if conn is not None and self.job_id:
+            try:
+                await self._scancel(conn, self.job_id)
+            except ClusterUnreachable as e:
+                self.log.error("%s: could not cancel job %s: %s", self._log_name, self.job_id, e)
+                raise
+        if self.spawn_id:
+            await self.tunnel_keys().revoke(self.spawn_id)
+            if conn is not None:
+                await self._remove_job_files(
+                    conn, job_dir or f"{self.job_dir_root}/{self.spawn_id}"
+                )
+
+    async def poll(self) -> int | None:
+        if not self.job_id:
+            return 0
+        try:
+            conn = await self.connection()
+            st = await conn.status.get(
+                self.job_id, max_age=self.status_interval, not_before=self._submitted_at
+            )
+        except (ClusterUnreachable, SpawnError) as e:
+            # not "job gone": keep the server and ask again at the next poll
+            self.log.warning("%s: poll could not reach the cluster: %s", self._log_name, e)
+            return None
+        if st is not None and st.alive:
+            return None
+        self.log.info(
+            "%s: job %s is %s", self._log_name, self.job_id, st.state if st else "gone from squeue"
+        )
+        await self.tunnel_keys().revoke(self.spawn_id)
+        return 1
+
+    async def stop(self, now: bool = False) -> None:
+        if not self.job_id:
+            return
+        conn = await self.connection()
+        delay = 1.0
+        for attempt in range(4):
+            try:
+                await self._cleanup(conn)
+                break
+            except ClusterUnreachable:
+                if attempt == 3:
+                    raise
+                await asyncio.sleep(delay)
+                delay *= 2
+        self.log.info("%s: cancelled job %s", self._log_name, self.job_id)
+        self.clear_state()
+
+
+async def _port_open(port: int) -> bool:
+    try:
+        _, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 2)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    w.close()
+    return True

@@ -1,0 +1,173 @@
+"""Per-job tunnel keys in the tunnel account's authorized_keys.
+
+Every server gets its own key pair, generated on the hub for that job.  Its line in
+the tunnel account's ``authorized_keys`` allows exactly one thing: listen on that
+job's hub-side port on loopback, and open a connection to the hub API.  The line
+expires on its own and is removed when the job stops, so a leaked key cannot bind
+another user's port, nor its own once the job is gone.
+
+The authorized_keys file is also the registry of hub-side ports in use, so it survives
+hub restarts.  Lines look like::
+
+    restrict,port-forwarding,permitlisten="127.0.0.1:PORT",permitopen="HOST:PORT",
+    expiry-time="YYYYMMDDHHMMSSZ",command="/bin/false" ssh-ed25519 AAAA... xsedehub:SPAWN_ID
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import os
+import re
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncssh
+
+from . import validate as v
+
+_LINE = re.compile(
+    r'permitlisten="127\.0\.0\.1:(?P<port>\d+)".*expiry-time="(?P<exp>\d{14})Z".*'
+    r" xsedehub:(?P<spawn>[A-Za-z0-9_.-]+)$"
+)
+_SPAWN_ID = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
+
+
+@dataclass(frozen=True)
+class TunnelGrant:
+    spawn_id: str
+    port: int
+    private_key: str  # OpenSSH PEM: goes to the job directory (0600), nowhere else
+    expires: float
+
+
+@dataclass(frozen=True)
+class Entry:
+    spawn_id: str
+    port: int
+    expires: float
+
+
+def _port_free(port: int) -> bool:
+    s = socket.socket()
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+class TunnelKeys:
+    """The hub-side registry; one instance per authorized_keys file per process."""
+
+    _instances: dict[str, TunnelKeys] = {}
+
+    def __init__(self, path: str, port_range: tuple[int, int], api_host: str, api_port: int):
+        self.path = Path(path)
+        self.port_range = port_range
+        self.api = f"{v.host(api_host, 'hub API host')}:{int(api_port)}"
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    def for_file(cls, path: str, port_range: tuple[int, int], api_host: str, api_port: int,
+                 ) -> TunnelKeys:
+        inst = cls._instances.get(path)
+        if inst is None or inst.port_range != port_range or inst.api != f"{api_host}:{api_port}":
+            inst = cls._instances[path] = cls(path, port_range, api_host, api_port)
+        return inst
+
+    # -- file I/O (small file, rewritten atomically under the lock)
+    def _read(self) -> list[str]:
+        try:
+            return [ln for ln in self.path.read_text().splitlines() if ln.strip()]
+        except FileNotFoundError:
+            return []
+
+    def _write(self, lines: list[str]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tunnel-keys.")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write("".join(ln + "\n" for ln in lines))
+            os.chmod(tmp, 0o644)  # public keys only; sshd wants it not group/world-writable
+            os.replace(tmp, self.path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+    def entries(self) -> list[Entry]:
+        out = []
+        for ln in self._read():
+            m = _LINE.search(ln)
+            if m:
+                exp = calendar.timegm(time.strptime(m["exp"], "%Y%m%d%H%M%S"))
+                out.append(Entry(m["spawn"], int(m["port"]), exp))
+        return out
+
+    async def grant(self, spawn_id: str, lifetime: float) -> TunnelGrant:
+        """A fresh key allowed to listen on a newly allocated port for ``lifetime`` s."""
+        if not _SPAWN_ID.match(spawn_id):
+            raise v.InvalidValue("spawn id", f"{spawn_id!r}")
+        key = asyncssh.generate_private_key("ssh-ed25519", comment=f"xsedehub:{spawn_id}")
+        expires = time.time() + lifetime
+        async with self._lock:
+            lines = [ln for ln in self._read() if not ln.endswith(f" xsedehub:{spawn_id}")]
+            now = time.time()
+            used = {e.port for e in self.entries() if e.expires > now and e.spawn_id != spawn_id}
+            lo, hi = self.port_range
+            port = next(
+                (p for p in range(lo, hi + 1) if p not in used and _port_free(p)), None
+            )
+            if port is None:
+                raise RuntimeError(f"no free hub-side tunnel port in {lo}-{hi}")
+            exp = time.strftime("%Y%m%d%H%M%S", time.gmtime(expires))
+            pub = key.export_public_key("openssh").decode().strip().split()[:2]
+            opts = (
+                f'restrict,port-forwarding,permitlisten="127.0.0.1:{port}",'
+                f'permitopen="{self.api}",expiry-time="{exp}Z",command="/bin/false"'
+            )
+            # drop lines of expired keys while we are at it
+            lines = [ln for ln in lines if not self._expired(ln, now)]
+            lines.append(f"{opts} {pub[0]} {pub[1]} xsedehub:{spawn_id}")
+            self._write(lines)
+        return TunnelGrant(
+            spawn_id, port, key.export_private_key("openssh").decode(), expires
+        )
+
+    @staticmethod
+    def _expired(line: str, now: float) -> bool:
+        m = _LINE.search(line)
+        if not m:
+            return False
+        exp = calendar.timegm(time.strptime(m["exp"], "%Y%m%d%H%M%S"))
+        return exp <= now
+
+    async def revoke(self, spawn_id: str) -> bool:
+        async with self._lock:
+            lines = self._read()
+            keep = [ln for ln in lines if not ln.endswith(f" xsedehub:{spawn_id}")]
+            if len(keep) != len(lines):
+                self._write(keep)
+                return True
+            return False
+
+    async def retain(self, spawn_ids: set[str]) -> list[str]:
+        """Remove every xsedehub line whose spawn is not in ``spawn_ids`` (hub start-up)."""
+        async with self._lock:
+            lines = self._read()
+            keep, gone = [], []
+            for ln in lines:
+                m = _LINE.search(ln)
+                if m and m["spawn"] not in spawn_ids:
+                    gone.append(m["spawn"])
+                else:
+                    keep.append(ln)
+            if gone:
+                self._write(keep)
+            return gone

@@ -1,0 +1,356 @@
+"""mode=gateway end to end against the real local cluster: provider login, real hub and
+proxy, real sbatch, real tunnel, real JupyterLab on a compute node."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from xsedehub import localcluster, localhub
+from xsedehub.netns import nsenter_argv
+from xsedehub.spawner.tunnel import TunnelKeys
+
+from .conftest import PROVIDER, make_hub, stop_hub_and_proxy
+from .hubclient import LoginRefused
+
+pytestmark = pytest.mark.cluster
+
+POLL = 5  # the hub's poll interval in these tests (seconds)
+
+
+@pytest.fixture(scope="module")
+def hub(cluster, provider, tmp_path_factory):
+    h = make_hub(tmp_path_factory.mktemp("gwhub"), cluster, provider, poll_interval=POLL)
+    yield h
+    stop_hub_and_proxy(h)
+
+
+class ArgvScanner:
+    """Records the argv of every process on the machine (both namespaces share the
+    PID namespace) every few milliseconds, while spawns happen."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for pid in os.listdir("/proc"):
+                if pid.isdigit():
+                    try:
+                        with open(f"/proc/{pid}/cmdline", "rb") as f:
+                            self.seen.add(f.read().replace(b"\0", b" ").decode(errors="replace"))
+                    except OSError:
+                        pass
+            time.sleep(0.02)
+
+    def __enter__(self) -> ArgvScanner:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def server_env(job_id: str) -> dict[str, str]:
+    """The environment of the job's single-user server, read as root from /proc."""
+    r = in_cluster_root(["squeue", "-h", "-j", job_id, "-o", "%u"])
+    owner = r.strip()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"jupyterhub-singleuser" not in cmd:
+                continue
+            env = dict(
+                kv.split("=", 1) for kv in
+                Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0") if "=" in kv
+            )
+        except OSError:
+            continue
+        if env.get("SLURM_JOB_ID") == job_id:
+            assert owner
+            return env
+    raise AssertionError(f"no single-user server of job {job_id} found")
+
+
+def in_cluster_root(argv: list[str]) -> str:
+    return subprocess.run(
+        [*nsenter_argv("xh-cluster"), *argv], capture_output=True, text=True, check=False
+    ).stdout
+
+
+def job_id_of(hub, name: str) -> str:
+    # the spawner's state is not in the REST model; find the job by name in squeue
+    out = in_cluster_root(["squeue", "-h", "-u", "gateway", "-n", f"jupyter-{name}", "-o", "%i %T"])
+    ids = [line.split()[0] for line in out.splitlines() if "RUNNING" in line]
+    assert len(ids) == 1, out
+    return ids[0]
+
+
+# --------------------------------------------------------------------------- the flow
+async def test_two_attendees_at_once(hub, cluster):
+    c = hub.client
+    sessions = {sub: c.login(sub) for sub in ("ada", "grace")}
+    assert set(sessions) == {"ada", "grace"}
+    names = ["ada-l", "grace"]  # GitHub logins, lowercased by the hub
+    with ArgvScanner() as scan:
+        with concurrent.futures.ThreadPoolExecutor(2) as ex:
+            for r in ex.map(c.start, names):
+                assert r.status_code in (201, 202), r.text
+            list(ex.map(c.wait_ready, names))
+    jobs = {}
+    for name in names:
+        tok = c.user_token(name)
+        r = c.server_api(name, tok, "/contents/workshop")
+        assert r.status_code == 200, r.text
+        files = {x["name"] for x in r.json()["content"]}
+        assert {"01-where-am-i.ipynb", "02-cores.ipynb"} <= files
+        out = await c.execute(
+            name, tok,
+            "import os; print(os.environ['SLURM_JOB_ID'], os.environ['SLURMD_NODENAME'], os.getcwd())",
+        )
+        job, node, cwd = out.split()
+        assert node in cluster.nodes
+        assert cwd == f"/home/gateway/workshop/{name}"
+        jobs[name] = job
+        assert in_cluster_root(["squeue", "-h", "-j", job, "-o", "%T %N"]).split() == ["RUNNING", node]
+    assert jobs["ada-l"] != jobs["grace"]
+
+    # the API tokens never showed up in any argv on either side, nor in the hub's log
+    hub_log = hub.log
+    for name, job in jobs.items():
+        env = server_env(job)
+        token = env["JUPYTERHUB_API_TOKEN"]
+        assert len(token) >= 16
+        assert not [a for a in scan.seen if token in a], f"{name}'s token seen in an argv"
+        assert token not in hub_log
+        assert env["JUPYTERHUB_API_URL"].startswith("http://127.0.0.1:")
+        # the job's secret files are private to the account
+        job_dir = Path("/home/gateway/.xsedehub/jobs")
+        for f in job_dir.glob("*/env"):
+            assert f.stat().st_mode & 0o077 == 0
+    assert any("jupyterhub-singleuser" in a for a in scan.seen)  # the scanner did see the jobs
+    # the job script SLURM stored holds no secret either
+    for name, job in jobs.items():
+        token = server_env(job)["JUPYTERHUB_API_TOKEN"]
+        script = in_cluster_root(["scontrol", "write", "batch_script", job, "-"])
+        assert "#SBATCH" in script
+        assert token not in script
+        assert "PRIVATE KEY" not in script
+
+    # stop removes the jobs from the queue
+    for name in names:
+        c.stop(name)
+    for job in jobs.values():
+        state = in_cluster_root(["squeue", "-h", "-j", job, "-o", "%T"]).strip()
+        assert state in ("", "CANCELLED", "COMPLETING", "COMPLETED"), state
+    # and the per-job tunnel keys are gone from the tunnel account
+    assert "xsedehub:" not in Path(cluster.tunnel_authorized_keys).read_text()
+
+
+async def test_edits_survive_a_restart_of_the_server(hub):
+    c = hub.client
+    c.login("grace")
+    c.start("grace")
+    c.wait_ready("grace")
+    tok = c.user_token("grace")
+    path = "/contents/workshop/01-where-am-i.ipynb"
+    nb = c.server_api("grace", tok, path).json()
+    nb["content"]["cells"].append(
+        {"cell_type": "markdown", "metadata": {}, "source": "my own note", "id": "mine"}
+    )
+    r = c.server_api("grace", tok, path, "PUT", json={"type": "notebook", "content": nb["content"]})
+    assert r.status_code == 200, r.text
+    c.stop("grace")
+    c.start("grace")  # nbgitpuller runs again on this start
+    c.wait_ready("grace")
+    nb = c.server_api("grace", c.user_token("grace"), path).json()
+    assert nb["content"]["cells"][-1]["source"] == "my own note"
+    c.stop("grace")
+
+
+def test_renamed_login_cannot_take_over_a_folder(hub):
+    """Someone who registers a login another attendee used gets a clear error."""
+    c = hub.client
+    localhub.put_user(PROVIDER, "impostor", {"login": "Ada-L", "id": 666, "email": "x@example.org"})
+    c.login("ada")  # the real one first (folder bound to id 1001)
+    c.start("ada-l")
+    c.wait_ready("ada-l")
+    c.stop("ada-l")
+    c.login("impostor")
+    r = c.start("ada-l")
+    deadline = time.monotonic() + 60
+    while r.status_code == 202 and time.monotonic() < deadline:
+        if not c.user("ada-l").get("pending"):
+            break
+        time.sleep(0.5)
+    assert not c.user("ada-l")["servers"], "the impostor got a server"
+    assert "belongs to another GitHub account" in hub.log
+    owner = Path("/home/gateway/workshop/ada-l/.xsedehub-owner").read_text().strip()
+    assert owner == "1001"
+    c.login("ada")  # give the folder's real owner back their auth_state
+
+
+@pytest.mark.parametrize("login", ["rm -rf ~", "a;id", "../etc", "-oProxyCommand=x", "x" * 60, "é"])
+def test_hostile_github_logins_are_refused(hub, login):
+    c = hub.client
+    sub = "hostile-" + str(abs(hash(login)))
+    localhub.put_user(PROVIDER, sub, {"login": login, "id": 4242, "email": "h@example.org"})
+    with pytest.raises(LoginRefused) as e:
+        c.login(sub)
+    assert e.value.status == 403
+    assert "cannot use the workshop hub" in e.value.body
+
+
+# --------------------------------------------------------------------------- faults
+def test_job_cancelled_outside_is_noticed(hub):
+    c = hub.client
+    c.login("ada")
+    c.start("ada-l")
+    c.wait_ready("ada-l")
+    job = job_id_of(hub, "ada-l")
+    in_cluster_root(["scancel", job])
+    t0 = time.monotonic()
+    c.wait_stopped("ada-l", timeout=3 * POLL + 10)
+    took = time.monotonic() - t0
+    print(f"noticed an outside scancel after {took:.1f}s (poll interval {POLL}s)")
+    assert took <= POLL + POLL + 5  # one poll interval (+ the shared squeue's age + slack)
+
+
+def test_server_survives_hub_restart_and_login_node_outage(hub, cluster):
+    c = hub.client
+    c.login("grace")
+    c.start("grace")
+    c.wait_ready("grace")
+    tok = c.user_token("grace")
+    job = job_id_of(hub, "grace")
+
+    hub.restart()
+    assert c.user("grace")["servers"][""]["ready"]
+    r = c.server_api("grace", tok, "/status")
+    assert r.status_code == 200, r.text
+
+    # the login node's sshd goes away for 30 s: polls fail, the server stays
+    localcluster.stop_daemon("sshd_login")
+    try:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 30:
+            assert c.user("grace")["servers"].get(""), "server removed while the login node was down"
+            assert c.server_api("grace", tok, "/status").status_code == 200
+            time.sleep(2)
+        assert "poll could not reach the cluster" in hub.log
+    finally:
+        localcluster.up(install=False, job_env=False)
+    assert in_cluster_root(["squeue", "-h", "-j", job, "-o", "%T"]).strip() == "RUNNING"
+    c.stop("grace")
+    assert in_cluster_root(["squeue", "-h", "-j", job, "-o", "%T"]).strip() in ("", "CANCELLED", "COMPLETING")
+
+
+# --------------------------------------------------------------------------- tunnelbot
+def _tunnel_ssh(cluster, key: Path, *args: str, timeout: float = 15) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*nsenter_argv(cluster.cluster_netns),
+         "ssh", "-F", "/dev/null", "-i", str(key), "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
+         "-o", f"UserKnownHostsFile={cluster.known_hosts}", "-o", "StrictHostKeyChecking=yes",
+         "-o", "ExitOnForwardFailure=yes", "-p", str(cluster.hub_ssh_port), *args,
+         f"{cluster.tunnel_user}@{cluster.hub_ip}"],
+        capture_output=True, text=True, timeout=timeout, check=False,
+    )
+
+
+async def test_tunnelbot_is_confined(hub, cluster, tmp_path):
+    keys = TunnelKeys.for_file(cluster.tunnel_authorized_keys, (20000, 29999),
+                               cluster.hub_api_ip, cluster.hub_api_port)
+    grant = await keys.grant("u0-confinement-test", 300)
+    key = tmp_path / "key"
+    key.write_text(grant.private_key)
+    key.chmod(0o600)
+    try:
+        # no shell, no command
+        r = _tunnel_ssh(cluster, key, "-T", "--", "id")
+        assert "uid=" not in r.stdout
+        assert r.returncode != 0
+        # -L to the hub API works ...
+        api_ok = _forward_get(cluster, key, f"{cluster.hub_api_ip}:{cluster.hub_api_port}", "/hub/api/")
+        assert api_ok.startswith("HTTP/1.1 200"), api_ok
+        # ... to anything else on the hub does not (the proxy, the provider, sshd itself)
+        for target in ("127.0.0.1:8000", "127.0.0.1:9400", f"{cluster.hub_ip}:22"):
+            assert _forward_get(cluster, key, target, "/") == "", target
+        # -R on its own port works (the hub side then listens on loopback) ...
+        own = subprocess.Popen(
+            [*nsenter_argv(cluster.cluster_netns), "ssh", "-F", "/dev/null", "-i", str(key), "-N",
+             "-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={cluster.known_hosts}",
+             "-o", "ExitOnForwardFailure=yes", "-p", str(cluster.hub_ssh_port),
+             "-R", f"127.0.0.1:{grant.port}:127.0.0.1:9", f"{cluster.tunnel_user}@{cluster.hub_ip}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 10
+            while not _listening(grant.port) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert _listening(grant.port)
+        finally:
+            own.terminate()
+            own.wait(5)
+        # ... not on another port, not on a public address
+        other = _tunnel_ssh(cluster, key, "-N", "-R", f"127.0.0.1:{grant.port + 1}:127.0.0.1:9")
+        assert other.returncode == 255 and "forwarding failed" in other.stderr.lower()
+        public = _tunnel_ssh(cluster, key, "-N", "-R", f"{cluster.hub_ip}:{grant.port}:127.0.0.1:9")
+        assert public.returncode == 255 and "forwarding failed" in public.stderr.lower()
+    finally:
+        await keys.revoke("u0-confinement-test")
+    # a revoked key no longer logs in at all
+    r = _tunnel_ssh(cluster, key, "-N", "-R", f"127.0.0.1:{grant.port}:127.0.0.1:9")
+    assert r.returncode == 255 and "permission denied" in r.stderr.lower()
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", port), 1).close()
+        return True
+    except OSError:
+        return False
+
+
+def _forward_get(cluster, key: Path, target: str, path: str) -> str:
+    """Open ``-L`` to ``target`` from the cluster side and send one HTTP request."""
+    port = 39000 + (hash(target) % 500)
+    proc = subprocess.Popen(
+        [*nsenter_argv(cluster.cluster_netns), "ssh", "-F", "/dev/null", "-i", str(key), "-N",
+         "-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={cluster.known_hosts}",
+         "-o", "ExitOnForwardFailure=yes", "-p", str(cluster.hub_ssh_port),
+         "-L", f"127.0.0.1:{port}:{target}", f"{cluster.tunnel_user}@{cluster.hub_ip}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        script = (
+            "import socket,sys,time\n"
+            "for _ in range(100):\n"
+            "    try:\n"
+            f"        s=socket.create_connection(('127.0.0.1',{port}),2); break\n"
+            "    except OSError: time.sleep(0.1)\n"
+            f"s.sendall(b'GET {path} HTTP/1.0\\r\\nHost: x\\r\\n\\r\\n'); s.settimeout(5)\n"
+            "data=b''\n"
+            "try:\n"
+            "    while (chunk := s.recv(4096)): data += chunk\n"
+            "except OSError: pass\n"
+            "sys.stdout.write(data.decode(errors='replace')[:200])\n"
+        )
+        r = subprocess.run([*nsenter_argv(cluster.cluster_netns), "python3", "-c", script],
+                           capture_output=True, text=True, timeout=30, check=False)
+        return r.stdout
+    finally:
+        proc.terminate()
+        proc.wait(5)

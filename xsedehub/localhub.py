@@ -1,0 +1,173 @@
+"""A hub wired to the local cluster: the demo runs it, and so do the end-to-end tests.
+
+:func:`write_config` writes an ordinary ``jupyterhub_config.py`` for the local cluster
+(``cluster.json``) and a local OpenID Connect provider standing in for GitHub or
+CILogon; :func:`run_provider` and :func:`start_hub` start the processes in the hub
+namespace.  Nothing in here replaces product code: the hub runs the real
+authenticator and spawner classes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from .localcluster import ClusterInfo
+from .netns import nsenter_argv
+
+CHP = Path(os.environ.get("XSEDEHUB_CHP", "/opt/xsedehub/chp/node_modules/.bin/configurable-http-proxy"))
+
+
+def ensure_chp() -> str:
+    """configurable-http-proxy from the npm registry, installed once under /opt/xsedehub."""
+    if not CHP.exists():
+        subprocess.run(
+            ["npm", "install", "--silent", "--prefix", str(CHP.parents[2]),
+             "configurable-http-proxy@5"],
+            check=True,
+        )
+    return str(CHP)
+
+
+def write_config(
+    workdir: Path,
+    info: ClusterInfo,
+    *,
+    mode: str = "gateway",
+    provider_url: str = "http://127.0.0.1:9400",
+    public_port: int = 8000,
+    allowed_users: list[str] | None = None,
+    poll_interval: int = 30,
+    extra: str = "",
+) -> Path:
+    """A jupyterhub_config.py for the local cluster in ``workdir`` (0600 with its secrets)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    workdir.chmod(0o700)
+    job_env = info.job_env
+    cfg = f"""# jupyterhub_config.py for the local mini-Comet, written by xsedehub.localhub
+c = get_config()  # noqa
+c.JupyterHub.bind_url = "http://127.0.0.1:{public_port}"
+c.JupyterHub.hub_ip = "{info.hub_api_ip}"
+c.JupyterHub.hub_port = {info.hub_api_port}
+c.JupyterHub.db_url = "sqlite:///{workdir}/jupyterhub.sqlite"
+c.JupyterHub.cookie_secret_file = "{workdir}/cookie_secret"
+c.JupyterHub.cleanup_servers = False   # servers are batch jobs: they outlive hub restarts
+c.JupyterHub.cleanup_proxy = False
+c.ConfigurableHTTPProxy.command = [{ensure_chp()!r}]
+c.ConfigurableHTTPProxy.pid_file = "{workdir}/proxy.pid"
+c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{public_port + 1}"
+c.JupyterHub.last_activity_interval = 60
+
+c.JupyterHub.spawner_class = "xsedehub.spawner.spawner.SlurmSSHSpawner"
+c.SlurmSSHSpawner.mode = "{mode}"
+c.SlurmSSHSpawner.login_host = "{info.login_ip}"
+c.SlurmSSHSpawner.login_port = {info.login_port}
+c.SlurmSSHSpawner.known_hosts = "{info.known_hosts}"
+c.SlurmSSHSpawner.gateway_user = "{info.gateway_user}"
+c.SlurmSSHSpawner.gateway_key = "{info.gateway_key}"
+c.SlurmSSHSpawner.partition = "compute"
+c.SlurmSSHSpawner.walltime = "01:00:00"
+c.SlurmSSHSpawner.memory = "512M"
+c.SlurmSSHSpawner.cmd = ["{job_env}/bin/jupyterhub-singleuser"]
+c.SlurmSSHSpawner.default_url = "/lab"
+c.SlurmSSHSpawner.job_python = "{job_env}/bin/python"
+c.SlurmSSHSpawner.gitpuller = "{job_env}/bin/gitpuller"
+c.SlurmSSHSpawner.workshop_repo = "{info.workshop_repo}"
+c.SlurmSSHSpawner.workshop_branch = "main"
+c.SlurmSSHSpawner.tunnel_host = "{info.hub_ip}"
+c.SlurmSSHSpawner.tunnel_port = {info.hub_ssh_port}
+c.SlurmSSHSpawner.tunnel_user = "{info.tunnel_user}"
+c.SlurmSSHSpawner.tunnel_known_hosts = "{info.known_hosts}"
+c.SlurmSSHSpawner.tunnel_authorized_keys = "{info.tunnel_authorized_keys}"
+c.SlurmSSHSpawner.poll_interval = {poll_interval}
+c.SlurmSSHSpawner.status_interval = {max(1, poll_interval // 3)}
+c.SlurmSSHSpawner.start_timeout = 300
+c.SlurmSSHSpawner.http_timeout = 90
+
+c.JupyterHub.authenticator_class = "xsedehub.auth.github.GatewayGitHubAuthenticator"
+_a = c.GatewayGitHubAuthenticator
+_a.authorize_url = "{provider_url}/oauth2/authorize"
+_a.token_url = "{provider_url}/oauth2/token"
+_a.userdata_url = "{provider_url}/userinfo"
+_a.client_id = "xsedehub-local"
+_a.client_secret = "local-secret"
+_a.oauth_callback_url = "http://127.0.0.1:{public_port}/hub/oauth_callback"
+_a.scope = ["openid", "email"]
+_a.enable_auth_state = True
+_a.allow_all = {allowed_users is None}
+_a.allowed_users = set({sorted(allowed_users or [])!r})
+_a.admin_users = {{"admin"}}
+c.JupyterHub.load_roles = [{{"name": "tester", "scopes": ["admin:users", "admin:servers",
+    "tokens", "read:users", "access:servers"], "services": ["tester"]}}]
+c.JupyterHub.services = [{{"name": "tester", "api_token": open("{workdir}/service_token").read().strip()}}]
+{extra}
+"""
+    (workdir / "service_token").write_text(secrets.token_hex(32))
+    (workdir / "service_token").chmod(0o600)
+    crypt = workdir / "crypt_key"
+    if not crypt.exists():
+        crypt.write_text(secrets.token_hex(32))
+    crypt.chmod(0o600)
+    path = workdir / "jupyterhub_config.py"
+    path.write_text(cfg)
+    path.chmod(0o600)
+    return path
+
+
+def wait_http(url: str, timeout: float = 60) -> None:
+    """Wait until ``url`` answers 2xx/3xx (a 404 from a proxy without routes is not up)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} did not answer within {timeout}s") from None
+            time.sleep(0.2)
+
+
+def start_provider(workdir: Path, port: int = 9400, *, in_netns: str | None = None,
+                   ) -> subprocess.Popen:
+    """oidc-provider-mock (the local stand-in for GitHub/CILogon) on loopback."""
+    argv = [sys.executable, "-m", "oidc_provider_mock", "--port", str(port), "--token-max-age", "3600"]
+    if in_netns:
+        argv = nsenter_argv(in_netns) + argv
+    log = open(workdir / "provider.log", "ab")  # noqa: SIM115
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    wait_http(f"http://127.0.0.1:{port}/.well-known/openid-configuration")
+    return proc
+
+
+def put_user(provider_url: str, sub: str, claims: dict) -> None:
+    """Declare an identity at the provider (its claims are what userinfo returns)."""
+    req = urllib.request.Request(
+        f"{provider_url}/users/{sub}", data=json.dumps(claims).encode(), method="PUT",
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=10):
+        pass
+
+
+def start_hub(workdir: Path, *, in_netns: str | None = None, debug: bool = True,
+              public_port: int = 8000) -> subprocess.Popen:
+    env = dict(os.environ, JUPYTERHUB_CRYPT_KEY=(workdir / "crypt_key").read_text().strip())
+    argv = [sys.executable, "-m", "jupyterhub", "-f", str(workdir / "jupyterhub_config.py")]
+    if debug:
+        argv.append("--debug")
+    if in_netns:
+        argv = nsenter_argv(in_netns) + argv
+    log = open(workdir / "hub.log", "ab")  # noqa: SIM115
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir)
+    try:
+        wait_http(f"http://127.0.0.1:{public_port}/hub/api", timeout=60)
+    except TimeoutError:
+        proc.kill()
+        raise
+    return proc
