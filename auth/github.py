@@ -15,7 +15,6 @@ from __future__ import annotations
 from oauthenticator.github import GitHubOAuthenticator
 from tornado import web
 from traitlets import default
-
 from xsedehub.spawner.validate import InvalidValue, github_login
 
 

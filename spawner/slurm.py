@@ -17,8 +17,21 @@ from . import validate as v
 
 #: states in which a job is still (or about to be) alive
 ALIVE_STATES = frozenset(
-    {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED",
-     "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD"}
+    {
+        "PENDING",
+        "CONFIGURING",
+        "RUNNING",
+        "COMPLETING",
+        "REQUEUED",
+        "RESIZING",
+        "SUSPENDED",
+        "REQUEUE_HOLD",
+        "REQUEUE_FED",
+        "SIGNALING",
+        "STAGE_OUT",
+        "STOPPED",
+        "RESV_DEL_HOLD",
+    }
 )
 
 SQUEUE_FORMAT = "%i|%T|%N|%r|%S|%u"
@@ -122,9 +135,7 @@ def sbatch_directives(job: JobScript) -> list[str]:
     return ["#SBATCH " + line for line in lines]
 
 
-_FREE_PORT = (
-    "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"
-)
+_FREE_PORT = "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"
 
 
 def build_job_script(job: JobScript) -> str:
@@ -132,27 +143,41 @@ def build_job_script(job: JobScript) -> str:
     q = shlex.quote
     t = job.tunnel
     ssh = [
-        "ssh", "-N", "-F", "/dev/null",
-        "-o", "BatchMode=yes",
-        "-o", "IdentitiesOnly=yes",
-        "-o", "StrictHostKeyChecking=yes",
-        "-o", "UserKnownHostsFile=$XH_DIR/known_hosts",
-        "-o", "GlobalKnownHostsFile=/dev/null",
-        "-o", "ExitOnForwardFailure=yes",
-        "-o", "ServerAliveInterval=5",
-        "-o", "ServerAliveCountMax=3",
-        "-o", "ConnectTimeout=10",
-        "-i", "$XH_DIR/tunnel_key",
-        "-p", str(t.port),
-        "-R", f"127.0.0.1:{t.hub_port}:$XH_DIR/server.sock",
-        "-L", f"127.0.0.1:$XH_API_PORT:{t.api_host}:{t.api_port}",
+        "ssh",
+        "-N",
+        "-F",
+        "/dev/null",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        "UserKnownHostsFile=$XH_DIR/known_hosts",
+        "-o",
+        "GlobalKnownHostsFile=/dev/null",
+        "-o",
+        "ExitOnForwardFailure=yes",
+        "-o",
+        "ServerAliveInterval=5",
+        "-o",
+        "ServerAliveCountMax=3",
+        "-o",
+        "ConnectTimeout=10",
+        "-i",
+        "$XH_DIR/tunnel_key",
+        "-p",
+        str(t.port),
+        "-R",
+        f"127.0.0.1:{t.hub_port}:$XH_DIR/server.sock",
+        "-L",
+        f"127.0.0.1:$XH_API_PORT:{t.api_host}:{t.api_port}",
         f"{t.user}@{t.host}",
     ]
     # $XH_DIR and $XH_API_PORT are ours (set below from quoted constants); keep them
     # expandable, quote everything else.
-    ssh_cmd = " ".join(
-        f'"{a}"' if "$XH_" in a else q(a) for a in ssh
-    )
+    ssh_cmd = " ".join(f'"{a}"' if "$XH_" in a else q(a) for a in ssh)
     prologue = "\n".join(" ".join(q(a) for a in argv) for argv in job.prologue)
     singleuser = " ".join(q(a) for a in job.singleuser)
     return f"""#!/bin/bash
@@ -177,7 +202,10 @@ cleanup() {{
 trap cleanup EXIT
 trap 'exit 143' TERM INT
 
-[ -r "$XH_DIR/env" ] && [ -r "$XH_DIR/tunnel_key" ] || {{ log "job files missing in $XH_DIR"; exit 2; }}
+if ! [ -r "$XH_DIR/env" ] || ! [ -r "$XH_DIR/tunnel_key" ]; then
+    log "job files missing in $XH_DIR"
+    exit 2
+fi
 log "on node ${{SLURMD_NODENAME:-$(hostname)}} as $(id -un), job ${{SLURM_JOB_ID:-?}}"
 XH_API_PORT=$("$XH_PY" -c {q(_FREE_PORT)}) || {{ log "no python3 at $XH_PY"; exit 2; }}
 

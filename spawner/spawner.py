@@ -30,7 +30,6 @@ from traitlets import (
     Dict,
     Float,
     Integer,
-    List,
     Tuple,
     Unicode,
     default,
@@ -73,10 +72,13 @@ class SlurmSSHSpawner(Spawner):
         help="""known_hosts file that vouches for the login node's host key (a plain key line
         or an ``@cert-authority`` line).  Required: host keys are always verified.""",
     )
-    gateway_user = Unicode("gateway", config=True, help="The shared cluster account (gateway mode).")
+    gateway_user = Unicode(
+        "gateway", config=True, help="The shared cluster account (gateway mode)."
+    )
     gateway_key = Unicode(
         config=True,
-        help="Path on the hub of the private key that logs in as :attr:`gateway_user` (gateway mode).",
+        help="""Path on the hub of the private key that logs in as :attr:`gateway_user`
+        (gateway mode).""",
     )
     ssh_max_sessions = Integer(
         8,
@@ -87,12 +89,16 @@ class SlurmSSHSpawner(Spawner):
 
     # ----------------------------------------------------------------- batch job
     partition = Unicode("compute", config=True, help="Default SLURM partition.")
-    walltime = Unicode("01:00:00", config=True, help="Default walltime, ``[D-]HH:MM[:SS]`` or minutes.")
+    walltime = Unicode(
+        "01:00:00", config=True, help="Default walltime, ``[D-]HH:MM[:SS]`` or minutes."
+    )
     cores = Integer(1, config=True, help="Default CPU cores per server (``--cpus-per-task``).")
     memory = Unicode("2G", config=True, help="Default memory per server (``--mem``), e.g. ``2G``.")
     gpus = Integer(0, config=True, help="Default number of GPUs (``--gpus``), 0 for none.")
     account = Unicode(
-        "", config=True, help="Default SLURM account (allocation) to charge; empty for the user's default."
+        "",
+        config=True,
+        help="Default SLURM account (allocation) to charge; empty for the user's default.",
     )
     qos = Unicode("", config=True, help="SLURM QOS for every job; empty for none.")
     extra_sbatch = Dict(
@@ -175,7 +181,8 @@ class SlurmSSHSpawner(Spawner):
     workshop_checkout = Unicode(
         "",
         config=True,
-        help="Folder name of the checkout inside the attendee's folder; default: the repository's name.",
+        help="""Folder name of the checkout inside the attendee's folder; default: the
+        repository's name.""",
     )
     gitpuller = Unicode(
         "gitpuller",
@@ -238,8 +245,11 @@ class SlurmSSHSpawner(Spawner):
         state = super().get_state()
         if self.job_id:
             state.update(
-                version=STATE_VERSION, job_id=self.job_id, hub_port=self.hub_port,
-                spawn_id=self.spawn_id, ssh_user=self.ssh_user,
+                version=STATE_VERSION,
+                job_id=self.job_id,
+                hub_port=self.hub_port,
+                spawn_id=self.spawn_id,
+                ssh_user=self.ssh_user,
             )
         return state
 
@@ -280,7 +290,7 @@ class SlurmSSHSpawner(Spawner):
             self._events_changed.clear()
             try:
                 await asyncio.wait_for(self._events_changed.wait(), 1)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     # ----------------------------------------------------------------- identity
@@ -301,7 +311,9 @@ class SlurmSSHSpawner(Spawner):
         if cached is None or cached[0] != mtime:
             cached = (mtime, asyncssh.read_private_key(self.gateway_key))
             self._key_cache[self.gateway_key] = cached
-        return SSHIdentity(v.posix_username(self.gateway_user, "gateway_user"), cached[1], label="gateway")
+        return SSHIdentity(
+            v.posix_username(self.gateway_user, "gateway_user"), cached[1], label="gateway"
+        )
 
     async def ssh_identity(self) -> SSHIdentity:
         """The identity this user's jobs are submitted with (override to change how)."""
@@ -333,8 +345,10 @@ class SlurmSSHSpawner(Spawner):
 
         api = urlparse(self.hub.api_url)
         return TunnelKeys.for_file(
-            self.tunnel_authorized_keys, tuple(self.tunnel_port_range),
-            self.hub_api_host, api.port or 80,
+            self.tunnel_authorized_keys,
+            tuple(self.tunnel_port_range),
+            self.hub_api_host,
+            api.port or 80,
         )
 
     # ----------------------------------------------------------------- job pieces
@@ -351,7 +365,8 @@ class SlurmSSHSpawner(Spawner):
             cpus=v.positive_int(opts.get("cores", self.cores), "cores"),
             memory_mb=v.memory_mb(opts.get("memory", self.memory)),
             gpus=v.positive_int(opts.get("gpus", self.gpus), "gpus", low=0, high=64),
-            account=v.slurm_name(opts["account"], "account") if opts.get("account")
+            account=v.slurm_name(opts["account"], "account")
+            if opts.get("account")
             else (self.account or None),
             qos=self.qos or None,
         )
@@ -363,7 +378,11 @@ class SlurmSSHSpawner(Spawner):
         if self.mode == "gateway":
             root = v.relative_path(self.gateway_workdir_root, "gateway_workdir_root", hidden=True)
             return f"{root}/{self.attendee_login()}"
-        return "." if self.xsede_workdir in ("", ".") else v.relative_path(self.xsede_workdir, "xsede_workdir", hidden=True)
+        return (
+            "."
+            if self.xsede_workdir in ("", ".")
+            else v.relative_path(self.xsede_workdir, "xsede_workdir", hidden=True)
+        )
 
     def checkout_name(self) -> str:
         if self.workshop_checkout:
@@ -398,8 +417,12 @@ class SlurmSSHSpawner(Spawner):
             work_dir=self.work_dir(),
             singleuser=[*self.cmd, *self.get_args()],
             tunnel=slurm.Tunnel(
-                host=self.tunnel_host, port=self.tunnel_port, user=self.tunnel_user,
-                hub_port=hub_port, api_host=self.hub_api_host, api_port=api.port or 80,
+                host=self.tunnel_host,
+                port=self.tunnel_port,
+                user=self.tunnel_user,
+                hub_port=hub_port,
+                api_host=self.hub_api_host,
+                api_port=api.port or 80,
             ),
             python=self.job_python,
             prologue=prologue,
@@ -451,7 +474,10 @@ class SlurmSSHSpawner(Spawner):
         except asyncssh.SFTPFailure:
             pass
         except asyncssh.SFTPError as e:
-            if getattr(e, "code", None) not in (asyncssh.FX_FILE_ALREADY_EXISTS, asyncssh.FX_FAILURE):
+            if getattr(e, "code", None) not in (
+                asyncssh.FX_FILE_ALREADY_EXISTS,
+                asyncssh.FX_FAILURE,
+            ):
                 raise
         async with sftp.open(owner, "r") as f:
             recorded = (await f.read()).strip()
@@ -462,14 +488,20 @@ class SlurmSSHSpawner(Spawner):
                 "organisers to move or remove the old folder."
             )
 
+    def _tunnel_known_hosts_text(self) -> str:
+        text = Path(self.tunnel_known_hosts).read_text() if self.tunnel_known_hosts else ""
+        if not text.strip():
+            raise SpawnError(
+                "xsedehub is not configured: SlurmSSHSpawner.tunnel_known_hosts is empty"
+            )
+        return text
+
     async def _write_job_files(self, conn: Connection, job_dir: str, grant) -> None:
         sftp = await conn.sftp()
         await sftp.makedirs(job_dir, attrs=asyncssh.SFTPAttrs(permissions=0o700), exist_ok=True)
         await sftp.chmod(job_dir.split("/")[0], 0o700)
         await sftp.chmod(job_dir, 0o700)
-        known_hosts = Path(self.tunnel_known_hosts).read_text() if self.tunnel_known_hosts else ""
-        if not known_hosts.strip():
-            raise SpawnError("xsedehub is not configured: SlurmSSHSpawner.tunnel_known_hosts is empty")
+        known_hosts = self._tunnel_known_hosts_text()
         files = {
             "env": slurm.env_file(self.node_env(), self._api_origin()),
             "tunnel_key": grant.private_key,
@@ -523,7 +555,9 @@ class SlurmSSHSpawner(Spawner):
         keys = self.tunnel_keys()
         resources = self.resources()  # validate before anything is written anywhere
         self.spawn_id = f"u{self.user.id}-{secrets.token_hex(6)}"
-        job_dir = f"{v.relative_path(self.job_dir_root, 'job_dir_root', hidden=True)}/{self.spawn_id}"
+        job_dir = (
+            f"{v.relative_path(self.job_dir_root, 'job_dir_root', hidden=True)}/{self.spawn_id}"
+        )
         lifetime = self.start_timeout + resources.walltime_minutes * 60 + 600
         grant = await keys.grant(self.spawn_id, lifetime)
         self.hub_port = grant.port
@@ -551,11 +585,11 @@ class SlurmSSHSpawner(Spawner):
         last = ""
         while True:
             try:
-                st = await conn.status.get(
-                    self.job_id, max_age=1.0, not_before=self._submitted_at
-                )
+                st = await conn.status.get(self.job_id, max_age=1.0, not_before=self._submitted_at)
             except ClusterUnreachable as e:
-                self._progress(f"Login node unreachable while job {self.job_id} is queued ({e}); retrying")
+                self._progress(
+                    f"Login node unreachable while job {self.job_id} is queued ({e}); retrying"
+                )
                 await asyncio.sleep(5)
                 continue
             if st is None or not st.alive:
@@ -670,7 +704,7 @@ class SlurmSSHSpawner(Spawner):
 async def _port_open(port: int) -> bool:
     try:
         _, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 2)
-    except (OSError, asyncio.TimeoutError):
+    except (TimeoutError, OSError):
         return False
     w.close()
     return True

@@ -65,8 +65,15 @@ COUNTERS = Counters()
 class Connection:
     """A lazily (re)connected SSH connection with a bounded number of open channels."""
 
-    def __init__(self, node: LoginNode, ident: SSHIdentity, *, max_sessions: int = 8,
-                 connect_timeout: float = 15, keepalive: float = 30):
+    def __init__(
+        self,
+        node: LoginNode,
+        ident: SSHIdentity,
+        *,
+        max_sessions: int = 8,
+        connect_timeout: float = 15,
+        keepalive: float = 30,
+    ):
         self.node, self.ident = node, ident
         self._conn: asyncssh.SSHClientConnection | None = None
         self._sftp: asyncssh.SFTPClient | None = None
@@ -80,17 +87,28 @@ class Connection:
         async with self._lock:
             if self._conn is not None and not self._conn.is_closed():
                 return self._conn
-            keys = [(self.ident.key, self.ident.certificate)] if self.ident.certificate else [self.ident.key]
+            keys = (
+                [(self.ident.key, self.ident.certificate)]
+                if self.ident.certificate
+                else [self.ident.key]
+            )
             try:
                 COUNTERS.handshakes += 1
                 self._conn = await asyncssh.connect(
-                    self.node.host, self.node.port, username=self.ident.username,
-                    client_keys=keys, known_hosts=self.node.known_hosts,
-                    agent_path=None, config=None, password=None, kbdint_auth=False,
-                    connect_timeout=self.connect_timeout, keepalive_interval=self.keepalive,
+                    self.node.host,
+                    self.node.port,
+                    username=self.ident.username,
+                    client_keys=keys,
+                    known_hosts=self.node.known_hosts,
+                    agent_path=None,
+                    config=None,
+                    password=None,
+                    kbdint_auth=False,
+                    connect_timeout=self.connect_timeout,
+                    keepalive_interval=self.keepalive,
                     keepalive_count_max=3,
                 )
-            except (OSError, asyncssh.Error, asyncio.TimeoutError) as e:
+            except (TimeoutError, OSError, asyncssh.Error) as e:
                 self._conn = None
                 raise ClusterUnreachable(
                     f"cannot reach {self.ident.username}@{self.node.host}:{self.node.port}: {e}"
@@ -104,8 +122,13 @@ class Connection:
             conn.close()
             self._conn = self._sftp = None
 
-    async def run(self, argv: Sequence[str], *, input: str | None = None, timeout: float = 60,
-                  ) -> asyncssh.SSHCompletedProcess:
+    async def run(
+        self,
+        argv: Sequence[str],
+        *,
+        input: str | None = None,
+        timeout: float = 60,
+    ) -> asyncssh.SSHCompletedProcess:
         """Run ``argv`` (quoted, never a shell string of user input) on the login node.
 
         Retries once on a fresh connection if the old one had died; raises
@@ -118,8 +141,12 @@ class Connection:
             try:
                 async with self._sessions:
                     return await conn.run(command, input=input, check=False, timeout=timeout)
-            except (asyncssh.ChannelOpenError, asyncssh.ConnectionLost, OSError,
-                    asyncssh.DisconnectError) as e:
+            except (
+                asyncssh.ChannelOpenError,
+                asyncssh.ConnectionLost,
+                OSError,
+                asyncssh.DisconnectError,
+            ) as e:
                 self._drop(conn)
                 if attempt == 2:
                     raise ClusterUnreachable(f"{argv[0]} on {self.node.host}: {e}") from e
@@ -161,13 +188,20 @@ class SqueueCache:
         started = time.monotonic()
         r = await self.conn.run(slurm.squeue_argv(self.conn.ident.username), timeout=30)
         if r.exit_status != 0:
-            raise ClusterUnreachable(f"squeue failed ({r.exit_status}): {str(r.stderr).strip()[:300]}")
+            raise ClusterUnreachable(
+                f"squeue failed ({r.exit_status}): {str(r.stderr).strip()[:300]}"
+            )
         self.jobs = slurm.parse_squeue(str(r.stdout))
         self.fetched_at = started
         return self.jobs
 
-    async def get(self, job_id: str, *, max_age: float, not_before: float = 0.0,
-                  ) -> slurm.JobStatus | None:
+    async def get(
+        self,
+        job_id: str,
+        *,
+        max_age: float,
+        not_before: float = 0.0,
+    ) -> slurm.JobStatus | None:
         """Status of ``job_id`` from a result at most ``max_age`` old and fetched after
         ``not_before`` (monotonic); ``None`` means squeue answered and the job is not there."""
         fresh = self.fetched_at and time.monotonic() - self.fetched_at <= max_age

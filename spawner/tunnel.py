@@ -75,8 +75,13 @@ class TunnelKeys:
         self._lock = asyncio.Lock()
 
     @classmethod
-    def for_file(cls, path: str, port_range: tuple[int, int], api_host: str, api_port: int,
-                 ) -> TunnelKeys:
+    def for_file(
+        cls,
+        path: str,
+        port_range: tuple[int, int],
+        api_host: str,
+        api_port: int,
+    ) -> TunnelKeys:
         inst = cls._instances.get(path)
         if inst is None or inst.port_range != port_range or inst.api != f"{api_host}:{api_port}":
             inst = cls._instances[path] = cls(path, port_range, api_host, api_port)
@@ -121,9 +126,7 @@ class TunnelKeys:
             now = time.time()
             used = {e.port for e in self.entries() if e.expires > now and e.spawn_id != spawn_id}
             lo, hi = self.port_range
-            port = next(
-                (p for p in range(lo, hi + 1) if p not in used and _port_free(p)), None
-            )
+            port = next((p for p in range(lo, hi + 1) if p not in used and _port_free(p)), None)
             if port is None:
                 raise RuntimeError(f"no free hub-side tunnel port in {lo}-{hi}")
             exp = time.strftime("%Y%m%d%H%M%S", time.gmtime(expires))
@@ -136,9 +139,7 @@ class TunnelKeys:
             lines = [ln for ln in lines if not self._expired(ln, now)]
             lines.append(f"{opts} {pub[0]} {pub[1]} xsedehub:{spawn_id}")
             self._write(lines)
-        return TunnelGrant(
-            spawn_id, port, key.export_private_key("openssh").decode(), expires
-        )
+        return TunnelGrant(spawn_id, port, key.export_private_key("openssh").decode(), expires)
 
     @staticmethod
     def _expired(line: str, now: float) -> bool:

@@ -52,8 +52,10 @@ class Hub:
         return r.json()
 
     def user_token(self, name: str) -> str:
-        r = self.post(f"/users/{name}/tokens", json={"scopes": [f"access:servers!user={name}"],
-                                                      "expires_in": 3600})
+        r = self.post(
+            f"/users/{name}/tokens",
+            json={"scopes": [f"access:servers!user={name}"], "expires_in": 3600},
+        )
         r.raise_for_status()
         return r.json()["token"]
 
@@ -89,8 +91,11 @@ class Hub:
     # ---- the user's server, through the proxy
     def server_api(self, name: str, token: str, path: str, method: str = "GET", **kw):
         return requests.request(
-            method, f"{self.url}/user/{name}/api{path}",
-            headers={"Authorization": f"token {token}"}, timeout=60, **kw,
+            method,
+            f"{self.url}/user/{name}/api{path}",
+            headers={"Authorization": f"token {token}"},
+            timeout=60,
+            **kw,
         )
 
     async def execute(self, name: str, token: str, code: str, timeout: float = 90) -> str:
@@ -98,19 +103,41 @@ class Hub:
         r = self.server_api(name, token, "/kernels", "POST", json={"name": "python3"})
         r.raise_for_status()
         kid = r.json()["id"]
-        ws_url = urljoin(self.url.replace("http", "ws", 1) + "/", f"user/{name}/api/kernels/{kid}/channels")
+        ws_url = urljoin(
+            self.url.replace("http", "ws", 1) + "/", f"user/{name}/api/kernels/{kid}/channels"
+        )
         from tornado.httpclient import HTTPRequest
 
-        ws = await websocket_connect(HTTPRequest(ws_url, headers={"Authorization": f"token {token}"}))
+        ws = await websocket_connect(
+            HTTPRequest(ws_url, headers={"Authorization": f"token {token}"})
+        )
         msg_id = uuid.uuid4().hex
-        ws.write_message(json.dumps({
-            "header": {"msg_id": msg_id, "username": name, "session": uuid.uuid4().hex,
-                       "msg_type": "execute_request", "version": "5.3", "date": ""},
-            "parent_header": {}, "metadata": {}, "channel": "shell",
-            "content": {"code": code, "silent": False, "store_history": False,
-                        "user_expressions": {}, "allow_stdin": False, "stop_on_error": True},
-            "buffers": [],
-        }))
+        ws.write_message(
+            json.dumps(
+                {
+                    "header": {
+                        "msg_id": msg_id,
+                        "username": name,
+                        "session": uuid.uuid4().hex,
+                        "msg_type": "execute_request",
+                        "version": "5.3",
+                        "date": "",
+                    },
+                    "parent_header": {},
+                    "metadata": {},
+                    "channel": "shell",
+                    "content": {
+                        "code": code,
+                        "silent": False,
+                        "store_history": False,
+                        "user_expressions": {},
+                        "allow_stdin": False,
+                        "stop_on_error": True,
+                    },
+                    "buffers": [],
+                }
+            )
+        )
         out = []
         deadline = time.monotonic() + timeout
         try:

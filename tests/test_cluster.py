@@ -19,17 +19,25 @@ def _cert(ca_path: str, principal: str, *, valid_after, valid_before, ca=None):
     key = asyncssh.generate_private_key("ssh-ed25519")
     ca = ca or asyncssh.read_private_key(ca_path)
     cert = ca.generate_user_certificate(
-        key, f"test-{principal}", principals=[principal],
-        valid_after=valid_after, valid_before=valid_before,
+        key,
+        f"test-{principal}",
+        principals=[principal],
+        valid_after=valid_after,
+        valid_before=valid_before,
     )
     return key, cert
 
 
 async def _connect(cluster, user, key, cert):
     return await asyncssh.connect(
-        cluster.login_ip, cluster.login_port, username=user,
-        client_keys=[(key, cert)], known_hosts=cluster.known_hosts,
-        agent_path=None, config=None, connect_timeout=10,
+        cluster.login_ip,
+        cluster.login_port,
+        username=user,
+        client_keys=[(key, cert)],
+        known_hosts=cluster.known_hosts,
+        agent_path=None,
+        config=None,
+        connect_timeout=10,
     )
 
 
@@ -73,7 +81,9 @@ async def test_login_node_refuses_bad_certificates(cluster, case):
         rogue = asyncssh.generate_private_key("ssh-ed25519")
         key, cert = _cert("", "alice", valid_after=now - 60, valid_before=now + 600, ca=rogue)
     elif case == "expired":
-        key, cert = _cert(cluster.user_ca_key, "alice", valid_after=now - 3600, valid_before=now - 60)
+        key, cert = _cert(
+            cluster.user_ca_key, "alice", valid_after=now - 3600, valid_before=now - 60
+        )
     elif case == "wrong_principal":
         key, cert = _cert(cluster.user_ca_key, "bob", valid_after=now - 60, valid_before=now + 600)
     else:
@@ -81,8 +91,14 @@ async def test_login_node_refuses_bad_certificates(cluster, case):
     with pytest.raises(asyncssh.PermissionDenied):
         if cert is None:
             await asyncssh.connect(
-                cluster.login_ip, cluster.login_port, username="alice", client_keys=[key],
-                known_hosts=cluster.known_hosts, agent_path=None, config=None, connect_timeout=10,
+                cluster.login_ip,
+                cluster.login_port,
+                username="alice",
+                client_keys=[key],
+                known_hosts=cluster.known_hosts,
+                agent_path=None,
+                config=None,
+                connect_timeout=10,
             )
         else:
             await _connect(cluster, "alice", key, cert)
@@ -97,8 +113,13 @@ async def test_host_key_is_verified(cluster, tmp_path):
     key, cert = _cert(cluster.user_ca_key, "alice", valid_after=now - 60, valid_before=now + 600)
     with pytest.raises(asyncssh.HostKeyNotVerifiable):
         await asyncssh.connect(
-            cluster.login_ip, cluster.login_port, username="alice",
-            client_keys=[(key, cert)], known_hosts=str(kh), agent_path=None, config=None,
+            cluster.login_ip,
+            cluster.login_port,
+            username="alice",
+            client_keys=[(key, cert)],
+            known_hosts=str(kh),
+            agent_path=None,
+            config=None,
         )
 
 

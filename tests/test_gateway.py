@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+from xsedehub.spawner.tunnel import TunnelKeys
 
 from xsedehub import localcluster, localhub
 from xsedehub.netns import nsenter_argv
-from xsedehub.spawner.tunnel import TunnelKeys
 
 from .conftest import PROVIDER, make_hub, stop_hub_and_proxy
 from .hubclient import LoginRefused
@@ -72,8 +72,9 @@ def server_env(job_id: str) -> dict[str, str]:
             if b"jupyterhub-singleuser" not in cmd:
                 continue
             env = dict(
-                kv.split("=", 1) for kv in
-                Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0") if "=" in kv
+                kv.split("=", 1)
+                for kv in Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
+                if "=" in kv
             )
         except OSError:
             continue
@@ -116,14 +117,18 @@ async def test_two_attendees_at_once(hub, cluster):
         files = {x["name"] for x in r.json()["content"]}
         assert {"01-where-am-i.ipynb", "02-cores.ipynb"} <= files
         out = await c.execute(
-            name, tok,
-            "import os; print(os.environ['SLURM_JOB_ID'], os.environ['SLURMD_NODENAME'], os.getcwd())",
+            name,
+            tok,
+            "import os; e = os.environ; print(e['SLURM_JOB_ID'], e['SLURMD_NODENAME'], os.getcwd())",  # noqa: E501
         )
         job, node, cwd = out.split()
         assert node in cluster.nodes
         assert cwd == f"/home/gateway/workshop/{name}"
         jobs[name] = job
-        assert in_cluster_root(["squeue", "-h", "-j", job, "-o", "%T %N"]).split() == ["RUNNING", node]
+        assert in_cluster_root(["squeue", "-h", "-j", job, "-o", "%T %N"]).split() == [
+            "RUNNING",
+            node,
+        ]
     assert jobs["ada-l"] != jobs["grace"]
 
     # the API tokens never showed up in any argv on either side, nor in the hub's log
@@ -141,7 +146,7 @@ async def test_two_attendees_at_once(hub, cluster):
             assert f.stat().st_mode & 0o077 == 0
     assert any("jupyterhub-singleuser" in a for a in scan.seen)  # the scanner did see the jobs
     # the job script SLURM stored holds no secret either
-    for name, job in jobs.items():
+    for job in jobs.values():
         token = server_env(job)["JUPYTERHUB_API_TOKEN"]
         script = in_cluster_root(["scontrol", "write", "batch_script", job, "-"])
         assert "#SBATCH" in script
@@ -245,7 +250,9 @@ def test_server_survives_hub_restart_and_login_node_outage(hub, cluster):
     try:
         t0 = time.monotonic()
         while time.monotonic() - t0 < 30:
-            assert c.user("grace")["servers"].get(""), "server removed while the login node was down"
+            assert c.user("grace")["servers"].get(""), (
+                "server removed while the login node was down"
+            )
             assert c.server_api("grace", tok, "/status").status_code == 200
             time.sleep(2)
         assert "poll could not reach the cluster" in hub.log
@@ -253,24 +260,49 @@ def test_server_survives_hub_restart_and_login_node_outage(hub, cluster):
         localcluster.up(install=False, job_env=False)
     assert in_cluster_root(["squeue", "-h", "-j", job, "-o", "%T"]).strip() == "RUNNING"
     c.stop("grace")
-    assert in_cluster_root(["squeue", "-h", "-j", job, "-o", "%T"]).strip() in ("", "CANCELLED", "COMPLETING")
+    assert in_cluster_root(["squeue", "-h", "-j", job, "-o", "%T"]).strip() in (
+        "",
+        "CANCELLED",
+        "COMPLETING",
+    )
 
 
 # --------------------------------------------------------------------------- tunnelbot
 def _tunnel_ssh(cluster, key: Path, *args: str, timeout: float = 15) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [*nsenter_argv(cluster.cluster_netns),
-         "ssh", "-F", "/dev/null", "-i", str(key), "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
-         "-o", f"UserKnownHostsFile={cluster.known_hosts}", "-o", "StrictHostKeyChecking=yes",
-         "-o", "ExitOnForwardFailure=yes", "-p", str(cluster.hub_ssh_port), *args,
-         f"{cluster.tunnel_user}@{cluster.hub_ip}"],
-        capture_output=True, text=True, timeout=timeout, check=False,
+        [
+            *nsenter_argv(cluster.cluster_netns),
+            "ssh",
+            "-F",
+            "/dev/null",
+            "-i",
+            str(key),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            f"UserKnownHostsFile={cluster.known_hosts}",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-p",
+            str(cluster.hub_ssh_port),
+            *args,
+            f"{cluster.tunnel_user}@{cluster.hub_ip}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 
 async def test_tunnelbot_is_confined(hub, cluster, tmp_path):
-    keys = TunnelKeys.for_file(cluster.tunnel_authorized_keys, (20000, 29999),
-                               cluster.hub_api_ip, cluster.hub_api_port)
+    keys = TunnelKeys.for_file(
+        cluster.tunnel_authorized_keys, (20000, 29999), cluster.hub_api_ip, cluster.hub_api_port
+    )
     grant = await keys.grant("u0-confinement-test", 300)
     key = tmp_path / "key"
     key.write_text(grant.private_key)
@@ -281,18 +313,37 @@ async def test_tunnelbot_is_confined(hub, cluster, tmp_path):
         assert "uid=" not in r.stdout
         assert r.returncode != 0
         # -L to the hub API works ...
-        api_ok = _forward_get(cluster, key, f"{cluster.hub_api_ip}:{cluster.hub_api_port}", "/hub/api/")
+        api_ok = _forward_get(
+            cluster, key, f"{cluster.hub_api_ip}:{cluster.hub_api_port}", "/hub/api/"
+        )
         assert api_ok.startswith("HTTP/1.1 200"), api_ok
         # ... to anything else on the hub does not (the proxy, the provider, sshd itself)
         for target in ("127.0.0.1:8000", "127.0.0.1:9400", f"{cluster.hub_ip}:22"):
             assert _forward_get(cluster, key, target, "/") == "", target
         # -R on its own port works (the hub side then listens on loopback) ...
         own = subprocess.Popen(
-            [*nsenter_argv(cluster.cluster_netns), "ssh", "-F", "/dev/null", "-i", str(key), "-N",
-             "-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={cluster.known_hosts}",
-             "-o", "ExitOnForwardFailure=yes", "-p", str(cluster.hub_ssh_port),
-             "-R", f"127.0.0.1:{grant.port}:127.0.0.1:9", f"{cluster.tunnel_user}@{cluster.hub_ip}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                *nsenter_argv(cluster.cluster_netns),
+                "ssh",
+                "-F",
+                "/dev/null",
+                "-i",
+                str(key),
+                "-N",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                f"UserKnownHostsFile={cluster.known_hosts}",
+                "-o",
+                "ExitOnForwardFailure=yes",
+                "-p",
+                str(cluster.hub_ssh_port),
+                "-R",
+                f"127.0.0.1:{grant.port}:127.0.0.1:9",
+                f"{cluster.tunnel_user}@{cluster.hub_ip}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
             deadline = time.monotonic() + 10
@@ -328,11 +379,29 @@ def _forward_get(cluster, key: Path, target: str, path: str) -> str:
     """Open ``-L`` to ``target`` from the cluster side and send one HTTP request."""
     port = 39000 + (hash(target) % 500)
     proc = subprocess.Popen(
-        [*nsenter_argv(cluster.cluster_netns), "ssh", "-F", "/dev/null", "-i", str(key), "-N",
-         "-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={cluster.known_hosts}",
-         "-o", "ExitOnForwardFailure=yes", "-p", str(cluster.hub_ssh_port),
-         "-L", f"127.0.0.1:{port}:{target}", f"{cluster.tunnel_user}@{cluster.hub_ip}"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            *nsenter_argv(cluster.cluster_netns),
+            "ssh",
+            "-F",
+            "/dev/null",
+            "-i",
+            str(key),
+            "-N",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            f"UserKnownHostsFile={cluster.known_hosts}",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-p",
+            str(cluster.hub_ssh_port),
+            "-L",
+            f"127.0.0.1:{port}:{target}",
+            f"{cluster.tunnel_user}@{cluster.hub_ip}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         script = (
@@ -348,8 +417,13 @@ def _forward_get(cluster, key: Path, target: str, path: str) -> str:
             "except OSError: pass\n"
             "sys.stdout.write(data.decode(errors='replace')[:200])\n"
         )
-        r = subprocess.run([*nsenter_argv(cluster.cluster_netns), "python3", "-c", script],
-                           capture_output=True, text=True, timeout=30, check=False)
+        r = subprocess.run(
+            [*nsenter_argv(cluster.cluster_netns), "python3", "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
         return r.stdout
     finally:
         proc.terminate()

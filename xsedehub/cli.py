@@ -34,6 +34,21 @@ def _bridge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from . import demo, localcluster
+
+    try:
+        return demo.run(
+            port=args.port,
+            provider_port=args.provider_port,
+            keep_cluster=args.keep_cluster,
+            once=args.once,
+        )
+    except localcluster.ClusterError as e:
+        print(f"xsedehub demo: {e}", file=sys.stderr)
+        return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xsedehub", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -42,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("action", choices=["up", "down", "status"])
     c.add_argument("--no-install", action="store_true", help="do not apt-get/pip install anything")
     c.set_defaults(func=_cluster)
+
+    d = sub.add_parser("demo", help="run the product on the local cluster (gateway mode)")
+    d.add_argument("--port", type=int, default=8000, help="the hub's URL port on 127.0.0.1")
+    d.add_argument("--provider-port", type=int, default=9400, help="the login provider's port")
+    d.add_argument("--keep-cluster", action="store_true", help="leave the local cluster up on exit")
+    d.add_argument("--once", action="store_true", help="start everything, then stop (smoke test)")
+    d.set_defaults(func=_demo)
 
     b = sub.add_parser("bridge", help="forward a host loopback port into a network namespace")
     b.add_argument("--port", type=int, required=True, help="port on the host's 127.0.0.1")

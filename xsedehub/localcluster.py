@@ -119,17 +119,15 @@ def _log(msg: str) -> None:
 
 
 def _pid_alive(pid_file: Path) -> bool:
+    """The daemon of ``pid_file`` runs (not a zombie, not a stranger with a reused pid)."""
     try:
         pid = int(pid_file.read_text().split()[0])
-        os.kill(pid, 0)
+        stat = Path(f"/proc/{pid}/stat").read_text()
     except (OSError, ValueError, IndexError):
         return False
-    # a zombie left by a double-forking daemon is not alive
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+    daemon = pid_file.name.split(".")[0].split("-")[0].split("_")[0]  # sshd_hub.pid -> sshd
+    return stat.rsplit(")", 1)[1].split()[0] != "Z" and comm.startswith(daemon)
 
 
 def _pid_files(root: Path) -> dict[str, Path]:
@@ -172,7 +170,11 @@ def ensure_job_env(path: Path = JOB_ENV) -> None:
     py = path / "bin" / "python"
     if py.exists():
         r = subprocess.run(
-            [str(py), "-c", "import jupyterhub, jupyterlab, nbgitpuller; print(jupyterhub.__version__)"],
+            [
+                str(py),
+                "-c",
+                "import jupyterhub, jupyterlab, nbgitpuller; print(jupyterhub.__version__)",
+            ],
             capture_output=True,
             text=True,
             check=False,
@@ -181,7 +183,7 @@ def ensure_job_env(path: Path = JOB_ENV) -> None:
             return
     _log(f"building the job environment {path} (jupyterhub=={want})")
     path.parent.mkdir(parents=True, exist_ok=True)
-    os.chmod(path.parent, 0o755)
+    os.chmod(path.parent, 0o755)  # noqa: S103 (jobs of every user run this environment)
     _run(["/usr/bin/python3", "-m", "venv", "--clear", str(path)])
     _run([str(path / "bin/pip"), "install", "-q", "--upgrade", "pip"])
     _run([str(path / "bin/pip"), "install", "-q", f"jupyterhub=={want}", *JOB_PACKAGES])
@@ -224,8 +226,20 @@ def _ensure_keys(root: Path) -> dict[str, Path]:
         cert = Path(f"{k[name]}-cert.pub")
         if not cert.exists():
             _run(
-                ["ssh-keygen", "-q", "-s", str(k["host_ca"]), "-h", "-I", name,
-                 "-n", principals, "-V", "-5m:+520w", f"{k[name]}.pub"]
+                [
+                    "ssh-keygen",
+                    "-q",
+                    "-s",
+                    str(k["host_ca"]),
+                    "-h",
+                    "-I",
+                    name,
+                    "-n",
+                    principals,
+                    "-V",
+                    "-5m:+520w",
+                    f"{k[name]}.pub",
+                ]
             )
     host_ca_pub = Path(f"{k['host_ca']}.pub").read_text().strip()
     kh = root / "known_hosts"
@@ -295,34 +309,42 @@ def _write_slurm_conf(root: Path) -> None:
 def _sshd_conf(root: Path, keys: dict[str, Path], side: str) -> Path:
     run = root / "run"
     if side == "login":
-        ip, host, extra = LOGIN_IP, keys["login_host"], [
-            f"TrustedUserCAKeys {keys['user_ca']}.pub",
-            "AuthorizedKeysFile .ssh/authorized_keys",
-            f"AllowUsers {GATEWAY_USER} {' '.join(RESEARCHERS)}",
-            "Subsystem sftp internal-sftp",
-            "AllowTcpForwarding no",
-            "X11Forwarding no",
-        ]
+        ip, host, extra = (
+            LOGIN_IP,
+            keys["login_host"],
+            [
+                f"TrustedUserCAKeys {keys['user_ca']}.pub",
+                "AuthorizedKeysFile .ssh/authorized_keys",
+                f"AllowUsers {GATEWAY_USER} {' '.join(RESEARCHERS)}",
+                "Subsystem sftp internal-sftp",
+                "AllowTcpForwarding no",
+                "X11Forwarding no",
+            ],
+        )
     else:
-        ip, host, extra = HUB_IP, keys["hub_host"], [
-            f"AllowUsers {TUNNEL_USER}",
-            "AuthorizedKeysFile none",
-            "MaxStartups 300:30:600",
-            f"Match User {TUNNEL_USER}",
-            f"    AuthorizedKeysFile {root}/hub/tunnelbot_authorized_keys",
-            "    AllowTcpForwarding yes",
-            f"    PermitOpen 127.0.0.1:{HUB_API_PORT}",
-            "    PermitListen 127.0.0.1:*",
-            "    GatewayPorts no",
-            "    AllowStreamLocalForwarding no",
-            "    PermitTunnel no",
-            "    PermitTTY no",
-            "    X11Forwarding no",
-            "    AllowAgentForwarding no",
-            "    ForceCommand /bin/false",
-            "    ClientAliveInterval 10",
-            "    ClientAliveCountMax 3",
-        ]
+        ip, host, extra = (
+            HUB_IP,
+            keys["hub_host"],
+            [
+                f"AllowUsers {TUNNEL_USER}",
+                "AuthorizedKeysFile none",
+                "MaxStartups 300:30:600",
+                f"Match User {TUNNEL_USER}",
+                f"    AuthorizedKeysFile {root}/hub/tunnelbot_authorized_keys",
+                "    AllowTcpForwarding yes",
+                f"    PermitOpen 127.0.0.1:{HUB_API_PORT}",
+                "    PermitListen 127.0.0.1:*",
+                "    GatewayPorts no",
+                "    AllowStreamLocalForwarding no",
+                "    PermitTunnel no",
+                "    PermitTTY no",
+                "    X11Forwarding no",
+                "    AllowAgentForwarding no",
+                "    ForceCommand /bin/false",
+                "    ClientAliveInterval 10",
+                "    ClientAliveCountMax 3",
+            ],
+        )
     conf = root / f"sshd_{side}.conf"
     conf.write_text(
         "\n".join(
@@ -350,7 +372,9 @@ def _ensure_workshop_repo(root: Path) -> Path:
     # job users clone a root-owned repository: tell git that is fine (scratch machine)
     safe = subprocess.run(
         ["git", "config", "--system", "--get-all", "safe.directory"],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     ).stdout.split()
     if str(bare) not in safe:
         _run(["git", "config", "--system", "--add", "safe.directory", str(bare)])
@@ -360,7 +384,15 @@ def _ensure_workshop_repo(root: Path) -> Path:
     work = root / "workshop-src"
     shutil.rmtree(work, ignore_errors=True)
     shutil.copytree(src, work)
-    git = ["git", "-C", str(work), "-c", "user.name=xsedehub", "-c", "user.email=demo@xsedehub.invalid"]
+    git = [
+        "git",
+        "-C",
+        str(work),
+        "-c",
+        "user.name=xsedehub",
+        "-c",
+        "user.email=demo@xsedehub.invalid",
+    ]
     _run(git[:3] + ["init", "-q", "-b", "main"])
     _run(git + ["add", "."])
     _run(git + ["commit", "-q", "-m", "Workshop notebooks"])
@@ -408,11 +440,33 @@ def _start_daemons(root: Path, keys: dict[str, Path]) -> None:
         _run(["mungekey", "--create"])
         _run(["chown", "munge:munge", "/etc/munge/munge.key"])
     _run(["install", "-d", "-o", "munge", "-g", "munge", "-m", "755", "/run/munge"])
-    _run(["install", "-d", "-o", "munge", "-g", "munge", "-m", "711", "/var/lib/munge", "/var/log/munge"])
+    _run(
+        [
+            "install",
+            "-d",
+            "-o",
+            "munge",
+            "-g",
+            "munge",
+            "-m",
+            "711",
+            "/var/lib/munge",
+            "/var/log/munge",
+        ]
+    )
     _run(["install", "-d", "-o", "munge", "-g", "munge", "-m", "755", str(run / "munge")])
     if not _pid_alive(pids["munged"]):
-        _run(["runuser", "-u", "munge", "--", "/usr/sbin/munged", "--force",
-              f"--pid-file={pids['munged']}"])
+        _run(
+            [
+                "runuser",
+                "-u",
+                "munge",
+                "--",
+                "/usr/sbin/munged",
+                "--force",
+                f"--pid-file={pids['munged']}",
+            ]
+        )
     _run(["install", "-d", "-o", "slurm", "-g", "slurm", str(root / "slurmctld")])
     for node in NODES:
         (root / "slurmd" / node).mkdir(parents=True, exist_ok=True)
@@ -427,11 +481,24 @@ def _start_daemons(root: Path, keys: dict[str, Path]) -> None:
         if _pid_alive(run / f"sshd_{side}.pid"):
             os.kill(int((run / f"sshd_{side}.pid").read_text().split()[0]), signal.SIGHUP)
         else:
-            _run(wrap(["/usr/sbin/sshd", "-f", str(conf), "-E", str(root / "log" / f"sshd_{side}.log")]))
+            _run(
+                wrap(
+                    [
+                        "/usr/sbin/sshd",
+                        "-f",
+                        str(conf),
+                        "-E",
+                        str(root / "log" / f"sshd_{side}.log"),
+                    ]
+                )
+            )
 
     def nodes_idle() -> bool:
         r = subprocess.run(
-            _in_cluster(["sinfo", "-h", "-N", "-o", "%t"]), capture_output=True, text=True, check=False
+            _in_cluster(["sinfo", "-h", "-N", "-o", "%t"]),
+            capture_output=True,
+            text=True,
+            check=False,
         )
         states = set(r.stdout.split())
         return r.returncode == 0 and bool(states) and states <= {"idle", "mix", "alloc"}
@@ -479,7 +546,11 @@ def healthy(root: Path = ROOT) -> bool:
     r = subprocess.run(
         _in_cluster(["sinfo", "-h", "-N", "-o", "%t"]), capture_output=True, text=True, check=False
     )
-    return r.returncode == 0 and bool(r.stdout.split()) and set(r.stdout.split()) <= {"idle", "mix", "alloc"}
+    return (
+        r.returncode == 0
+        and bool(r.stdout.split())
+        and set(r.stdout.split()) <= {"idle", "mix", "alloc"}
+    )
 
 
 def up(root: Path = ROOT, *, install: bool = True, job_env: bool = True) -> ClusterInfo:
@@ -538,7 +609,9 @@ def down(root: Path = ROOT) -> None:
     for ns in (HUB_NS, CLUSTER_NS):
         if Path(f"/run/netns/{ns}").exists():
             # processes still inside (jobs' leftovers, a test's hub) go with the namespace
-            r = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, check=False)
+            r = subprocess.run(
+                ["ip", "netns", "pids", ns], capture_output=True, text=True, check=False
+            )
             spare = _ancestors()
             for pid in r.stdout.split():
                 if int(pid) in spare:
@@ -588,8 +661,10 @@ def stop_daemon(name: str, root: Path = ROOT, *, sessions: bool = True) -> None:
             if not p.name.isdigit():
                 continue
             try:
-                if p.joinpath("comm").read_text().strip() == "sshd" and \
-                        os.stat(p / "ns" / "net").st_ino == ns_ino:
+                if (
+                    p.joinpath("comm").read_text().strip() == "sshd"
+                    and os.stat(p / "ns" / "net").st_ino == ns_ino
+                ):
                     os.kill(int(p.name), signal.SIGKILL)
             except OSError:
                 pass
@@ -601,7 +676,10 @@ def status(root: Path = ROOT) -> dict[str, object]:
     out["namespaces"] = {ns: Path(f"/run/netns/{ns}").exists() for ns in (HUB_NS, CLUSTER_NS)}
     if out["namespaces"][CLUSTER_NS]:
         r = subprocess.run(
-            _in_cluster(["sinfo", "-h", "-N", "-o", "%N %t %C"]), capture_output=True, text=True, check=False
+            _in_cluster(["sinfo", "-h", "-N", "-o", "%N %t %C"]),
+            capture_output=True,
+            text=True,
+            check=False,
         )
         out["nodes"] = r.stdout.strip().splitlines()
     return out

@@ -21,15 +21,23 @@ from pathlib import Path
 from .localcluster import ClusterInfo
 from .netns import nsenter_argv
 
-CHP = Path(os.environ.get("XSEDEHUB_CHP", "/opt/xsedehub/chp/node_modules/.bin/configurable-http-proxy"))
+CHP = Path(
+    os.environ.get("XSEDEHUB_CHP", "/opt/xsedehub/chp/node_modules/.bin/configurable-http-proxy")
+)
 
 
 def ensure_chp() -> str:
     """configurable-http-proxy from the npm registry, installed once under /opt/xsedehub."""
     if not CHP.exists():
         subprocess.run(
-            ["npm", "install", "--silent", "--prefix", str(CHP.parents[2]),
-             "configurable-http-proxy@5"],
+            [
+                "npm",
+                "install",
+                "--silent",
+                "--prefix",
+                str(CHP.parents[2]),
+                "configurable-http-proxy@5",
+            ],
             check=True,
         )
     return str(CHP)
@@ -105,7 +113,9 @@ _a.allowed_users = set({sorted(allowed_users or [])!r})
 _a.admin_users = {{"admin"}}
 c.JupyterHub.load_roles = [{{"name": "tester", "scopes": ["admin:users", "admin:servers",
     "tokens", "read:users", "access:servers"], "services": ["tester"]}}]
-c.JupyterHub.services = [{{"name": "tester", "api_token": open("{workdir}/service_token").read().strip()}}]
+c.JupyterHub.services = [
+    {{"name": "tester", "api_token": open("{workdir}/service_token").read().strip()}}
+]
 {extra}
 """
     (workdir / "service_token").write_text(secrets.token_hex(32))
@@ -133,13 +143,25 @@ def wait_http(url: str, timeout: float = 60) -> None:
             time.sleep(0.2)
 
 
-def start_provider(workdir: Path, port: int = 9400, *, in_netns: str | None = None,
-                   ) -> subprocess.Popen:
+def start_provider(
+    workdir: Path,
+    port: int = 9400,
+    *,
+    in_netns: str | None = None,
+) -> subprocess.Popen:
     """oidc-provider-mock (the local stand-in for GitHub/CILogon) on loopback."""
-    argv = [sys.executable, "-m", "oidc_provider_mock", "--port", str(port), "--token-max-age", "3600"]
+    argv = [
+        sys.executable,
+        "-m",
+        "oidc_provider_mock",
+        "--port",
+        str(port),
+        "--token-max-age",
+        "3600",
+    ]
     if in_netns:
         argv = nsenter_argv(in_netns) + argv
-    log = open(workdir / "provider.log", "ab")  # noqa: SIM115
+    log = open(workdir / "provider.log", "ab")
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     wait_http(f"http://127.0.0.1:{port}/.well-known/openid-configuration")
     return proc
@@ -148,22 +170,25 @@ def start_provider(workdir: Path, port: int = 9400, *, in_netns: str | None = No
 def put_user(provider_url: str, sub: str, claims: dict) -> None:
     """Declare an identity at the provider (its claims are what userinfo returns)."""
     req = urllib.request.Request(
-        f"{provider_url}/users/{sub}", data=json.dumps(claims).encode(), method="PUT",
+        f"{provider_url}/users/{sub}",
+        data=json.dumps(claims).encode(),
+        method="PUT",
         headers={"Content-Type": "application/json"},
     )
     with urllib.request.urlopen(req, timeout=10):
         pass
 
 
-def start_hub(workdir: Path, *, in_netns: str | None = None, debug: bool = True,
-              public_port: int = 8000) -> subprocess.Popen:
+def start_hub(
+    workdir: Path, *, in_netns: str | None = None, debug: bool = True, public_port: int = 8000
+) -> subprocess.Popen:
     env = dict(os.environ, JUPYTERHUB_CRYPT_KEY=(workdir / "crypt_key").read_text().strip())
     argv = [sys.executable, "-m", "jupyterhub", "-f", str(workdir / "jupyterhub_config.py")]
     if debug:
         argv.append("--debug")
     if in_netns:
         argv = nsenter_argv(in_netns) + argv
-    log = open(workdir / "hub.log", "ab")  # noqa: SIM115
+    log = open(workdir / "hub.log", "ab")
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir)
     try:
         wait_http(f"http://127.0.0.1:{public_port}/hub/api", timeout=60)

@@ -41,7 +41,7 @@ def enter(name: str) -> None:
 @contextmanager
 def inside(name: str) -> Iterator[None]:
     """Run a block with the calling thread in namespace ``name``, then come back."""
-    own = os.open(f"/proc/thread-self/ns/net", os.O_RDONLY)
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     try:
         enter(name)
         try:
