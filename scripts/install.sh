@@ -25,8 +25,11 @@ if [ ! -x "$ENV/bin/python" ]; then
     mkdir -p "$(dirname "$ENV")"
     /usr/bin/python3 -m venv "$ENV"
 fi
-"$ENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-echo "[install] pip install -e .[test,docs]"
-"$ENV/bin/python" -m pip install -q -e ".[test,docs]" 2>&1 | grep -v "^WARNING: Location" || true
+log=$(mktemp)
+pipi() { "$ENV/bin/python" -m pip install -q "$@" >"$log" 2>&1 || { cat "$log"; exit 1; }; }
+pipi --upgrade pip
+echo "[install] pip install -e .[test,docs] into $ENV"
+pipi -e ".[test,docs]"
+rm -f "$log"
 "$ENV/bin/python" -c "import xsedehub.spawner.spawner, xsedehub.auth.github"
 chmod -R a+rX "$(dirname "$ENV")"

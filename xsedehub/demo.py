@@ -23,6 +23,37 @@ ATTENDEES = {
 }
 
 
+def stop_servers(workdir: Path, timeout: float = 60) -> None:
+    """Stop every running server through the hub's API (so no job outlives the demo)."""
+    import json
+    import urllib.request
+
+    token_file = workdir / "service_token"
+    if not token_file.exists():
+        return
+    headers = {"Authorization": f"token {token_file.read_text().strip()}"}
+    api = "http://127.0.0.1:8000/hub/api"
+
+    def call(method: str, path: str):
+        req = urllib.request.Request(api + path, method=method, headers=headers)
+        with urllib.request.urlopen(req, timeout=30) as r:  # noqa: S310 (our own loopback hub)
+            body = r.read()
+            return json.loads(body) if body else None
+
+    try:
+        users = call("GET", "/users") or []
+        for u in users:
+            if u["servers"]:
+                call("DELETE", f"/users/{u['name']}/server")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not any(u["servers"] for u in call("GET", "/users") or []):
+                break
+            time.sleep(1)
+    except OSError as e:
+        print(f"could not stop the servers through the hub: {e}", file=sys.stderr)
+
+
 def run(
     port: int = 8000,
     provider_port: int = 9400,
@@ -35,6 +66,7 @@ def run(
     procs: list[subprocess.Popen] = []
 
     def cleanup(*_: object) -> None:
+        stop_servers(workdir)
         for p in reversed(procs):
             if p.poll() is None:
                 p.terminate()

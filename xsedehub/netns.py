@@ -100,4 +100,7 @@ def bridge(listen_port: int, ns: str, target_host: str, target_port: int) -> Non
     Used by the demo so that a browser on the host reaches a hub that lives in the
     hub namespace.  Runs until killed.
     """
-    asyncio.run(_bridge(listen_port, ns, target_host, target_port))
+    try:
+        asyncio.run(_bridge(listen_port, ns, target_host, target_port))
+    except KeyboardInterrupt:
+        pass
