@@ -36,7 +36,7 @@ def stop_servers(workdir: Path, timeout: float = 60) -> None:
 
     def call(method: str, path: str):
         req = urllib.request.Request(api + path, method=method, headers=headers)
-        with urllib.request.urlopen(req, timeout=30) as r:  # noqa: S310 (our own loopback hub)
+        with urllib.request.urlopen(req, timeout=30) as r:
             body = r.read()
             return json.loads(body) if body else None
 
