@@ -47,6 +47,10 @@ class SpawnError(RuntimeError):
     """A failure with a message meant for the user on the spawn page."""
 
 
+class CredentialExpired(SpawnError):
+    """The user's certificate has expired (a new login renews it)."""
+
+
 class SlurmSSHSpawner(Spawner):
     """Start each user's server as a SLURM batch job over SSH, reached through a tunnel."""
 
@@ -322,21 +326,36 @@ class SlurmSSHSpawner(Spawner):
         return await self._certificate_identity()
 
     async def _certificate_identity(self) -> SSHIdentity:
+        from xsedehub.auth.cilogon import STATE_KEY
+        from xsedehub.auth.issuer import Credential
+
         auth_state = await self.user.get_auth_state() or {}
-        cred = auth_state.get("xsedehub_credential")
-        if not cred:
+        cred = Credential.from_state(auth_state.get(STATE_KEY))
+        if cred is None:
             raise SpawnError(
                 "No cluster credential for this login: log out and log in again to get one."
             )
-        key = asyncssh.import_private_key(cred["private_key"])
-        cert = asyncssh.import_certificate(cred["certificate"])
-        principal = v.posix_username(cred["principal"], "certificate principal")
-        if cert.valid_before <= time.time():
-            raise SpawnError("Your cluster certificate has expired: log out and log in again.")
-        return SSHIdentity(principal, key, cert, label="certificate")
+        if cred.valid_before <= time.time():
+            raise CredentialExpired(
+                "Your cluster certificate has expired: log out and log in again."
+            )
+        return SSHIdentity(
+            v.posix_username(cred.principal, "certificate principal"),
+            asyncssh.import_private_key(cred.private_key),
+            asyncssh.import_certificate(cred.certificate),
+            label="certificate",
+        )
 
     async def connection(self) -> Connection:
-        ident = await self.ssh_identity()
+        try:
+            ident = await self.ssh_identity()
+        except CredentialExpired:
+            # a connection opened while the certificate was valid stays usable after it
+            # expires (sshd checks certificates at login): poll and stop go on working
+            live = POOL.live(self.login_node(), self.ssh_user) if self.ssh_user else None
+            if live is not None:
+                return live
+            raise
         self.ssh_user = ident.username
         return POOL.get(self.login_node(), ident, max_sessions=self.ssh_max_sessions)
 

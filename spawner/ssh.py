@@ -165,6 +165,10 @@ class Connection:
                     raise ClusterUnreachable(f"SFTP to {self.node.host}: {e}") from e
         return self._sftp
 
+    @property
+    def is_open(self) -> bool:
+        return self._conn is not None and not self._conn.is_closed()
+
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
@@ -235,6 +239,13 @@ class Pool:
                 self._conns.pop(old_key).close()
             conn = self._conns[key] = Connection(node, ident, **kw)
         return conn
+
+    def live(self, node: LoginNode, username: str) -> Connection | None:
+        """An open connection as ``username``, whatever credential opened it."""
+        for key, conn in self._conns.items():
+            if key[:2] == (node, username) and conn.is_open:
+                return conn
+        return None
 
 
 POOL = Pool()

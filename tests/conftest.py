@@ -74,6 +74,22 @@ IDENTITIES = {
     "ada": {"login": "Ada-L", "id": 1001, "email": "ada@example.org"},
     "grace": {"login": "grace", "id": 1002, "email": "grace@example.org"},
     "admin": {"login": "admin", "id": 1, "email": "admin@example.org"},
+    # CILogon-like identities from the ACCESS IdP (xsede mode)
+    "cilogon-alice": {
+        "idp": localhub.ACCESS_IDP,
+        "eppn": "alice@access-ci.org",
+        "email": "alice@uni.example",
+    },
+    "cilogon-bob": {
+        "idp": localhub.ACCESS_IDP,
+        "eppn": "bob@access-ci.org",
+        "email": "bob@uni.example",
+    },
+    "cilogon-mallory": {
+        "idp": localhub.ACCESS_IDP,
+        "eppn": "mallory@elsewhere.example",
+        "email": "mallory@elsewhere.example",
+    },
 }
 
 
@@ -100,6 +116,50 @@ def provider(cluster, tmp_path_factory):
     yield PROVIDER
     proc.terminate()
     proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def issuer(cluster, provider, tmp_path_factory):
+    """The reference certificate issuer, signing with the local cluster's user CA."""
+    wd = tmp_path_factory.mktemp("issuer")
+    proc = localhub.start_issuer(wd, cluster, provider_url=provider, lifetime="1h")
+    yield wd
+    proc.terminate()
+    proc.wait(10)
+
+
+def provider_token(sub: str) -> str:
+    """An access token for ``sub`` straight from the provider (authorization code flow)."""
+    import re
+    from urllib.parse import parse_qs, urlparse
+
+    import requests
+
+    cb = "http://127.0.0.1:1/cb"
+    r = requests.post(
+        f"{PROVIDER}/oauth2/authorize",
+        params={"client_id": "t", "redirect_uri": cb, "response_type": "code", "scope": "openid"},
+        data={"sub": sub},
+        allow_redirects=False,
+        timeout=10,
+    )
+    assert r.status_code == 302, r.text
+    code = parse_qs(urlparse(r.headers["Location"]).query)["code"][0]
+    r = requests.post(
+        f"{PROVIDER}/oauth2/token",
+        data={
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": cb,
+            "client_id": "t",
+            "client_secret": "s",
+        },
+        timeout=10,
+    )
+    r.raise_for_status()
+    token = r.json()["access_token"]
+    assert re.match(r"^[\w.~+/=-]+$", token)
+    return token
 
 
 class RunningHub:

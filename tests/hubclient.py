@@ -36,6 +36,17 @@ class Hub:
         s.headers["Referer"] = self.url + "/hub/home"
         return s
 
+    def start_as_user(self, session: requests.Session, name: str, options: dict | None = None):
+        """Press Start as the logged-in user would (cookie + XSRF token)."""
+        session.get(f"{self.url}/hub/home", timeout=30)
+        xsrf = session.cookies.get("_xsrf", path="/hub/") or session.cookies.get("_xsrf")
+        return session.post(
+            f"{self.url}/hub/api/users/{name}/server",
+            json=options or {},
+            headers={"X-XSRFToken": xsrf},
+            timeout=120,
+        )
+
     # ---- as the admin service
     def get(self, path: str, **kw):
         return self.api.get(f"{self.url}/hub/api{path}", timeout=60, **kw)

@@ -104,6 +104,8 @@ async def test_two_attendees_at_once(hub, cluster):
     sessions = {sub: c.login(sub) for sub in ("ada", "grace")}
     assert set(sessions) == {"ada", "grace"}
     names = ["ada-l", "grace"]  # GitHub logins, lowercased by the hub
+    sshd_log = Path(cluster.root) / "log" / "sshd_login.log"
+    logins_before = sshd_log.read_text().count("Accepted publickey for gateway")
     with ArgvScanner() as scan:
         with concurrent.futures.ThreadPoolExecutor(2) as ex:
             for r in ex.map(c.start, names):
@@ -130,6 +132,8 @@ async def test_two_attendees_at_once(hub, cluster):
             node,
         ]
     assert jobs["ada-l"] != jobs["grace"]
+    # one SSH connection served both spawns and every poll since (at most one handshake)
+    assert sshd_log.read_text().count("Accepted publickey for gateway") - logins_before <= 1
 
     # the API tokens never showed up in any argv on either side, nor in the hub's log
     hub_log = hub.log

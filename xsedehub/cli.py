@@ -49,6 +49,36 @@ def _demo(args: argparse.Namespace) -> int:
         return 1
 
 
+def _duration(text: str) -> int:
+    """``4h``, ``90m``, ``3600`` (seconds) -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    t = text.strip().lower()
+    if t and t[-1] in units:
+        return int(float(t[:-1]) * units[t[-1]])
+    return int(t)
+
+
+def _issuer(args: argparse.Namespace) -> int:
+    import logging
+
+    from . import issuer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    host, _, port = args.listen.rpartition(":")
+    cfg = issuer.IssuerConfig(
+        ca_key=args.ca_key,
+        userinfo_url=args.userinfo_url,
+        lifetime=_duration(args.lifetime),
+        claim=args.claim,
+        strip_domains=args.strip_domain,
+        mapping=issuer.load_mapping(args.map),
+        allowed_idps=args.allowed_idp,
+        source_addresses=args.source_address,
+    )
+    issuer.serve(cfg, host or "127.0.0.1", int(port), certfile=args.certfile, keyfile=args.keyfile)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xsedehub", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -64,6 +94,35 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--keep-cluster", action="store_true", help="leave the local cluster up on exit")
     d.add_argument("--once", action="store_true", help="start everything, then stop (smoke test)")
     d.set_defaults(func=_demo)
+
+    i = sub.add_parser("issuer", help="run the reference SSH certificate issuer")
+    i.add_argument("--ca-key", required=True, help="the user CA's private key (sshd trusts it)")
+    i.add_argument("--userinfo-url", required=True, help="the identity provider's userinfo URL")
+    i.add_argument("--listen", default="127.0.0.1:8700", help="host:port to serve on")
+    i.add_argument("--lifetime", default="4h", help="certificate lifetime (e.g. 4h, 90m)")
+    i.add_argument("--claim", default="eppn", help="userinfo claim that names the user")
+    i.add_argument(
+        "--strip-domain",
+        action="append",
+        default=[],
+        help="accept <name>@DOMAIN in --claim as account <name> (repeatable)",
+    )
+    i.add_argument("--map", help="JSON file {claim value: account}, checked first")
+    i.add_argument(
+        "--allowed-idp",
+        action="append",
+        default=[],
+        help="accept only identities from this IdP (userinfo 'idp' claim; repeatable)",
+    )
+    i.add_argument(
+        "--source-address",
+        action="append",
+        default=[],
+        help="restrict certificates to these client addresses/CIDRs (the hub)",
+    )
+    i.add_argument("--certfile", help="TLS certificate (serve HTTPS)")
+    i.add_argument("--keyfile", help="TLS key")
+    i.set_defaults(func=_issuer)
 
     b = sub.add_parser("bridge", help="forward a host loopback port into a network namespace")
     b.add_argument("--port", type=int, required=True, help="port on the host's 127.0.0.1")

@@ -52,6 +52,7 @@ def write_config(
     public_port: int = 8000,
     allowed_users: list[str] | None = None,
     poll_interval: int = 30,
+    issuer_url: str = "http://127.0.0.1:8700/v1/certificate",
     extra: str = "",
 ) -> Path:
     """A jupyterhub_config.py for the local cluster in ``workdir`` (0600 with its secrets)."""
@@ -98,21 +99,19 @@ c.SlurmSSHSpawner.status_interval = {max(1, poll_interval // 3)}
 c.SlurmSSHSpawner.start_timeout = 300
 c.SlurmSSHSpawner.http_timeout = 90
 
-c.JupyterHub.authenticator_class = "xsedehub.auth.github.GatewayGitHubAuthenticator"
-_a = c.GatewayGitHubAuthenticator
+{_auth_config(mode, provider_url, issuer_url)}
 _a.authorize_url = "{provider_url}/oauth2/authorize"
 _a.token_url = "{provider_url}/oauth2/token"
 _a.userdata_url = "{provider_url}/userinfo"
 _a.client_id = "xsedehub-local"
 _a.client_secret = "local-secret"
 _a.oauth_callback_url = "http://127.0.0.1:{public_port}/hub/oauth_callback"
-_a.scope = ["openid", "email"]
 _a.enable_auth_state = True
 _a.allow_all = {allowed_users is None}
 _a.allowed_users = set({sorted(allowed_users or [])!r})
 _a.admin_users = {{"admin"}}
 c.JupyterHub.load_roles = [{{"name": "tester", "scopes": ["admin:users", "admin:servers",
-    "tokens", "read:users", "access:servers"], "services": ["tester"]}}]
+    "tokens", "read:users", "access:servers", "admin:auth_state"], "services": ["tester"]}}]
 c.JupyterHub.services = [
     {{"name": "tester", "api_token": open("{workdir}/service_token").read().strip()}}
 ]
@@ -128,6 +127,70 @@ c.JupyterHub.services = [
     path.write_text(cfg)
     path.chmod(0o600)
     return path
+
+
+#: the identity provider the local provider plays in xsede mode (CILogon's ACCESS IdP)
+ACCESS_IDP = "https://access-ci.org/idp"
+
+
+def _auth_config(mode: str, provider_url: str, issuer_url: str) -> str:
+    if mode == "gateway":
+        return """c.JupyterHub.authenticator_class = (
+    "xsedehub.auth.github.GatewayGitHubAuthenticator"
+)
+_a = c.GatewayGitHubAuthenticator
+_a.scope = ["openid", "email"]"""
+    return f"""c.JupyterHub.authenticator_class = "xsedehub.auth.cilogon.XSEDECILogonAuthenticator"
+_a = c.XSEDECILogonAuthenticator
+_a.scope = ["openid", "email", "org.cilogon.userinfo"]
+_a.idps = {{
+    "{ACCESS_IDP}": {{
+        "username_derivation": {{
+            "username_claim": "eppn", "action": "strip_idp_domain", "domain": "access-ci.org",
+        }},
+        "allow_all": True,
+    }},
+}}
+_a.issuer_url = "{issuer_url}"
+_a.certificate_renew_margin = 300"""
+
+
+def start_issuer(
+    workdir: Path,
+    info: ClusterInfo,
+    *,
+    port: int = 8700,
+    provider_url: str = "http://127.0.0.1:9400",
+    lifetime: str = "1h",
+    in_netns: str | None = None,
+) -> subprocess.Popen:
+    """The reference certificate issuer, signing with the local cluster's user CA."""
+    argv = [
+        sys.executable,
+        "-m",
+        "xsedehub.cli",
+        "issuer",
+        "--ca-key",
+        info.user_ca_key,
+        "--userinfo-url",
+        f"{provider_url}/userinfo",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--lifetime",
+        lifetime,
+        "--claim",
+        "eppn",
+        "--strip-domain",
+        "access-ci.org",
+        "--allowed-idp",
+        ACCESS_IDP,
+    ]
+    if in_netns:
+        argv = nsenter_argv(in_netns) + argv
+    log = open(workdir / "issuer.log", "ab")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    wait_http(f"http://127.0.0.1:{port}/health")
+    return proc
 
 
 def wait_http(url: str, timeout: float = 60) -> None:
