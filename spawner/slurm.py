@@ -34,7 +34,8 @@ ALIVE_STATES = frozenset(
     }
 )
 
-SQUEUE_FORMAT = "%i|%T|%N|%r|%S|%u"
+SQUEUE_FORMAT = "%i|%T|%N|%r|%S|%u|%k"
+COMMENT_PREFIX = "xsedehub:"
 
 
 @dataclass(frozen=True)
@@ -92,11 +93,14 @@ class JobScript:
     singleuser: list[str]  # argv of jupyterhub-singleuser on the compute node
     tunnel: Tunnel
     python: str  # a python3 on the compute node (picks the node-side API port)
-    prologue: list[str] = field(default_factory=list)  # argv lists run before the server
+    prologue: list[list[str]] = field(default_factory=list)  # argv lists run before the server
     extra_directives: Mapping[str, str] = field(default_factory=dict)
+    spawn_id: str = ""  # goes into --comment=xsedehub:<spawn_id> (finds orphans)
 
     def __post_init__(self) -> None:
         v.slurm_name(self.job_name, "job name")
+        if self.spawn_id:
+            v.slurm_name(self.spawn_id, "spawn id")
         v.relative_path(self.job_dir, "job directory", hidden=True)
         if self.work_dir != ".":
             v.relative_path(self.work_dir, "work directory", hidden=True)
@@ -122,6 +126,8 @@ def sbatch_directives(job: JobScript) -> list[str]:
         "--open-mode=append",
         "--signal=B:TERM@60",
     ]
+    if job.spawn_id:
+        lines.append(f"--comment={COMMENT_PREFIX}{job.spawn_id}")
     if r.gpus:
         lines.append(f"--gpus={r.gpus}")
     for name in ("account", "qos", "reservation"):
@@ -285,6 +291,14 @@ class JobStatus:
     reason: str
     start: str
     user: str
+    comment: str = ""
+
+    @property
+    def spawn_id(self) -> str:
+        """The spawn this job belongs to, if xsedehub submitted it."""
+        return (
+            self.comment[len(COMMENT_PREFIX) :] if self.comment.startswith(COMMENT_PREFIX) else ""
+        )
 
     @property
     def alive(self) -> bool:
@@ -299,11 +313,12 @@ def parse_squeue(text: str) -> dict[str, JobStatus]:
     out: dict[str, JobStatus] = {}
     for line in text.splitlines():
         parts = line.strip().split("|")
-        if len(parts) != 6 or not parts[0].isdigit():
+        if len(parts) not in (6, 7) or not parts[0].isdigit() or not parts[1].strip():
             continue
-        job_id, state, nodes, reason, start, user = parts
+        job_id, state, nodes, reason, start, user = parts[:6]
+        comment = parts[6] if len(parts) == 7 and parts[6] != "(null)" else ""
         state = state.split()[0].rstrip("+")  # "CANCELLED by 1001" -> CANCELLED
-        out[job_id] = JobStatus(job_id, state, nodes, reason, start, user)
+        out[job_id] = JobStatus(job_id, state, nodes, reason, start, user, comment)
     return out
 
 

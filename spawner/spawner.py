@@ -446,6 +446,7 @@ class SlurmSSHSpawner(Spawner):
             python=self.job_python,
             prologue=prologue,
             extra_directives=self.extra_sbatch,
+            spawn_id=self.spawn_id,
         )
         return slurm.build_job_script(job)
 

@@ -174,13 +174,14 @@ def test_squeue_parse_and_argv():
     text = (
         "12|RUNNING|node1|None|2026-11-26T10:00:00|gateway\n"
         "13|PENDING||Resources|2026-11-26T11:00:00|gateway\n"
-        "14|CANCELLED by 0||None|N/A|gateway\n"
+        "14|CANCELLED by 0||None|N/A|gateway|xsedehub:u3-abc\n"
         "garbage line\n"
     )
     jobs = slurm.parse_squeue(text)
     assert jobs["12"].running and jobs["12"].nodes == "node1"
     assert jobs["13"].alive and jobs["13"].reason == "Resources"
     assert not jobs["14"].alive and jobs["14"].state == "CANCELLED"
+    assert jobs["14"].spawn_id == "u3-abc" and jobs["12"].spawn_id == ""
     assert slurm.squeue_argv("gateway")[-1] == "--user=gateway"
     with pytest.raises(v.InvalidValue):
         slurm.squeue_argv("gate way")

@@ -19,13 +19,23 @@ LIFETIME = 25
 @pytest.fixture(scope="module")
 def hub(cluster, provider, tmp_path_factory):
     wd = tmp_path_factory.mktemp("short-issuer")
-    issuer = localhub.start_issuer(wd, cluster, port=8702, provider_url=provider,
-                                   lifetime=f"{LIFETIME}s")
+    issuer = localhub.start_issuer(
+        wd, cluster, port=8702, provider_url=provider, lifetime=f"{LIFETIME}s"
+    )
     # no renewal margin and no refresh before stop: the spawner is on its own
-    extra = ("c.XSEDECILogonAuthenticator.certificate_renew_margin = 0\n"
-             "c.XSEDECILogonAuthenticator.refresh_pre_stop = False\n")
-    h = make_hub(tmp_path_factory.mktemp("xsede-expiry"), cluster, provider, mode="xsede",
-                 poll_interval=3, issuer_url="http://127.0.0.1:8702/v1/certificate", extra=extra)
+    extra = (
+        "c.XSEDECILogonAuthenticator.certificate_renew_margin = 0\n"
+        "c.XSEDECILogonAuthenticator.refresh_pre_stop = False\n"
+    )
+    h = make_hub(
+        tmp_path_factory.mktemp("xsede-expiry"),
+        cluster,
+        provider,
+        mode="xsede",
+        poll_interval=3,
+        issuer_url="http://127.0.0.1:8702/v1/certificate",
+        extra=extra,
+    )
     yield h
     stop_hub_and_proxy(h)
     issuer.terminate()

@@ -79,6 +79,61 @@ def _issuer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tunnel(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import tunnelsetup
+
+    p = tunnelsetup.plan(Path(args.sshd_config), Path(args.keys_file), args.user, args.hub_api)
+    if not p.changes:
+        print("nothing to change: the tunnel account and its sshd block are in place")
+        return 0
+    if not p.account_exists:
+        print(f"will create the account {args.user} (no shell, no password)")
+    if not p.keys_file.exists():
+        print(f"will create {p.keys_file} (0644, managed by the hub)")
+    if p.diff:
+        print(p.diff, end="")
+    if not args.apply:
+        print("\n(dry run: nothing written; run again with --apply)")
+        return 0
+    try:
+        tunnelsetup.apply_plan(p, sshd=args.sshd)
+    except RuntimeError as e:
+        print(f"xsedehub tunnel setup: {e}", file=sys.stderr)
+        return 1
+    print("written; reload sshd to take effect (e.g. kill -HUP $(cat /run/sshd.pid))")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from .check import run_check
+
+    cert = (args.key, args.certificate) if args.certificate else None
+    report = run_check(
+        args.config, job_timeout=args.job_timeout, certificate=cert, hub_api=args.hub_api
+    )
+    print("all checks passed" if not report.failed else f"{len(report.failed)} problem(s)")
+    return 1 if report.failed else 0
+
+
+def _orphans(args: argparse.Namespace) -> int:
+    import os
+
+    from .orphans import find_orphans
+
+    token = os.environ.get("JUPYTERHUB_API_TOKEN", "")
+    if not token:
+        print(
+            "set JUPYTERHUB_API_TOKEN to a hub token with admin:server_state and read:users",
+            file=sys.stderr,
+        )
+        return 2
+    cert = (args.key, args.certificate) if args.certificate else None
+    find_orphans(args.config, args.hub_url, token, cancel=args.cancel, certificate=cert)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xsedehub", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -123,6 +178,42 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--certfile", help="TLS certificate (serve HTTPS)")
     i.add_argument("--keyfile", help="TLS key")
     i.set_defaults(func=_issuer)
+
+    t = sub.add_parser("tunnel", help="set up the hub side of the tunnel (account, sshd block)")
+    t.add_argument("action", choices=["setup"])
+    t.add_argument("--sshd-config", default="/etc/ssh/sshd_config")
+    t.add_argument(
+        "--keys-file",
+        default="/etc/xsedehub/tunnelbot_authorized_keys",
+        help="the authorized_keys file the hub manages (SlurmSSHSpawner.tunnel_authorized_keys)",
+    )
+    t.add_argument("--user", default="tunnelbot")
+    t.add_argument(
+        "--hub-api",
+        default="127.0.0.1:8081",
+        help="the hub API address jobs may forward to (TLJH: 127.0.0.1:15001)",
+    )
+    t.add_argument("--sshd", default="/usr/sbin/sshd", help="sshd binary used to test the config")
+    t.add_argument("--apply", action="store_true", help="write the changes (default: show them)")
+    t.set_defaults(func=_tunnel)
+
+    k = sub.add_parser("check", help="check a deployment step by step")
+    k.add_argument("-f", "--config", default="jupyterhub_config.py")
+    k.add_argument(
+        "--job-timeout", type=float, default=120, help="seconds to wait for the test job's tunnel"
+    )
+    k.add_argument("--hub-api", help="hub API host:port (default: from the config)")
+    k.add_argument("--certificate", help="xsede mode: a user certificate to test with")
+    k.add_argument("--key", help="xsede mode: the certificate's private key")
+    k.set_defaults(func=_check)
+
+    o = sub.add_parser("orphans", help="list (and cancel) jobs the hub no longer knows about")
+    o.add_argument("-f", "--config", default="jupyterhub_config.py")
+    o.add_argument("--hub-url", default="http://127.0.0.1:8000")
+    o.add_argument("--cancel", action="store_true")
+    o.add_argument("--certificate")
+    o.add_argument("--key")
+    o.set_defaults(func=_orphans)
 
     b = sub.add_parser("bridge", help="forward a host loopback port into a network namespace")
     b.add_argument("--port", type=int, required=True, help="port on the host's 127.0.0.1")

@@ -30,6 +30,7 @@ from importlib import metadata
 from pathlib import Path
 
 from .netns import nsenter_argv
+from .tunnelsetup import match_block
 
 ROOT = Path(os.environ.get("XSEDEHUB_CLUSTER_ROOT", "/var/lib/xsedehub/localcluster"))
 JOB_ENV = Path(os.environ.get("XSEDEHUB_JOB_ENV", "/opt/xsedehub/job-env"))
@@ -329,20 +330,11 @@ def _sshd_conf(root: Path, keys: dict[str, Path], side: str) -> Path:
                 f"AllowUsers {TUNNEL_USER}",
                 "AuthorizedKeysFile none",
                 "MaxStartups 300:30:600",
-                f"Match User {TUNNEL_USER}",
-                f"    AuthorizedKeysFile {root}/hub/tunnelbot_authorized_keys",
-                "    AllowTcpForwarding yes",
-                f"    PermitOpen 127.0.0.1:{HUB_API_PORT}",
-                "    PermitListen 127.0.0.1:*",
-                "    GatewayPorts no",
-                "    AllowStreamLocalForwarding no",
-                "    PermitTunnel no",
-                "    PermitTTY no",
-                "    X11Forwarding no",
-                "    AllowAgentForwarding no",
-                "    ForceCommand /bin/false",
-                "    ClientAliveInterval 10",
-                "    ClientAliveCountMax 3",
+                *match_block(
+                    TUNNEL_USER,
+                    f"{root}/hub/tunnelbot_authorized_keys",
+                    f"127.0.0.1:{HUB_API_PORT}",
+                ).splitlines(),
             ],
         )
     conf = root / f"sshd_{side}.conf"

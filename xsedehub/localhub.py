@@ -66,15 +66,13 @@ c.JupyterHub.hub_ip = "{info.hub_api_ip}"
 c.JupyterHub.hub_port = {info.hub_api_port}
 c.JupyterHub.db_url = "sqlite:///{workdir}/jupyterhub.sqlite"
 c.JupyterHub.cookie_secret_file = "{workdir}/cookie_secret"
-c.JupyterHub.cleanup_servers = False   # servers are batch jobs: they outlive hub restarts
 c.JupyterHub.cleanup_proxy = False
 c.ConfigurableHTTPProxy.command = [{ensure_chp()!r}]
 c.ConfigurableHTTPProxy.pid_file = "{workdir}/proxy.pid"
 c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{public_port + 1}"
 c.JupyterHub.last_activity_interval = 60
 
-c.JupyterHub.spawner_class = "xsedehub.spawner.spawner.SlurmSSHSpawner"
-c.SlurmSSHSpawner.mode = "{mode}"
+c.XSEDEHub.mode = "{mode}"
 c.SlurmSSHSpawner.login_host = "{info.login_ip}"
 c.SlurmSSHSpawner.login_port = {info.login_port}
 c.SlurmSSHSpawner.known_hosts = "{info.known_hosts}"
@@ -111,11 +109,15 @@ _a.allow_all = {allowed_users is None}
 _a.allowed_users = set({sorted(allowed_users or [])!r})
 _a.admin_users = {{"admin"}}
 c.JupyterHub.load_roles = [{{"name": "tester", "scopes": ["admin:users", "admin:servers",
-    "tokens", "read:users", "access:servers", "admin:auth_state"], "services": ["tester"]}}]
+    "tokens", "read:users", "access:servers", "admin:auth_state",
+    "admin:server_state"], "services": ["tester"]}}]
 c.JupyterHub.services = [
     {{"name": "tester", "api_token": open("{workdir}/service_token").read().strip()}}
 ]
 {extra}
+from xsedehub.config import apply  # noqa: E402
+
+apply(c)  # picks the authenticator and spawner for the mode, or stops with the problems
 """
     (workdir / "service_token").write_text(secrets.token_hex(32))
     (workdir / "service_token").chmod(0o600)
@@ -135,13 +137,9 @@ ACCESS_IDP = "https://access-ci.org/idp"
 
 def _auth_config(mode: str, provider_url: str, issuer_url: str) -> str:
     if mode == "gateway":
-        return """c.JupyterHub.authenticator_class = (
-    "xsedehub.auth.github.GatewayGitHubAuthenticator"
-)
-_a = c.GatewayGitHubAuthenticator
+        return """_a = c.GatewayGitHubAuthenticator
 _a.scope = ["openid", "email"]"""
-    return f"""c.JupyterHub.authenticator_class = "xsedehub.auth.cilogon.XSEDECILogonAuthenticator"
-_a = c.XSEDECILogonAuthenticator
+    return f"""_a = c.XSEDECILogonAuthenticator
 _a.scope = ["openid", "email", "org.cilogon.userinfo"]
 _a.idps = {{
     "{ACCESS_IDP}": {{

@@ -1,0 +1,257 @@
+"""The admin's command line against the real local cluster: tunnel setup, check, orphans."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+from xsedehub import localhub, tunnelsetup
+from xsedehub.auth.issuer import obtain_credential
+from xsedehub.check import MESSAGES, run_check
+from xsedehub.orphans import find_orphans
+
+from .conftest import make_hub, provider_token, stop_hub_and_proxy
+from .test_gateway import in_cluster_root
+
+pytestmark = pytest.mark.cluster
+
+
+# ---------------------------------------------------------------------------- tunnel setup
+def _base_sshd(cluster, path: Path) -> str:
+    conf = Path(cluster.root) / "sshd_hub.conf"
+    text = tunnelsetup.with_block(conf.read_text(), "").replace(tunnelsetup.BEGIN, "")
+    text = text.split(tunnelsetup.BEGIN)[0]
+    path.write_text(text)
+    return text
+
+
+def test_tunnel_setup_shows_then_writes_once(cluster, tmp_path):
+    sshd_config = tmp_path / "sshd_config"
+    base = _base_sshd(cluster, sshd_config)
+    assert "Match User" not in base
+    keys = tmp_path / "etc" / "tunnelbot_authorized_keys"
+    cli = [
+        sys.executable,
+        "-m",
+        "xsedehub.cli",
+        "tunnel",
+        "setup",
+        "--sshd-config",
+        str(sshd_config),
+        "--keys-file",
+        str(keys),
+        "--hub-api",
+        "127.0.0.1:15001",
+    ]
+    dry = subprocess.run(cli, capture_output=True, text=True, check=True)
+    assert "+Match User tunnelbot" in dry.stdout and "+    PermitOpen 127.0.0.1:15001" in dry.stdout
+    assert "dry run" in dry.stdout
+    assert sshd_config.read_text() == base and not keys.exists()  # nothing written
+    subprocess.run([*cli, "--apply"], capture_output=True, text=True, check=True)
+    again = subprocess.run([*cli, "--apply"], capture_output=True, text=True, check=True)
+    assert "nothing to change" in again.stdout
+    text = sshd_config.read_text()
+    assert text.count("Match User tunnelbot") == 1 and text.startswith(base.rstrip("\n"))
+    assert keys.exists() and keys.stat().st_mode & 0o777 == 0o644
+    subprocess.run(["/usr/sbin/sshd", "-t", "-f", str(sshd_config)], check=True)
+    # sshd's own view of the account's restrictions
+    out = subprocess.run(
+        [
+            "/usr/sbin/sshd",
+            "-T",
+            "-f",
+            str(sshd_config),
+            "-C",
+            "user=tunnelbot,host=x,addr=10.200.0.2",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "permitopen 127.0.0.1:15001" in out
+    assert "forcecommand /bin/false" in out and "permittty no" in out
+    assert "gatewayports no" in out
+
+
+def test_tunnel_setup_refuses_a_config_sshd_rejects(cluster, tmp_path):
+    sshd_config = tmp_path / "sshd_config"
+    sshd_config.write_text("ThisIsNotAnOption yes\n")
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "xsedehub.cli",
+            "tunnel",
+            "setup",
+            "--apply",
+            "--sshd-config",
+            str(sshd_config),
+            "--keys-file",
+            str(tmp_path / "k"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 1 and "sshd rejects the new configuration" in r.stderr
+    assert sshd_config.read_text() == "ThisIsNotAnOption yes\n"
+
+
+# ---------------------------------------------------------------------------- check
+def _config(cluster, tmp_path, mode="gateway", extra=""):
+    return localhub.write_config(tmp_path, cluster, mode=mode, extra=extra)
+
+
+def _run(cfg, **kw):
+    lines: list[str] = []
+    report = run_check(str(cfg), out=lines.append, job_timeout=30, **kw)
+    return report, "\n".join(lines)
+
+
+def test_check_passes_on_a_good_deployment(cluster, tmp_path):
+    report, text = _run(_config(cluster, tmp_path))
+    assert report.failed == [], text
+    assert "opened the tunnel back to the hub" in text
+    assert "jupyterhub-singleuser" in text
+
+
+async def test_check_in_xsede_mode_with_a_certificate(cluster, issuer, tmp_path):
+    cred = await obtain_credential(
+        "http://127.0.0.1:8700/v1/certificate", provider_token("cilogon-alice")
+    )
+    (tmp_path / "k").write_text(cred.private_key)
+    (tmp_path / "k").chmod(0o600)
+    (tmp_path / "k-cert.pub").write_text(cred.certificate)
+    cfg = _config(cluster, tmp_path, mode="xsede")
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    report, text = await loop.run_in_executor(
+        None, lambda: _run(cfg, certificate=(str(tmp_path / "k"), str(tmp_path / "k-cert.pub")))
+    )
+    assert report.failed == [], text
+    assert "logged in as alice (certificate)" in text
+
+
+@pytest.mark.parametrize(
+    "case,extra,failed,says",
+    [
+        ("wrong host key", "WRONG_KH", "login-hostkey", "not vouched for"),
+        (
+            "login node down",
+            "c.SlurmSSHSpawner.login_port = 2999",
+            "login-unreachable",
+            "cannot be reached",
+        ),
+        (
+            "key not authorized",
+            'c.SlurmSSHSpawner.gateway_user = "bob"',
+            "gateway-refused",
+            "refused the hub's key",
+        ),
+        (
+            "tunnel account missing",
+            'c.SlurmSSHSpawner.tunnel_user = "nosuchbot"',
+            "tunnel-account",
+            "does not exist on the hub",
+        ),
+        (
+            "tunnel keys not read by sshd",
+            'c.SlurmSSHSpawner.tunnel_authorized_keys = "ELSEWHERE"',
+            "tunnel-failed",
+            "did not open the tunnel",
+        ),
+        (
+            "no singleuser",
+            'c.SlurmSSHSpawner.cmd = ["/opt/nothing/jupyterhub-singleuser"]',
+            "singleuser-missing",
+            "does not run on the login node",
+        ),
+        (
+            "bad partition",
+            'c.SlurmSSHSpawner.partition = "nosuchpartition"',
+            "test-job-refused",
+            "sbatch refused",
+        ),
+    ],
+)
+def test_check_names_each_broken_setup(cluster, tmp_path, case, extra, failed, says):
+    if extra == "WRONG_KH":
+        rogue = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode()
+        (tmp_path / "rogue_kh").write_text(f"@cert-authority * {rogue}")
+        extra = f'c.SlurmSSHSpawner.known_hosts = "{tmp_path / "rogue_kh"}"'
+    extra = extra.replace("ELSEWHERE", str(tmp_path / "not-the-sshd-file"))
+    report, text = _run(_config(cluster, tmp_path, extra=extra))
+    assert report.failed == [failed], text
+    assert says in text
+    assert "fix: " + MESSAGES[failed][1].split("{")[0][:30] in text
+
+
+def test_check_issuer_down(cluster, tmp_path):
+    cfg = _config(
+        cluster,
+        tmp_path,
+        mode="xsede",
+        extra='c.XSEDECILogonAuthenticator.issuer_url = "http://127.0.0.1:8799/v1/certificate"',
+    )
+    report, text = _run(cfg)
+    assert report.failed == ["issuer-unreachable"], text
+    assert "Start the issuer" in text
+
+
+def test_every_check_message_is_documented():
+    guide = (Path(__file__).parents[1] / "docs" / "howto" / "troubleshooting.md").read_text()
+    for msg_id in MESSAGES:
+        assert f"({msg_id})=" in guide or f"`{msg_id}`" in guide, msg_id
+
+
+# ---------------------------------------------------------------------------- orphans
+@pytest.fixture(scope="module")
+def hub(cluster, provider, tmp_path_factory):
+    h = make_hub(tmp_path_factory.mktemp("adminhub"), cluster, provider, poll_interval=5)
+    yield h
+    stop_hub_and_proxy(h)
+
+
+def test_orphans_are_found_and_cancelled(hub, cluster):
+    c = hub.client
+    c.login("ada")
+    c.start("ada-l")
+    c.wait_ready("ada-l")
+    out = in_cluster_root(
+        [
+            "sbatch",
+            "--parsable",
+            "--uid=gateway",
+            "--gid=gateway",
+            "--comment=xsedehub:u99-lost",
+            "--time=5",
+            "--chdir=/tmp",
+            "--output=/dev/null",
+            "--wrap",
+            "sleep 300",
+        ]
+    )
+    orphan = out.strip()
+    assert orphan.isdigit(), out
+    token = (hub.workdir / "service_token").read_text().strip()
+    cfg = hub.workdir / "jupyterhub_config.py"
+    lines: list[str] = []
+    ada_job = in_cluster_root(["squeue", "-h", "-n", "jupyter-ada-l", "-o", "%i"]).strip()
+    found = {j.job_id: j for j in find_orphans(str(cfg), c.url, token, out=lines.append)}
+    assert orphan in found and ada_job not in found, lines
+    assert found[orphan].spawn_id == "u99-lost"
+    find_orphans(str(cfg), c.url, token, cancel=True, out=lines.append)
+    time.sleep(1)
+    assert in_cluster_root(["squeue", "-h", "-j", orphan, "-o", "%T"]).strip() in (
+        "",
+        "CANCELLED",
+        "COMPLETING",
+    )
+    # ada's server is known to the hub: untouched
+    assert c.server_api("ada-l", c.user_token("ada-l"), "/status").status_code == 200
+    c.stop("ada-l")

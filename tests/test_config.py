@@ -1,0 +1,253 @@
+"""Mode selection, start-up validation and the TLJH plugin's hooks (called directly:
+TLJH is not on PyPI)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from importlib import metadata
+
+import pytest
+import yaml
+from traitlets.config import Config
+
+from xsedehub import config as xc
+from xsedehub import tljh
+
+
+@pytest.fixture
+def files(tmp_path):
+    kh = tmp_path / "known_hosts"
+    kh.write_text("@cert-authority * ssh-ed25519 AAAA\n")
+    key = tmp_path / "gateway_key"
+    key.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    key.chmod(0o600)
+    return tmp_path
+
+
+def good(files, mode="gateway") -> Config:
+    c = Config()
+    c.XSEDEHub.mode = mode
+    sp = c.SlurmSSHSpawner
+    sp.login_host = "login.example.org"
+    sp.known_hosts = str(files / "known_hosts")
+    sp.tunnel_host = "hub.example.org"
+    sp.tunnel_known_hosts = str(files / "known_hosts")
+    sp.gateway_key = str(files / "gateway_key")
+    c.XSEDECILogonAuthenticator.issuer_url = "https://issuer.example.org/v1/certificate"
+    c.XSEDECILogonAuthenticator.idps = {"https://idp": {"username_derivation": {}}}
+    return c
+
+
+ENV = {"JUPYTERHUB_CRYPT_KEY": "x" * 64}
+
+
+@pytest.mark.parametrize("mode", ["gateway", "xsede"])
+def test_apply_wires_the_mode(files, mode, monkeypatch):
+    monkeypatch.setenv("JUPYTERHUB_CRYPT_KEY", "x" * 64)
+    c = good(files, mode)
+    assert xc.apply(c) == mode
+    assert c.JupyterHub.authenticator_class == xc.AUTHENTICATORS[mode]
+    assert c.JupyterHub.spawner_class == xc.SPAWNER
+    assert c.SlurmSSHSpawner.mode == mode
+    assert c.JupyterHub.cleanup_servers is False
+
+
+@pytest.mark.parametrize(
+    "mode,breakage,setting",
+    [
+        ("gateway", lambda c, f: c.SlurmSSHSpawner.pop("login_host"), "SlurmSSHSpawner.login_host"),
+        (
+            "gateway",
+            lambda c, f: c.SlurmSSHSpawner.pop("tunnel_host"),
+            "SlurmSSHSpawner.tunnel_host",
+        ),
+        (
+            "gateway",
+            lambda c, f: setattr(c.SlurmSSHSpawner, "known_hosts", "/nonexistent"),
+            "SlurmSSHSpawner.known_hosts",
+        ),
+        ("gateway", lambda c, f: (f / "gateway_key").chmod(0o644), "SlurmSSHSpawner.gateway_key"),
+        (
+            "gateway",
+            lambda c, f: c.SlurmSSHSpawner.pop("gateway_key"),
+            "SlurmSSHSpawner.gateway_key",
+        ),
+        (
+            "gateway",
+            lambda c, f: setattr(c.SlurmSSHSpawner, "mode", "xsede"),
+            "SlurmSSHSpawner.mode",
+        ),
+        (
+            "gateway",
+            lambda c, f: setattr(c.JupyterHub, "authenticator_class", "xsedehub-cilogon"),
+            "JupyterHub.authenticator_class",
+        ),
+        (
+            "gateway",
+            lambda c, f: setattr(c.SlurmSSHSpawner, "login_port", "twenty-two"),
+            "SlurmSSHSpawner",
+        ),
+        (
+            "xsede",
+            lambda c, f: c.XSEDECILogonAuthenticator.pop("issuer_url"),
+            "XSEDECILogonAuthenticator.issuer_url",
+        ),
+        (
+            "xsede",
+            lambda c, f: c.XSEDECILogonAuthenticator.pop("idps"),
+            "XSEDECILogonAuthenticator.idps",
+        ),
+        (
+            "xsede",
+            lambda c, f: setattr(c.XSEDECILogonAuthenticator, "enable_auth_state", False),
+            "XSEDECILogonAuthenticator.enable_auth_state",
+        ),
+        ("nonsense", lambda c, f: None, "XSEDEHub.mode"),
+    ],
+)
+def test_problems_name_the_setting_and_the_fix(files, mode, breakage, setting):
+    c = good(files, mode)
+    breakage(c, files)
+    problems = xc.check(c, mode, environ=ENV)
+    assert [p.setting for p in problems] == [setting]
+    assert problems[0].fix
+
+
+def test_missing_crypt_key_and_mode(files):
+    problems = xc.check(good(files), "gateway", environ={})
+    assert [p.setting for p in problems] == ["JUPYTERHUB_CRYPT_KEY"]
+    with pytest.raises(xc.ConfigError) as e:
+        xc.apply(Config())
+    assert "XSEDEHub.mode" in str(e.value)
+
+
+def test_hub_stops_at_start_up_with_the_message(files, tmp_path):
+    cfg = tmp_path / "jupyterhub_config.py"
+    cfg.write_text(
+        "c.XSEDEHub.mode = 'gateway'\n"
+        f"c.SlurmSSHSpawner.known_hosts = {str(files / 'known_hosts')!r}\n"
+        "from xsedehub.config import apply\napply(c)\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "jupyterhub", "-f", str(cfg)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **ENV},
+    )
+    assert r.returncode != 0
+    out = r.stdout + r.stderr
+    assert "SlurmSSHSpawner.login_host: is not set" in out
+    assert "fix: set it to the login node's host name" in out
+    assert "Traceback" not in out
+
+
+def test_entry_points_give_short_names():
+    eps = metadata.entry_points()
+    auths = {e.name: e.value for e in eps.select(group="jupyterhub.authenticators")}
+    spawners = {e.name: e.value for e in eps.select(group="jupyterhub.spawners")}
+    assert auths["xsedehub-github"] == "xsedehub.auth.github:GatewayGitHubAuthenticator"
+    assert auths["xsedehub-cilogon"] == "xsedehub.auth.cilogon:XSEDECILogonAuthenticator"
+    assert spawners["xsedehub"] == "xsedehub.spawner.spawner:SlurmSSHSpawner"
+    (plugin,) = [e for e in eps.select(group="tljh") if e.name == "xsedehub"]
+    assert plugin.load() is tljh
+
+
+# ---------------------------------------------------------------------------- TLJH
+def test_tljh_settings_translate(files):
+    c = tljh.settings_to_config(
+        {
+            "mode": "gateway",
+            "spawner": {
+                "login_host": "login.example.org",
+                "login_port": "2222",
+                "tunnel_port_range": [21000, 21999],
+            },
+            "authenticator": {"client_id": "abc", "allowed_organizations": ["my-org"]},
+        }
+    )
+    assert c.XSEDEHub.mode == "gateway"
+    assert c.SlurmSSHSpawner.login_port == 2222  # tljh-config stores strings: coerced
+    assert c.GatewayGitHubAuthenticator.client_id == "abc"
+
+
+@pytest.mark.parametrize(
+    "settings,setting",
+    [
+        ({"mode": "cluster"}, "xsedehub.mode"),
+        ({"mode": "gateway", "spawner": {"login_hots": "x"}}, "xsedehub.spawner.login_hots"),
+        ({"mode": "gateway", "spawner": {"login_port": "ssh"}}, "xsedehub.spawner.login_port"),
+        ({"mode": "xsede", "authenticator": {"no_such": 1}}, "xsedehub.authenticator.no_such"),
+        ({"mode": "gateway", "spawer": {}}, "xsedehub.spawer"),
+    ],
+)
+def test_tljh_bad_settings_are_named(settings, setting):
+    with pytest.raises(xc.ConfigError) as e:
+        tljh.settings_to_config(settings)
+    assert [p.setting for p in e.value.problems] == [setting]
+
+
+def test_tljh_custom_config_hook(files, tmp_path, monkeypatch):
+    monkeypatch.setenv("TLJH_INSTALL_PREFIX", str(tmp_path))
+    monkeypatch.setenv("JUPYTERHUB_CRYPT_KEY", "x" * 64)
+    (tmp_path / "config").mkdir()
+    c = Config()
+    tljh.tljh_custom_jupyterhub_config(c)  # not configured yet: leaves TLJH alone
+    assert "authenticator_class" not in c.JupyterHub
+    (tmp_path / "config" / "config.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "users": {"admin": ["me"]},
+                "xsedehub": {
+                    "mode": "gateway",
+                    "spawner": {
+                        "login_host": "login.example.org",
+                        "known_hosts": str(files / "known_hosts"),
+                        "tunnel_host": "hub.example.org",
+                        "tunnel_known_hosts": str(files / "known_hosts"),
+                        "gateway_key": str(files / "gateway_key"),
+                    },
+                },
+            }
+        )
+    )
+    tljh.tljh_custom_jupyterhub_config(c)
+    assert c.JupyterHub.authenticator_class == xc.AUTHENTICATORS["gateway"]
+    assert c.JupyterHub.spawner_class == xc.SPAWNER  # replaces TLJH's user-creating spawner
+    assert c.JupyterHub.cleanup_servers is False
+
+
+def test_tljh_post_install_config_keeps_admin_values():
+    config = {"xsedehub": {"mode": "xsede", "spawner": {"known_hosts": "/mine"}}}
+    tljh.tljh_config_post_install(config)
+    assert config["xsedehub"]["mode"] == "xsede"
+    assert config["xsedehub"]["spawner"]["known_hosts"] == "/mine"
+    assert config["xsedehub"]["spawner"]["tunnel_authorized_keys"].endswith(
+        "tunnelbot_authorized_keys"
+    )
+    fresh: dict = {}
+    tljh.tljh_config_post_install(fresh)
+    assert fresh["xsedehub"]["mode"] == "gateway"
+
+
+def test_tljh_pip_packages_leave_jupyterhub_to_tljh():
+    pkgs = tljh.tljh_extra_hub_pip_packages()
+    assert any(p.startswith("asyncssh") for p in pkgs)
+    assert any(p.startswith("batchspawner") for p in pkgs)
+    assert not any(p.startswith("jupyterhub") for p in pkgs)
+    assert not any("extra ==" in p for p in pkgs)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="creates an account")
+def test_tljh_post_install_is_idempotent(tmp_path, monkeypatch):
+    monkeypatch.setattr(tljh, "ETC", tmp_path / "etc")
+    tljh.tljh_post_install()
+    (tmp_path / "etc" / "tunnelbot_authorized_keys").write_text("kept\n")
+    tljh.tljh_post_install()
+    assert (tmp_path / "etc" / "tunnelbot_authorized_keys").read_text() == "kept\n"
+    import pwd
+
+    assert pwd.getpwnam("tunnelbot").pw_shell == "/usr/sbin/nologin"

@@ -1,0 +1,411 @@
+"""``xsedehub check``: a deployment, step by step, with the fix for each failure.
+
+The steps follow the path a spawn takes: the login node is reachable and its host key
+trusted; the hub can log in (gateway key, or a certificate from the issuer); SLURM's
+commands are there; the job environment has a compatible ``jupyterhub-singleuser``; a
+test job on a compute node opens the tunnel back to the hub.  Every message the command
+can print is in :data:`MESSAGES` (the troubleshooting guide is generated from it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import asyncssh
+from traitlets.config import Config, PyFileConfigLoader
+
+from .spawner import slurm
+from .spawner import validate as v
+from .spawner.ssh import ClusterUnreachable, Connection, LoginNode, SSHIdentity
+from .spawner.tunnel import TunnelKeys
+
+#: id -> (what went wrong, how to fix it); ``{placeholders}`` are filled in
+MESSAGES: dict[str, tuple[str, str]] = {
+    "config": (
+        "The hub configuration has problems:\n{detail}",
+        "Fix each setting named above in jupyterhub_config.py (or with tljh-config).",
+    ),
+    "login-unreachable": (
+        "The login node {host}:{port} cannot be reached: {detail}",
+        "Check SlurmSSHSpawner.login_host and login_port, DNS, and that firewalls let the "
+        "hub reach that port.",
+    ),
+    "login-hostkey": (
+        "The login node's host key is not vouched for by {known_hosts}",
+        "Add the login node's host key (ssh-keyscan -p PORT HOST, compared with what the "
+        "centre publishes) or an '@cert-authority' line for its host CA to that file.",
+    ),
+    "gateway-key": (
+        "The gateway key {path} cannot be read: {detail}",
+        "Point SlurmSSHSpawner.gateway_key at the hub's private key (mode 600).",
+    ),
+    "gateway-refused": (
+        "The login node refused the hub's key for the account {user}",
+        "Append the public half of gateway_key to ~{user}/.ssh/authorized_keys on the "
+        "cluster, or correct SlurmSSHSpawner.gateway_user.",
+    ),
+    "issuer-unreachable": (
+        "The certificate issuer at {url} cannot be reached: {detail}",
+        "Start the issuer (xsedehub issuer ...) or correct "
+        "XSEDECILogonAuthenticator.issuer_url; check TLS and firewalls.",
+    ),
+    "certificate-refused": (
+        "The login node refused the certificate for {user}",
+        "Make the login node's sshd trust the issuer's CA (TrustedUserCAKeys) and check "
+        "that the certificate's principal is the user's account.",
+    ),
+    "slurm-missing": (
+        "{commands} not found on the login node",
+        "Install the SLURM client commands on the login node, or put them on the PATH of "
+        "non-interactive SSH sessions.",
+    ),
+    "singleuser-missing": (
+        "{cmd} does not run on the login node: {detail}",
+        "Point SlurmSSHSpawner.cmd at jupyterhub-singleuser in a Python environment that "
+        "the login and compute nodes share.",
+    ),
+    "singleuser-version": (
+        "The job environment has jupyterhub {remote}; the hub runs {local}",
+        "Install jupyterhub=={local} in the job environment (the major versions must match).",
+    ),
+    "tunnel-account": (
+        "The tunnel account {user} does not exist on the hub",
+        "Run: xsedehub tunnel setup --apply",
+    ),
+    "test-job-refused": (
+        "sbatch refused the test job: {detail}",
+        "Check SlurmSSHSpawner.partition, account and walltime against the cluster's limits.",
+    ),
+    "tunnel-failed": (
+        "A test job on {node} did not open the tunnel back to the hub within {seconds} s.\n"
+        "Its log says:\n{log}",
+        "From a compute node, the hub's sshd must be reachable at tunnel_host:tunnel_port "
+        "with tunnel_known_hosts vouching for it; the sshd Match block must let the "
+        "tunnel account listen on loopback (xsedehub tunnel setup).",
+    ),
+    "test-job-queued": (
+        "The test job {job} was still queued after {seconds} s ({reason})",
+        "The cluster is busy: run the check again later or with a longer --job-timeout.",
+    ),
+}
+
+
+@dataclass
+class Report:
+    lines: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    out: Callable[[str], None] = print
+
+    def ok(self, text: str) -> None:
+        self.lines.append(f"ok    {text}")
+        self.out(self.lines[-1])
+
+    def fail(self, msg_id: str, **kw: object) -> None:
+        what, fix = MESSAGES[msg_id]
+        self.failed.append(msg_id)
+        self.lines.append(f"FAIL  {what.format(**kw)}\n      fix: {fix.format(**kw)}")
+        self.out(self.lines[-1])
+
+
+def load_config(path: str) -> Config:
+    """Execute a jupyterhub_config.py the way JupyterHub does (``apply`` included), minus
+    the check for the hub's own JUPYTERHUB_CRYPT_KEY, which an admin shell lacks."""
+    import os
+
+    loader = PyFileConfigLoader(Path(path).name, str(Path(path).parent))
+    os.environ["XSEDEHUB_CHECKING"] = "1"
+    try:
+        return loader.load_config()
+    finally:
+        os.environ.pop("XSEDEHUB_CHECKING", None)
+
+
+def _major(version: str) -> str:
+    return version.split(".")[0]
+
+
+class Checker:
+    def __init__(
+        self,
+        cfg: Config,
+        report: Report,
+        *,
+        job_timeout: float = 120,
+        certificate: tuple[str, str] | None = None,
+        hub_api: str | None = None,
+    ):
+        from .spawner.spawner import SlurmSSHSpawner
+
+        self.cfg, self.r, self.job_timeout = cfg, report, job_timeout
+        self.sp = SlurmSSHSpawner(config=cfg)
+        self.certificate = certificate
+        hub = cfg.JupyterHub
+        self.hub_api = (
+            hub_api
+            or f"{hub.get('hub_ip', '127.0.0.1') or '127.0.0.1'}:{hub.get('hub_port', 8081)}"
+        )
+
+    # -- steps
+    async def identity(self) -> SSHIdentity | None:
+        sp = self.sp
+        if sp.mode == "gateway":
+            try:
+                key = asyncssh.read_private_key(sp.gateway_key)
+            except (OSError, asyncssh.KeyImportError) as e:
+                self.r.fail("gateway-key", path=sp.gateway_key, detail=e)
+                return None
+            return SSHIdentity(sp.gateway_user, key, label="gateway")
+        if self.certificate:
+            key_path, cert_path = self.certificate
+            key = asyncssh.read_private_key(key_path)
+            cert = asyncssh.read_certificate(cert_path)
+            return SSHIdentity(cert.principals[0], key, cert, label="certificate")
+        await self.issuer()
+        return None
+
+    async def issuer(self) -> None:
+        import requests
+
+        url = self.cfg.XSEDECILogonAuthenticator.get("issuer_url", "")
+        health = url.rsplit("/v1/", 1)[0] + "/health"
+        try:
+            r = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: requests.get(health, timeout=10)
+            )
+            r.raise_for_status()
+            self.r.ok(f"certificate issuer answers at {url}")
+        except requests.RequestException as e:
+            self.r.fail("issuer-unreachable", url=url, detail=type(e).__name__)
+
+    async def connect(self, ident: SSHIdentity | None) -> Connection | None:
+        sp = self.sp
+        node = LoginNode(sp.login_host, sp.login_port, sp.known_hosts)
+        kw = dict(known_hosts=sp.known_hosts, agent_path=None, config=None, connect_timeout=15)
+        probe_key = asyncssh.generate_private_key("ssh-ed25519")
+        user = ident.username if ident else "xsedehub-check"
+        try:
+            conn = await asyncssh.connect(
+                sp.login_host,
+                sp.login_port,
+                username=user,
+                client_keys=[
+                    (ident.key, ident.certificate)
+                    if ident and ident.certificate
+                    else (ident.key if ident else probe_key)
+                ],
+                **kw,
+            )
+        except asyncssh.HostKeyNotVerifiable:
+            self.r.fail("login-hostkey", known_hosts=sp.known_hosts)
+            return None
+        except asyncssh.PermissionDenied:
+            self.r.ok(f"login node {sp.login_host}:{sp.login_port} reachable, host key trusted")
+            if ident is None:
+                return None
+            if ident.certificate:
+                self.r.fail("certificate-refused", user=ident.username)
+            else:
+                self.r.fail("gateway-refused", user=ident.username)
+            return None
+        except (TimeoutError, OSError, asyncssh.Error) as e:
+            self.r.fail(
+                "login-unreachable",
+                host=sp.login_host,
+                port=sp.login_port,
+                detail=str(e) or type(e).__name__,
+            )
+            return None
+        conn.close()
+        self.r.ok(f"login node {sp.login_host}:{sp.login_port} reachable, host key trusted")
+        if ident is None:
+            return None
+        self.r.ok(f"logged in as {ident.username} ({ident.label})")
+        return Connection(node, ident, max_sessions=sp.ssh_max_sessions)
+
+    async def commands(self, conn: Connection) -> bool:
+        r = await conn.run(
+            [
+                "sh",
+                "-c",
+                "for c in sbatch squeue scancel; do command -v $c >/dev/null || echo $c; done",
+            ],
+            timeout=30,
+        )
+        missing = str(r.stdout).split()
+        if missing:
+            self.r.fail("slurm-missing", commands=", ".join(missing))
+            return False
+        self.r.ok("sbatch, squeue and scancel found")
+        return True
+
+    async def singleuser(self, conn: Connection) -> None:
+        cmd = list(self.sp.cmd)
+        r = await conn.run([*cmd, "--version"], timeout=60)
+        out = str(r.stdout).strip().splitlines()
+        if r.exit_status != 0 or not out:
+            self.r.fail(
+                "singleuser-missing",
+                cmd=" ".join(cmd),
+                detail=(str(r.stderr).strip() or f"exit {r.exit_status}")[-300:],
+            )
+            return
+        remote, local = out[-1].strip(), metadata.version("jupyterhub")
+        if _major(remote) != _major(local):
+            self.r.fail("singleuser-version", remote=remote, local=local)
+            return
+        self.r.ok(f"job environment has jupyterhub-singleuser {remote} (hub: {local})")
+
+    def tunnel_account(self) -> bool:
+        import pwd
+
+        try:
+            pwd.getpwnam(self.sp.tunnel_user)
+        except KeyError:
+            self.r.fail("tunnel-account", user=self.sp.tunnel_user)
+            return False
+        return True
+
+    async def test_job(self, conn: Connection) -> None:
+        sp = self.sp
+        host, _, port = self.hub_api.rpartition(":")
+        keys = TunnelKeys.for_file(
+            sp.tunnel_authorized_keys, tuple(sp.tunnel_port_range), host, int(port)
+        )
+        spawn_id = f"check-{secrets.token_hex(4)}"
+        grant = await keys.grant(spawn_id, self.job_timeout + 600)
+        job_dir = f"{v.relative_path(sp.job_dir_root, 'job_dir_root', hidden=True)}/{spawn_id}"
+        script = slurm.build_job_script(
+            slurm.JobScript(
+                job_name="xsedehub-check",
+                resources=slurm.JobResources(
+                    partition=sp.partition,
+                    walltime_minutes=5,
+                    cpus=1,
+                    memory_mb=256,
+                    account=sp.account or None,
+                ),
+                job_dir=job_dir,
+                work_dir=".",
+                singleuser=["bash", "-c", "sleep 300", "xsedehub-check"],
+                tunnel=slurm.Tunnel(
+                    host=sp.tunnel_host,
+                    port=sp.tunnel_port,
+                    user=sp.tunnel_user,
+                    hub_port=grant.port,
+                    api_host=host,
+                    api_port=int(port),
+                ),
+                python=sp.job_python,
+                spawn_id=spawn_id,
+            )
+        )
+        job_id = ""
+        hub_known_hosts = _read(sp.tunnel_known_hosts)
+        try:
+            sftp = await conn.sftp()
+            await sftp.makedirs(job_dir, exist_ok=True)
+            for name, content in (
+                ("env", ""),
+                ("tunnel_key", grant.private_key),
+                ("known_hosts", hub_known_hosts),
+            ):
+                async with sftp.open(
+                    f"{job_dir}/{name}", "w", attrs=asyncssh.SFTPAttrs(permissions=0o600)
+                ) as f:
+                    await f.write(content)
+            r = await conn.run(slurm.sbatch_argv(), input=script, timeout=60)
+            if r.exit_status:
+                self.r.fail("test-job-refused", detail=str(r.stderr).strip()[:300])
+                return
+            job_id = slurm.parse_sbatch(str(r.stdout))
+            deadline = time.monotonic() + self.job_timeout
+            st = None
+            while time.monotonic() < deadline:
+                st = await conn.status.get(job_id, max_age=1)
+                if st and st.running and _listening(grant.port):
+                    self.r.ok(f"test job {job_id} on {st.nodes} opened the tunnel back to the hub")
+                    return
+                if st is None or not st.alive:
+                    break
+                await asyncio.sleep(0.5)
+            if st is not None and st.state == "PENDING":
+                self.r.fail(
+                    "test-job-queued", job=job_id, seconds=int(self.job_timeout), reason=st.reason
+                )
+                return
+            log = ""
+            try:
+                async with sftp.open(f"{job_dir}/job.log") as f:
+                    log = "\n".join((await f.read()).splitlines()[-8:])
+            except (asyncssh.SFTPError, OSError):
+                pass
+            self.r.fail(
+                "tunnel-failed",
+                node=st.nodes if st else "?",
+                seconds=int(self.job_timeout),
+                log=log or "(nothing)",
+            )
+        finally:
+            if job_id:
+                await conn.run(slurm.scancel_argv(job_id), timeout=30)
+            await keys.revoke(spawn_id)
+
+    async def run(self) -> Report:
+        ident = await self.identity()
+        conn = await self.connect(ident)
+        if conn is None:
+            return self.r
+        try:
+            if not await self.commands(conn):
+                return self.r
+            await self.singleuser(conn)
+            if self.tunnel_account():
+                await self.test_job(conn)
+        except ClusterUnreachable as e:
+            self.r.fail(
+                "login-unreachable", host=self.sp.login_host, port=self.sp.login_port, detail=e
+            )
+        finally:
+            conn.close()
+        return self.r
+
+
+def _read(path: str) -> str:
+    return Path(path).read_text()
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), 1).close()
+        return True
+    except OSError:
+        return False
+
+
+def run_check(
+    config_file: str,
+    *,
+    out: Callable[[str], None] = print,
+    job_timeout: float = 120,
+    certificate: tuple[str, str] | None = None,
+    hub_api: str | None = None,
+) -> Report:
+    from .config import ConfigError
+
+    report = Report(out=out)
+    try:
+        cfg = load_config(config_file)
+    except ConfigError as e:
+        report.fail("config", detail="\n".join(str(p) for p in e.problems))
+        return report
+    checker = Checker(
+        cfg, report, job_timeout=job_timeout, certificate=certificate, hub_api=hub_api
+    )
+    return asyncio.run(checker.run())

@@ -1,0 +1,195 @@
+"""One setting chooses the mode; this module wires the hub for it and checks the rest.
+
+In ``jupyterhub_config.py``::
+
+    from xsedehub.config import apply
+    c.XSEDEHub.mode = "gateway"          # or "xsede"
+    c.SlurmSSHSpawner.login_host = "login.cluster.example.org"
+    ...
+    apply(c)
+
+:func:`apply` picks the authenticator (GitHub for ``gateway``, CILogon + certificate
+issuer for ``xsede``) and the spawner's way of getting an SSH identity, sets the
+JupyterHub defaults batch jobs need, and stops the hub at start-up, with a message that
+names each setting and its fix, when something is missing or contradictory.
+The TLJH plugin (:mod:`xsedehub.tljh`) calls the same function.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from traitlets import TraitError
+from traitlets.config import Config
+
+MODES = ("gateway", "xsede")
+AUTHENTICATORS = {
+    "gateway": "xsedehub.auth.github.GatewayGitHubAuthenticator",
+    "xsede": "xsedehub.auth.cilogon.XSEDECILogonAuthenticator",
+}
+AUTH_SECTION = {"gateway": "GatewayGitHubAuthenticator", "xsede": "XSEDECILogonAuthenticator"}
+SPAWNER = "xsedehub.spawner.spawner.SlurmSSHSpawner"
+SHORT_NAMES = {
+    # entry points (pyproject.toml): authenticator_class / spawner_class short names
+    "xsedehub-github": AUTHENTICATORS["gateway"],
+    "xsedehub-cilogon": AUTHENTICATORS["xsede"],
+    "xsedehub": SPAWNER,
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    setting: str
+    message: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"  - {self.setting}: {self.message}\n    fix: {self.fix}"
+
+
+class ConfigError(SystemExit):
+    """Raised from jupyterhub_config.py: JupyterHub exits with this message, no traceback."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        text = "xsedehub: the hub cannot start with this configuration:\n" + "\n".join(
+            str(p) for p in problems
+        )
+        super().__init__(text)
+
+
+def _get(section: Config, name: str, default=None):
+    return section[name] if name in section else default
+
+
+def _class_name(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return SHORT_NAMES.get(value, value)
+    return f"{value.__module__}.{value.__qualname__}"
+
+
+def _file_problem(setting: str, path: str | None, *, secret: bool = False) -> Problem | None:
+    if not path:
+        return Problem(setting, "is not set", f"set c.{setting} to a file on the hub")
+    p = Path(path)
+    if not p.is_file():
+        return Problem(
+            setting, f"{path} does not exist", f"create it, or point c.{setting} elsewhere"
+        )
+    if secret and p.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return Problem(
+            setting,
+            f"{path} is readable by others (mode {stat.S_IMODE(p.stat().st_mode):o})",
+            f"chmod 600 {path}",
+        )
+    return None
+
+
+def check(c: Config, mode: str, *, environ: dict[str, str] | None = None) -> list[Problem]:
+    """Everything missing or contradictory for ``mode`` (empty list: fine)."""
+    env = os.environ if environ is None else environ
+    problems: list[Problem] = []
+    sp = c.SlurmSSHSpawner
+    if mode not in MODES:
+        return [
+            Problem("XSEDEHub.mode", f"{mode!r} is not a mode", 'set it to "gateway" or "xsede"')
+        ]
+    spawner_mode = _get(sp, "mode")
+    if spawner_mode and spawner_mode != mode:
+        problems.append(
+            Problem(
+                "SlurmSSHSpawner.mode",
+                f"is {spawner_mode!r} but XSEDEHub.mode is {mode!r}",
+                "remove SlurmSSHSpawner.mode: XSEDEHub.mode sets it",
+            )
+        )
+    auth = _class_name(_get(c.JupyterHub, "authenticator_class"))
+    if auth and auth != AUTHENTICATORS[mode] and auth in AUTHENTICATORS.values():
+        problems.append(
+            Problem(
+                "JupyterHub.authenticator_class",
+                f"is {auth} but the mode is {mode!r}",
+                f"remove the setting (xsedehub picks {AUTHENTICATORS[mode]})",
+            )
+        )
+    for name, what in (
+        ("login_host", "the login node's host name"),
+        ("tunnel_host", "the hub's sshd as compute nodes reach it"),
+    ):
+        if not _get(sp, name):
+            problems.append(Problem(f"SlurmSSHSpawner.{name}", "is not set", f"set it to {what}"))
+    for name in ("known_hosts", "tunnel_known_hosts"):
+        p = _file_problem(f"SlurmSSHSpawner.{name}", _get(sp, name))
+        if p:
+            problems.append(p)
+    if mode == "gateway":
+        p = _file_problem("SlurmSSHSpawner.gateway_key", _get(sp, "gateway_key"), secret=True)
+        if p:
+            problems.append(p)
+    else:
+        a = c[AUTH_SECTION["xsede"]]
+        if not _get(a, "issuer_url"):
+            problems.append(
+                Problem(
+                    "XSEDECILogonAuthenticator.issuer_url",
+                    "is not set",
+                    "set it to the certificate issuer's /v1/certificate URL",
+                )
+            )
+        if not _get(a, "idps"):
+            problems.append(
+                Problem(
+                    "XSEDECILogonAuthenticator.idps",
+                    "is not set",
+                    "configure the identity provider(s) to accept, with username_derivation",
+                )
+            )
+        if _get(a, "enable_auth_state") is False:
+            problems.append(
+                Problem(
+                    "XSEDECILogonAuthenticator.enable_auth_state",
+                    "is False",
+                    "remove it: the certificate lives in the encrypted auth_state",
+                )
+            )
+    if not env.get("JUPYTERHUB_CRYPT_KEY") and not env.get("XSEDEHUB_CHECKING"):
+        problems.append(
+            Problem(
+                "JUPYTERHUB_CRYPT_KEY",
+                "is not in the hub's environment",
+                "export JUPYTERHUB_CRYPT_KEY=$(openssl rand -hex 32) for the hub process "
+                "(auth_state keeps the GitHub id / the user's certificate, encrypted)",
+            )
+        )
+    # values of the right type: let the traits themselves judge
+    from xsedehub.spawner.spawner import SlurmSSHSpawner
+
+    try:
+        SlurmSSHSpawner(config=c)
+    except TraitError as e:
+        problems.append(Problem("SlurmSSHSpawner", str(e), "correct the value's type"))
+    return problems
+
+
+def apply(c: Config, mode: str | None = None) -> str:
+    """Wire the hub for ``mode`` (default ``c.XSEDEHub.mode``) or exit with the problems."""
+    mode = mode or _get(c.XSEDEHub, "mode")
+    if not mode:
+        raise ConfigError(
+            [Problem("XSEDEHub.mode", "is not set", 'set c.XSEDEHub.mode = "gateway" or "xsede"')]
+        )
+    problems = check(c, mode)
+    if problems:
+        raise ConfigError(problems)
+    c.JupyterHub.authenticator_class = AUTHENTICATORS[mode]
+    c.JupyterHub.spawner_class = SPAWNER
+    c.SlurmSSHSpawner.mode = mode
+    # batch jobs outlive the hub process: keep them, and the proxy routes to them
+    c.JupyterHub.cleanup_servers = False
+    c[AUTH_SECTION[mode]].enable_auth_state = True
+    return mode
