@@ -9,9 +9,9 @@ from pathlib import Path
 
 import asyncssh
 import pytest
+from xsedehub.auth.issuer import obtain_credential
 
 from xsedehub import localhub, tunnelsetup
-from xsedehub.auth.issuer import obtain_credential
 from xsedehub.check import MESSAGES, run_check
 from xsedehub.orphans import find_orphans
 
