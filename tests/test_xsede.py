@@ -74,7 +74,11 @@ async def test_researchers_run_as_themselves(hub, cluster, issuer):
     # the issuer wrote one audit line per certificate, and no token or key
     audit = (issuer / "issuer.log").read_text()
     assert "issued serial=" in audit and "principal=alice" in audit and "principal=bob" in audit
-    assert "PRIVATE KEY" not in audit and "Bearer" not in audit
+    assert "PRIVATE KEY" not in audit
+    for name in names:
+        state = c.get(f"/users/{name}").json()["auth_state"]
+        assert state["token_response"]["access_token"] not in audit
+        assert state["xsedehub_credential"]["certificate"].split()[1][:40] not in audit
     for name in names:
         c.stop(name)
 
