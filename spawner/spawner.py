@@ -23,6 +23,7 @@ from typing import Any
 
 import asyncssh
 from jupyterhub.spawner import Spawner
+from tornado import web
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from traitlets import (
     Bool,
@@ -30,12 +31,13 @@ from traitlets import (
     Dict,
     Float,
     Integer,
+    List,
     Tuple,
     Unicode,
     default,
 )
 
-from . import slurm
+from . import form, slurm
 from . import validate as v
 from .ssh import POOL, ClusterUnreachable, Connection, LoginNode, SSHIdentity
 from .tunnel import TunnelKeys
@@ -105,6 +107,29 @@ class SlurmSSHSpawner(Spawner):
         help="Default SLURM account (allocation) to charge; empty for the user's default.",
     )
     qos = Unicode("", config=True, help="SLURM QOS for every job; empty for none.")
+    partitions = Dict(
+        config=True,
+        help="""Partitions users may choose, with limits and form defaults, e.g.
+        ``{"compute": {"description": "CPU nodes", "max_walltime": "08:00:00",
+        "max_cores": 16, "max_memory": "64G", "max_gpus": 0, "default_walltime": "01:00:00",
+        "default_cores": 1, "default_memory": "2G"}}``.  Empty: only :attr:`partition`, with
+        the defaults above as the only choice (and no form).""",
+    )
+    accounts = List(
+        Unicode(),
+        config=True,
+        help="""Allocation accounts users may charge (xsede mode); empty lets users type any
+        account name, which SLURM then checks.""",
+    )
+    allow_account_choice = Bool(
+        None,
+        allow_none=True,
+        config=True,
+        help="Let users choose the account on the form (default: in xsede mode only).",
+    )
+    show_availability = Bool(
+        True, config=True, help="Show live idle cores per partition (from sinfo) on the form."
+    )
     extra_sbatch = Dict(
         config=True,
         help="""Further ``#SBATCH`` options for every job, as ``{"constraint": "haswell"}``.
@@ -204,6 +229,83 @@ class SlurmSSHSpawner(Spawner):
         config=True,
         help="xsede mode: the folder JupyterLab starts in, relative to the user's home.",
     )
+
+    # ----------------------------------------------------------------- the form
+    def partition_specs(self) -> list[form.PartitionSpec]:
+        if self.partitions:
+            return [form.PartitionSpec.from_config(n, s) for n, s in self.partitions.items()]
+        wall = v.walltime_minutes(self.walltime)
+        mem = v.memory_mb(self.memory)
+        return [
+            form.PartitionSpec(
+                name=v.slurm_name(self.partition, "partition"),
+                max_walltime=wall,
+                max_cores=self.cores,
+                max_memory=mem,
+                max_gpus=self.gpus,
+                default_walltime=wall,
+                default_cores=self.cores,
+                default_memory=mem,
+            )
+        ]
+
+    def _account_choice(self) -> bool:
+        if self.allow_account_choice is None:
+            return self.mode == "xsede"
+        return self.allow_account_choice
+
+    def validate_options(self, options: dict) -> slurm.JobResources:
+        """The gate for every spawn's options (form, URL query or REST API)."""
+        specs = self.partition_specs()
+        default = self.partition if any(p.name == self.partition for p in specs) else specs[0].name
+        return form.validate_options(
+            options,
+            specs,
+            default_partition=default,
+            accounts=self.accounts,
+            allow_account=self._account_choice(),
+            default_account=self.account or None,
+            qos=self.qos or None,
+        )
+
+    @default("options_from_form")
+    def _options_from_form_default(self):
+        def options_from_form(formdata):
+            opts = form.options_from_form(formdata)
+            try:
+                self.validate_options(opts)
+            except v.InvalidValue as e:
+                raise web.HTTPError(400, f"{e.field}: {e.message}") from None
+            return opts
+
+        return options_from_form
+
+    @default("options_form")
+    def _options_form_default(self):
+        return _render_options_form
+
+    _sinfo_cache: dict[tuple, tuple[float, dict]] = {}
+
+    async def availability(self) -> dict[str, form.Availability]:
+        if not self.show_availability:
+            return {}
+        try:
+            conn = await self.connection()
+        except (SpawnError, ClusterUnreachable, OSError) as e:
+            self.log.info("no availability for the form: %s", e)
+            return {}
+        key = (conn.node, conn.ident.username)
+        cached = self._sinfo_cache.get(key)
+        if cached and time.monotonic() - cached[0] < 30:
+            return cached[1]
+        try:
+            r = await conn.run(form.SINFO_ARGV, timeout=15)
+        except ClusterUnreachable as e:
+            self.log.info("no availability for the form: %s", e)
+            return {}
+        data = form.parse_sinfo(str(r.stdout)) if r.exit_status == 0 else {}
+        self._sinfo_cache[key] = (time.monotonic(), data)
+        return data
 
     # ----------------------------------------------------------------- jupyterhub defaults
     @default("env_keep")
@@ -373,22 +475,7 @@ class SlurmSSHSpawner(Spawner):
     # ----------------------------------------------------------------- job pieces
     def resources(self) -> slurm.JobResources:
         """Defaults from config, overridden by validated ``user_options``."""
-        opts = self.user_options or {}
-        known = {"partition", "walltime", "cores", "memory", "gpus", "account"}
-        unknown = set(opts) - known
-        if unknown:
-            raise v.InvalidValue(sorted(unknown)[0], "is not an option this hub offers")
-        return slurm.JobResources(
-            partition=v.slurm_name(opts.get("partition", self.partition), "partition"),
-            walltime_minutes=v.walltime_minutes(opts.get("walltime", self.walltime)),
-            cpus=v.positive_int(opts.get("cores", self.cores), "cores"),
-            memory_mb=v.memory_mb(opts.get("memory", self.memory)),
-            gpus=v.positive_int(opts.get("gpus", self.gpus), "gpus", low=0, high=64),
-            account=v.slurm_name(opts["account"], "account")
-            if opts.get("account")
-            else (self.account or None),
-            qos=self.qos or None,
-        )
+        return self.validate_options(self.user_options or {})
 
     def attendee_login(self) -> str:
         return v.github_login(self.user.name, "GitHub login")
@@ -455,6 +542,15 @@ class SlurmSSHSpawner(Spawner):
 
         api = urlparse(self.hub.api_url)
         return f"{api.scheme}://{api.netloc}"
+
+    def _forget_rejected_options(self) -> None:
+        """JupyterHub stores a spawn's options before start() and reuses them for a later
+        Start without options: refused options must not stick."""
+        self.user_options = {}
+        orm = getattr(self, "orm_spawner", None)
+        if orm is not None and getattr(self, "db", None) is not None:
+            orm.user_options = {}
+            self.db.commit()
 
     # ----------------------------------------------------------------- cluster I/O
     async def _retrying(self, what: str, fn, *args, **kw):
@@ -570,10 +666,14 @@ class SlurmSSHSpawner(Spawner):
     # ----------------------------------------------------------------- spawner API
     async def start(self) -> tuple[str, int]:
         self._events.clear()
+        try:  # validate before anything is written or submitted anywhere
+            resources = self.resources()
+        except v.InvalidValue as e:
+            self._forget_rejected_options()
+            raise web.HTTPError(400, f"Invalid {e.field}: {e.message}") from None
         self._progress("Preparing the batch job", 5)
         conn = await self._retrying("connecting", self.connection)
         keys = self.tunnel_keys()
-        resources = self.resources()  # validate before anything is written anywhere
         self.spawn_id = f"u{self.user.id}-{secrets.token_hex(6)}"
         job_dir = (
             f"{v.relative_path(self.job_dir_root, 'job_dir_root', hidden=True)}/{self.spawn_id}"
@@ -719,6 +819,34 @@ class SlurmSSHSpawner(Spawner):
                 delay *= 2
         self.log.info("%s: cancelled job %s", self._log_name, self.job_id)
         self.clear_state()
+
+
+async def _render_options_form(spawner: SlurmSSHSpawner) -> str:
+    """The form, or "" (no form) when there is nothing to choose."""
+    specs = spawner.partition_specs()
+    choice = (
+        len(specs) > 1
+        or spawner._account_choice()
+        or any(
+            p.max_walltime > p.default_walltime
+            or p.max_cores > p.default_cores
+            or p.max_memory > p.default_memory
+            or p.max_gpus
+            for p in specs
+        )
+    )
+    if not choice:
+        return ""
+    names = [p.name for p in specs]
+    default = spawner.partition if spawner.partition in names else names[0]
+    return form.render_form(
+        specs,
+        default_partition=default,
+        availability=await spawner.availability(),
+        accounts=spawner.accounts,
+        allow_account=spawner._account_choice(),
+        default_account=spawner.account,
+    )
 
 
 async def _port_open(port: int) -> bool:

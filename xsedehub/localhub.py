@@ -81,6 +81,14 @@ c.SlurmSSHSpawner.gateway_key = "{info.gateway_key}"
 c.SlurmSSHSpawner.partition = "compute"
 c.SlurmSSHSpawner.walltime = "01:00:00"
 c.SlurmSSHSpawner.memory = "512M"
+c.SlurmSSHSpawner.partitions = {{
+    "compute": {{"description": "CPU nodes", "max_walltime": "08:00:00", "max_cores": 8,
+                "max_memory": "16G", "default_walltime": "01:00:00", "default_cores": 1,
+                "default_memory": "512M"}},
+    "debug": {{"description": "quick tests", "max_walltime": "00:30:00", "max_cores": 2,
+              "max_memory": "4G", "default_walltime": "00:15:00", "default_cores": 1,
+              "default_memory": "512M"}},
+}}
 c.SlurmSSHSpawner.cmd = ["{job_env}/bin/jupyterhub-singleuser"]
 c.SlurmSSHSpawner.default_url = "/lab"
 c.SlurmSSHSpawner.job_python = "{job_env}/bin/python"

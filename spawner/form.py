@@ -1,0 +1,252 @@
+"""The spawn form: partitions with their limits, live availability, and validation.
+
+Pure functions (no I/O): :func:`validate_options` is the one gate every spawn goes
+through, whether its options come from the form, the URL's query or the REST API;
+:func:`render_form` builds the HTML; :func:`parse_sinfo` reads availability.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from . import slurm
+from . import validate as v
+
+FIELDS = ("partition", "walltime", "cores", "memory", "gpus", "account")
+
+
+@dataclass(frozen=True)
+class PartitionSpec:
+    """What a partition allows and what the form proposes (from ``SlurmSSHSpawner.partitions``)."""
+
+    name: str
+    description: str = ""
+    max_walltime: int = 8 * 60  # minutes
+    max_cores: int = 16
+    max_memory: int = 64 * 1024  # MB
+    max_gpus: int = 0
+    default_walltime: int = 60
+    default_cores: int = 1
+    default_memory: int = 2048
+
+    @classmethod
+    def from_config(cls, name: str, spec: Mapping[str, object]) -> PartitionSpec:
+        v.slurm_name(name, "partitions")
+        known = set(cls.__dataclass_fields__) - {"name"}
+        unknown = set(spec) - known
+        if unknown:
+            raise v.InvalidValue(f"partitions[{name!r}]", f"unknown keys {sorted(unknown)}")
+        kw: dict[str, object] = {"name": name}
+        for key, val in spec.items():
+            if key == "description":
+                kw[key] = str(val)
+            elif key.endswith("walltime"):
+                kw[key] = v.walltime_minutes(val, f"partitions[{name!r}].{key}")
+            elif key.endswith("memory"):
+                kw[key] = v.memory_mb(val, f"partitions[{name!r}].{key}")
+            else:
+                kw[key] = v.positive_int(val, f"partitions[{name!r}].{key}", low=0)
+        return cls(**kw)  # type: ignore[arg-type]
+
+
+def validate_options(
+    options: Mapping[str, object],
+    partitions: Sequence[PartitionSpec],
+    *,
+    default_partition: str,
+    accounts: Sequence[str] = (),
+    allow_account: bool = False,
+    default_account: str | None = None,
+    qos: str | None = None,
+) -> slurm.JobResources:
+    """``user_options`` -> job resources, or :class:`~.validate.InvalidValue` naming the field."""
+    if not isinstance(options, Mapping):
+        raise v.InvalidValue("options", "must be an object")
+    unknown = sorted(set(options) - set(FIELDS))
+    if unknown:
+        raise v.InvalidValue(unknown[0], "is not an option this hub offers")
+    by_name = {p.name: p for p in partitions}
+    pname = v.slurm_name(options.get("partition", default_partition), "partition")
+    if pname not in by_name:
+        raise v.InvalidValue(
+            "partition", f"{pname!r} is not offered (choose from {sorted(by_name)})"
+        )
+    p = by_name[pname]
+
+    def get(field: str, default: object) -> object:
+        val = options.get(field, default)
+        return default if val in ("", None) else val
+
+    walltime = v.walltime_minutes(get("walltime", p.default_walltime))
+    if walltime > p.max_walltime:
+        raise v.InvalidValue(
+            "walltime", f"at most {v.format_walltime(p.max_walltime)} in partition {pname}"
+        )
+    cores = v.positive_int(get("cores", p.default_cores), "cores")
+    if cores > p.max_cores:
+        raise v.InvalidValue("cores", f"at most {p.max_cores} in partition {pname}")
+    memory = v.memory_mb(get("memory", p.default_memory))
+    if memory > p.max_memory:
+        raise v.InvalidValue("memory", f"at most {p.max_memory // 1024}G in partition {pname}")
+    gpus = v.positive_int(get("gpus", 0), "gpus", low=0, high=64)
+    if gpus > p.max_gpus:
+        raise v.InvalidValue("gpus", f"at most {p.max_gpus} in partition {pname}")
+    account = options.get("account") or None
+    if account is not None:
+        if not allow_account:
+            raise v.InvalidValue("account", "is not chosen by users on this hub")
+        account = v.slurm_name(account, "account")
+        if accounts and account not in accounts:
+            raise v.InvalidValue("account", f"{account!r} is not one of {list(accounts)}")
+    return slurm.JobResources(
+        partition=pname,
+        walltime_minutes=walltime,
+        cpus=cores,
+        memory_mb=memory,
+        gpus=gpus,
+        account=account or default_account,
+        qos=qos,
+    )
+
+
+def options_from_form(formdata: Mapping[str, Sequence[str]]) -> dict[str, str]:
+    """Form fields (lists of strings) -> ``user_options`` (strings); nothing else kept."""
+    out: dict[str, str] = {}
+    for field in FIELDS:
+        values = formdata.get(field)
+        if values and str(values[0]).strip():
+            out[field] = str(values[0]).strip()
+    return out
+
+
+# ---------------------------------------------------------------------------- sinfo
+SINFO_ARGV = ["sinfo", "--noheader", "--format=%P|%a|%l|%D|%C|%G"]
+
+
+@dataclass(frozen=True)
+class Availability:
+    partition: str
+    state: str
+    timelimit: str
+    nodes: int
+    cpus_idle: int
+    cpus_total: int
+    gres: str
+
+
+def parse_sinfo(text: str) -> dict[str, Availability]:
+    out: dict[str, Availability] = {}
+    for line in text.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) != 6:
+            continue
+        name, state, limit, nodes, cpus, gres = parts
+        name = name.rstrip("*")
+        try:
+            _alloc, idle, _other, total = (int(x) for x in cpus.split("/"))
+            out[name] = Availability(name, state, limit, int(nodes), idle, total, gres)
+        except ValueError:
+            continue
+    return out
+
+
+# ---------------------------------------------------------------------------- HTML
+def render_form(
+    partitions: Sequence[PartitionSpec],
+    *,
+    default_partition: str,
+    availability: Mapping[str, Availability] | None = None,
+    accounts: Sequence[str] = (),
+    allow_account: bool = False,
+    default_account: str = "",
+) -> str:
+    e = html.escape
+    avail = availability or {}
+    specs = {
+        p.name: {
+            "max_walltime": v.format_walltime(p.max_walltime),
+            "max_cores": p.max_cores,
+            "max_memory": p.max_memory // 1024 or 1,
+            "max_gpus": p.max_gpus,
+            "default_walltime": v.format_walltime(p.default_walltime),
+            "default_cores": p.default_cores,
+            "default_memory": max(1, p.default_memory // 1024),
+        }
+        for p in partitions
+    }
+    first = next((p for p in partitions if p.name == default_partition), partitions[0])
+    rows = []
+    for p in partitions:
+        a = avail.get(p.name)
+        state = f"{a.cpus_idle} of {a.cpus_total} cores idle on {a.nodes} nodes" if a else "—"
+        checked = " checked" if p is first else ""
+        rows.append(
+            f'<tr><td><label><input type="radio" name="partition" value="{e(p.name)}"{checked}> '
+            f"<strong>{e(p.name)}</strong></label></td><td>{e(p.description)}</td>"
+            f"<td>{e(v.format_walltime(p.max_walltime))}</td><td>{p.max_cores}</td>"
+            f'<td class="xh-avail" data-partition="{e(p.name)}">{e(state)}</td></tr>'
+        )
+    account_field = ""
+    if allow_account:
+        if accounts:
+            opts = "".join(
+                f'<option value="{e(a)}"{" selected" if a == default_account else ""}>'
+                f"{e(a)}</option>"
+                for a in accounts
+            )
+            account_field = (
+                '<div class="form-group"><label for="xh-account">Allocation (account)</label>'
+                f'<select class="form-control" id="xh-account" name="account">{opts}</select></div>'
+            )
+        else:
+            account_field = (
+                '<div class="form-group"><label for="xh-account">Allocation (account)</label>'
+                '<input class="form-control" id="xh-account" name="account" '
+                f'pattern="[A-Za-z0-9][A-Za-z0-9_.\\-]{{0,63}}" value="{e(default_account)}" '
+                'placeholder="your default account"></div>'
+            )
+    s = specs[first.name]
+    gpu_hidden = "" if any(p.max_gpus for p in partitions) else ' style="display:none"'
+    return f"""
+<div class="xsedehub-form">
+<table class="table table-condensed">
+<thead><tr><th>Partition</th><th></th><th>Max walltime</th><th>Max cores</th><th>Now</th>
+</tr></thead>
+<tbody>{"".join(rows)}</tbody>
+</table>
+<div class="form-group"><label for="xh-walltime">Walltime (HH:MM:SS)</label>
+<input class="form-control" id="xh-walltime" name="walltime" value="{e(s["default_walltime"])}"
+ pattern="(\\d+-)?\\d{{1,3}}:\\d{{2}}(:\\d{{2}})?|\\d+" required>
+<small id="xh-walltime-help">at most {e(s["max_walltime"])}</small></div>
+<div class="form-group"><label for="xh-cores">Cores</label>
+<input class="form-control" type="number" id="xh-cores" name="cores" min="1"
+ max="{s["max_cores"]}" value="{s["default_cores"]}" required></div>
+<div class="form-group"><label for="xh-memory">Memory (GB)</label>
+<input class="form-control" id="xh-memory" name="memory" value="{s["default_memory"]}G"
+ pattern="\\d+[KMGT]?" required></div>
+<div class="form-group"{gpu_hidden}><label for="xh-gpus">GPUs</label>
+<input class="form-control" type="number" id="xh-gpus" name="gpus" min="0"
+ max="{s["max_gpus"]}" value="0"></div>
+{account_field}
+<script type="application/json" id="xh-partitions">{e(json.dumps(specs))}</script>
+<script>
+(function () {{
+  var specs = JSON.parse(document.getElementById("xh-partitions").textContent);
+  function apply(name) {{
+    var s = specs[name]; if (!s) return;
+    document.getElementById("xh-walltime").value = s.default_walltime;
+    document.getElementById("xh-walltime-help").textContent = "at most " + s.max_walltime;
+    var c = document.getElementById("xh-cores"); c.max = s.max_cores; c.value = s.default_cores;
+    document.getElementById("xh-memory").value = s.default_memory + "G";
+    document.getElementById("xh-gpus").max = s.max_gpus;
+  }}
+  document.querySelectorAll('.xsedehub-form input[name="partition"]').forEach(function (r) {{
+    r.addEventListener("change", function () {{ apply(r.value); }});
+  }});
+}})();
+</script>
+</div>
+"""
