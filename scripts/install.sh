@@ -10,6 +10,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 pkgs=(python3 python3-venv python3-dev git iproute2 util-linux procps ca-certificates curl)
 command -v npm >/dev/null || pkgs+=(nodejs npm)
+pkgs+=(chromium)   # the browser tests drive Debian's chromium (no browser download)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

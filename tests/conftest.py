@@ -62,6 +62,7 @@ def in_cluster(info: ClusterInfo, *argv: str, **kw) -> subprocess.CompletedProce
 # --------------------------------------------------------------------------- hubs
 import signal  # noqa: E402
 import socket  # noqa: E402
+import time  # noqa: E402
 
 from xsedehub import localhub  # noqa: E402
 
@@ -213,3 +214,6 @@ def stop_hub_and_proxy(hub: RunningHub) -> None:
             os.kill(int(pid_file.read_text()), signal.SIGTERM)
         except (OSError, ValueError):
             pass
+    deadline = time.monotonic() + 15
+    while not all(_free(p) for p in (8000, 8001)) and time.monotonic() < deadline:
+        time.sleep(0.1)

@@ -12,7 +12,10 @@ from .conftest import in_cluster
 
 pytestmark = pytest.mark.cluster
 
-JOB = "#!/bin/bash\n#SBATCH --job-name=xh-smoke\n#SBATCH --time=00:05:00\nsleep 300\n"
+JOB = (
+    "#!/bin/bash\n#SBATCH --job-name=xh-smoke\n#SBATCH --time=00:05:00\n"
+    "#SBATCH --output=/dev/null\nsleep 300\n"
+)
 
 
 def _cert(ca_path: str, principal: str, *, valid_after, valid_before, ca=None):

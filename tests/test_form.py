@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from xsedehub.spawner import form
 from xsedehub.spawner import validate as v
 

@@ -101,7 +101,7 @@ def run(
         )
     netns.enter(info.hub_netns)
     try:
-        procs.append(localhub.start_provider(workdir, 9400))
+        procs.append(localhub.start_provider(workdir, 9400, users=tuple(ATTENDEES)))
         for sub, claims in ATTENDEES.items():
             localhub.put_user("http://127.0.0.1:9400", sub, claims)
         localhub.write_config(

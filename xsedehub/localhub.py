@@ -213,21 +213,14 @@ def wait_http(url: str, timeout: float = 60) -> None:
 
 
 def start_provider(
-    workdir: Path,
-    port: int = 9400,
-    *,
-    in_netns: str | None = None,
+    workdir: Path, port: int = 9400, *, in_netns: str | None = None, users: tuple[str, ...] = ()
 ) -> subprocess.Popen:
-    """oidc-provider-mock (the local stand-in for GitHub/CILogon) on loopback."""
-    argv = [
-        sys.executable,
-        "-m",
-        "oidc_provider_mock",
-        "--port",
-        str(port),
-        "--token-max-age",
-        "3600",
-    ]
+    """oidc-provider-mock (the local stand-in for GitHub/CILogon) on loopback; ``users``
+    get one-click buttons on its login page."""
+    argv = [sys.executable, "-m", "oidc_provider_mock", "--port", str(port)]
+    argv += ["--token-max-age", "3600"]
+    for user in users:
+        argv += ["--user", user]
     if in_netns:
         argv = nsenter_argv(in_netns) + argv
     log = open(workdir / "provider.log", "ab")

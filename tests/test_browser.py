@@ -1,0 +1,125 @@
+"""The whole path in a real headless Chromium (Debian's package, driven by Playwright;
+no browser download), in each mode.  Screenshots land in test-artifacts/."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from .conftest import make_hub, stop_hub_and_proxy
+
+pytestmark = pytest.mark.cluster
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).parents[1] / "test-artifacts"
+HUB = "http://127.0.0.1:8000"
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
+
+CASES = {
+    # mode: (provider identity, hub user, how to get a notebook, code to run)
+    "gateway": ("ada", "ada-l", "workshop"),
+    "xsede": ("cilogon-alice", "alice", "new"),
+}
+
+
+@pytest.fixture(params=sorted(CASES))
+def mode_hub(request, cluster, provider, issuer, tmp_path_factory):
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Debian's chromium is not installed (scripts/install.sh installs it)")
+    mode = request.param
+    h = make_hub(
+        tmp_path_factory.mktemp(f"browser-{mode}"), cluster, provider, mode=mode, poll_interval=5
+    )
+    yield mode, h
+    stop_hub_and_proxy(h)
+
+
+async def test_whole_path_in_a_browser(mode_hub, cluster):
+    from playwright.async_api import async_playwright, expect
+
+    mode, hub = mode_hub
+    sub, user, notebook = CASES[mode]
+    ARTIFACTS.mkdir(exist_ok=True)
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        ctx = await browser.new_context(viewport={"width": 1400, "height": 900})
+        page = await ctx.new_page()
+        page.set_default_timeout(60_000)
+        try:
+            # log in through the local provider
+            await page.goto(f"{HUB}/hub/login")
+            service = "GitHub" if mode == "gateway" else "CILogon"
+            await page.get_by_text(f"Sign in with {service}").click()
+            await page.fill('input[name="sub"]', sub)
+            await page.get_by_role("button", name="Authorize").click()
+            # the spawn form: pick the debug partition and a walltime
+            await page.wait_for_url(re.compile(r"/hub/spawn"))
+            await expect(page.locator("text=cores idle on")).to_have_count(2)
+            await page.check('input[name="partition"][value="debug"]')
+            await page.screenshot(path=ARTIFACTS / f"{mode}-form.png")
+            await page.fill('input[name="walltime"]', "00:20:00")
+            await page.get_by_role("button", name="Start").click()
+            # the progress page
+            await expect(page.locator("#progress-log")).to_contain_text(
+                "Submitted batch job", timeout=60_000
+            )
+            await page.get_by_text("Event log").click()  # unfold the messages for the shot
+            await page.screenshot(path=ARTIFACTS / f"{mode}-progress.png")
+            log = await page.locator("#progress-log").text_content() or ""
+            # JupyterLab
+            await page.wait_for_url(re.compile(rf"/user/{user}/lab"), timeout=120_000)
+            await page.wait_for_selector(".jp-Launcher, .jp-DirListing", timeout=120_000)
+            if notebook == "workshop":
+                await page.goto(f"{HUB}/user/{user}/lab/tree/workshop/01-where-am-i.ipynb")
+            else:  # a new notebook from the launcher (?reset: a fresh workspace)
+                await page.goto(f"{HUB}/user/{user}/lab?reset")
+                await page.locator('.jp-LauncherCard[data-category="Notebook"]').first.click()
+            await page.wait_for_selector(".jp-Notebook .jp-CodeCell", timeout=90_000)
+            # the kernel runs on the compute node: wait until it is there and idle
+            await expect(page.get_by_text("Python 3 (ipykernel) | Idle")).to_be_visible(
+                timeout=90_000
+            )
+            cell = page.locator(".jp-Notebook .jp-CodeCell .cm-content").first
+            await cell.click()
+            if notebook == "new":
+                await cell.press_sequentially(
+                    "import os, getpass; print('node:', os.environ['SLURMD_NODENAME']); "
+                    "print('job:', os.environ['SLURM_JOB_ID']); print('user:', getpass.getuser())",
+                    delay=5,
+                )
+                await expect(cell).to_contain_text("import os, getpass")
+            await page.keyboard.press("Shift+Enter")
+            out = page.locator(".jp-OutputArea-output").filter(has_text="node:").first
+            await expect(out).to_contain_text("job:", timeout=90_000)
+            text = await out.inner_text()
+            await page.screenshot(path=ARTIFACTS / f"{mode}-jupyterlab.png")
+        except Exception:
+            await page.screenshot(path=ARTIFACTS / f"{mode}-failure.png")
+            raise
+        finally:
+            await browser.close()
+    node = re.search(r"node: (\S+)", text).group(1)
+    job = re.search(r"job: (\d+)", text).group(1)
+    assert node in cluster.nodes
+    assert "Submitted batch job" in log, log
+    from .test_gateway import in_cluster_root
+
+    assert in_cluster_root(["squeue", "-h", "-j", job, "-o", "%P %T"]).split() == [
+        "debug",
+        "RUNNING",
+    ]
+    if mode == "xsede":
+        assert "user: alice" in text
+    hub.client.stop(user)
