@@ -65,9 +65,10 @@ def validate_options(
     """``user_options`` -> job resources, or :class:`~.validate.InvalidValue` naming the field."""
     if not isinstance(options, Mapping):
         raise v.InvalidValue("options", "must be an object")
-    unknown = sorted(set(options) - set(FIELDS))
+    unknown = sorted(set(options) - set(FIELDS), key=str)
     if unknown:
-        raise v.InvalidValue(unknown[0], "is not an option this hub offers")
+        name = repr(unknown[0])[:40]
+        raise v.InvalidValue("options", f"{name} is not an option this hub offers ({FIELDS})")
     by_name = {p.name: p for p in partitions}
     pname = v.slurm_name(options.get("partition", default_partition), "partition")
     if pname not in by_name:

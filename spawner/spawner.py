@@ -43,6 +43,10 @@ from .ssh import POOL, ClusterUnreachable, Connection, LoginNode, SSHIdentity
 from .tunnel import TunnelKeys
 
 STATE_VERSION = 1
+#: spawns of this hub process whose state may not be in the database yet
+_ACTIVE_SPAWNS: set[str] = set()
+#: tunnel key files already reconciled with the database by this process
+_RECONCILED: set[str] = set()
 
 
 class SpawnError(RuntimeError):
@@ -672,6 +676,7 @@ class SlurmSSHSpawner(Spawner):
             self._forget_rejected_options()
             raise web.HTTPError(400, f"Invalid {e.field}: {e.message}") from None
         self._progress("Preparing the batch job", 5)
+        await self._reconcile_tunnel_keys()
         conn = await self._retrying("connecting", self.connection)
         keys = self.tunnel_keys()
         self.spawn_id = f"u{self.user.id}-{secrets.token_hex(6)}"
@@ -680,6 +685,7 @@ class SlurmSSHSpawner(Spawner):
         )
         lifetime = self.start_timeout + resources.walltime_minutes * 60 + 600
         grant = await keys.grant(self.spawn_id, lifetime)
+        _ACTIVE_SPAWNS.add(self.spawn_id)
         self.hub_port = grant.port
         script = self.job_script(job_dir, grant.port)
         try:
@@ -687,19 +693,38 @@ class SlurmSSHSpawner(Spawner):
             self.job_id = await self._retrying("submitting", self._sbatch, conn, script)
         except BaseException:
             await keys.revoke(self.spawn_id)
+            _ACTIVE_SPAWNS.discard(self.spawn_id)
             await self._remove_job_files(conn, job_dir)
             self.clear_state()
             raise
         self._submitted_at = time.monotonic()
+        self._persist_early()
         self._progress(f"Submitted batch job {self.job_id} to partition {resources.partition}", 15)
         try:
             await self._wait_running(conn, job_dir)
             await self._wait_server(conn, job_dir)
+        except asyncio.CancelledError:
+            # A timeout or a Stop makes JupyterHub call stop(), which cancels the job; a
+            # hub that is shutting down does not: the job and its saved state then
+            # survive, and the restarted hub re-attaches to them.
+            raise
         except BaseException:
-            # cancelled (stop pressed, timeout) or failed: nothing may be left behind
             await self._cleanup(conn, job_dir)
             raise
         return ("127.0.0.1", self.hub_port)
+
+    def _persist_early(self) -> None:
+        """Save the job's state and hub-side address before the job runs, so that a hub
+        restarted while the job is queued finds it (JupyterHub saves state only once
+        start() returns)."""
+        orm = getattr(self, "orm_spawner", None)
+        if orm is None or getattr(self, "db", None) is None:
+            return
+        if self.server is not None:
+            self.server.ip = "127.0.0.1"
+            self.server.port = self.hub_port
+        orm.state = self.get_state()
+        self.db.commit()
 
     async def _wait_running(self, conn: Connection, job_dir: str) -> None:
         last = ""
@@ -778,12 +803,14 @@ class SlurmSSHSpawner(Spawner):
                 raise
         if self.spawn_id:
             await self.tunnel_keys().revoke(self.spawn_id)
+            _ACTIVE_SPAWNS.discard(self.spawn_id)
             if conn is not None:
                 await self._remove_job_files(
                     conn, job_dir or f"{self.job_dir_root}/{self.spawn_id}"
                 )
 
     async def poll(self) -> int | None:
+        await self._reconcile_tunnel_keys()
         if not self.job_id:
             return 0
         try:
@@ -796,12 +823,35 @@ class SlurmSSHSpawner(Spawner):
             self.log.warning("%s: poll could not reach the cluster: %s", self._log_name, e)
             return None
         if st is not None and st.alive:
+            if not st.running:
+                # still queued (e.g. the hub restarted while it waited): give the hub's
+                # "is it up?" check the time the queue may take
+                self.http_timeout = max(self.http_timeout, self.start_timeout)
             return None
         self.log.info(
             "%s: job %s is %s", self._log_name, self.job_id, st.state if st else "gone from squeue"
         )
         await self.tunnel_keys().revoke(self.spawn_id)
+        _ACTIVE_SPAWNS.discard(self.spawn_id)
         return 1
+
+    async def _reconcile_tunnel_keys(self) -> None:
+        """Once per hub process: drop tunnel keys of spawns the hub no longer knows (a job
+        stopped, or a record lost, while the hub was down)."""
+        keys_file = self.tunnel_authorized_keys
+        if keys_file in _RECONCILED or getattr(self, "db", None) is None:
+            return
+        _RECONCILED.add(keys_file)
+        from jupyterhub import orm
+
+        known = set(_ACTIVE_SPAWNS)
+        for row in self.db.query(orm.Spawner).filter(orm.Spawner.server_id.isnot(None)):
+            spawn_id = (row.state or {}).get("spawn_id")
+            if spawn_id:
+                known.add(spawn_id)
+        gone = await self.tunnel_keys().retain(known)
+        if gone:
+            self.log.info("removed tunnel keys of %d spawns the hub no longer knows", len(gone))
 
     async def stop(self, now: bool = False) -> None:
         if not self.job_id:

@@ -34,6 +34,8 @@ _LINE = re.compile(
     r" xsedehub:(?P<spawn>[A-Za-z0-9_.-]+)$"
 )
 _SPAWN_ID = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
+#: the ids the spawner gives its spawns (see SlurmSSHSpawner.start)
+SPAWN_ID_FORMAT = re.compile(r"^u\d+-[0-9a-f]{12}$")
 
 
 @dataclass(frozen=True)
@@ -159,13 +161,14 @@ class TunnelKeys:
             return False
 
     async def retain(self, spawn_ids: set[str]) -> list[str]:
-        """Remove every xsedehub line whose spawn is not in ``spawn_ids`` (hub start-up)."""
+        """Remove every line of a hub spawn (``u<user id>-<12 hex>``) whose id is not in
+        ``spawn_ids`` (hub start-up); other lines (``xsedehub check``'s) are left alone."""
         async with self._lock:
             lines = self._read()
             keep, gone = [], []
             for ln in lines:
                 m = _LINE.search(ln)
-                if m and m["spawn"] not in spawn_ids:
+                if m and SPAWN_ID_FORMAT.match(m["spawn"]) and m["spawn"] not in spawn_ids:
                     gone.append(m["spawn"])
                 else:
                     keep.append(ln)

@@ -124,9 +124,13 @@ def issuer(cluster, provider, tmp_path_factory):
     """The reference certificate issuer, signing with the local cluster's user CA."""
     wd = tmp_path_factory.mktemp("issuer")
     proc = localhub.start_issuer(wd, cluster, provider_url=provider, lifetime="1h")
+    ISSUER["proc"] = proc
     yield wd
     proc.terminate()
     proc.wait(10)
+
+
+ISSUER: dict = {}  # the session issuer's process (fault tests pause it)
 
 
 def provider_token(sub: str) -> str:

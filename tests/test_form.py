@@ -58,7 +58,7 @@ def test_defaults_and_choices():
         ({"gpus": "1"}, "gpus"),
         ({"partition": "gpu", "gpus": "3"}, "gpus"),
         ({"account": "abc"}, "account"),
-        ({"image": "x"}, "image"),
+        ({"image": "x"}, "options"),
         ({"walltime": "0" * 5000}, "walltime"),
     ],
 )

@@ -41,7 +41,7 @@ HOSTILE = [
     ({"memory": "1G\n"}, "memory"),
     ({"gpus": 1}, "gpus"),
     ({"account": "abc"}, "account"),
-    ({"image": "evil"}, "image"),
+    ({"image": "evil"}, "options"),
     ({"partition": {"nested": "x"}}, "partition"),
     ({"walltime": "01:00:00" * 200}, "walltime"),
 ]

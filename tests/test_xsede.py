@@ -13,6 +13,7 @@ import requests
 
 from xsedehub import localhub
 
+from .audit import ArgvScanner, audit, job_dir
 from .conftest import PROVIDER, make_hub, stop_hub_and_proxy
 from .hubclient import LoginRefused
 
@@ -45,7 +46,7 @@ async def test_researchers_run_as_themselves(hub, cluster, issuer):
         assert cred["principal"] == name
         assert cred["certificate"].startswith("ssh-ed25519-cert-v01@openssh.com ")
         assert cred["valid_before"] - time.time() <= 3600 + 5
-    with concurrent.futures.ThreadPoolExecutor(2) as ex:
+    with ArgvScanner() as scan, concurrent.futures.ThreadPoolExecutor(2) as ex:
         for r in ex.map(c.start, names):
             assert r.status_code in (201, 202), r.text
         list(ex.map(c.wait_ready, names))
@@ -71,14 +72,27 @@ async def test_researchers_run_as_themselves(hub, cluster, issuer):
 
     q = in_cluster_root(["squeue", "-h", "-o", "%u %T"])
     assert {"alice RUNNING", "bob RUNNING"} <= set(q.splitlines())
+    # the secrets audit, with the users' own keys and certificates among the secrets
+    jobs = [
+        in_cluster_root(["squeue", "-h", "-u", n, "-t", "RUNNING", "-o", "%i"]).split()[0]
+        for n in names
+    ]
+    user_secrets = []
+    for name in names:
+        cred = credential(hub, name)
+        user_secrets.append(cred["private_key"].splitlines()[1])
+    assert audit(scan, jobs, hub.log, user_secrets) >= 8
+    for name, job in zip(names, jobs, strict=True):
+        assert str(job_dir(job)).startswith(f"/home/{name}/")
     # the issuer wrote one audit line per certificate, and no token or key
-    audit = (issuer / "issuer.log").read_text()
-    assert "issued serial=" in audit and "principal=alice" in audit and "principal=bob" in audit
-    assert "PRIVATE KEY" not in audit
+    issuer_log = (issuer / "issuer.log").read_text()
+    assert "issued serial=" in issuer_log
+    assert "principal=alice" in issuer_log and "principal=bob" in issuer_log
+    assert "PRIVATE KEY" not in issuer_log
     for name in names:
         state = c.get(f"/users/{name}").json()["auth_state"]
-        assert state["token_response"]["access_token"] not in audit
-        assert state["xsedehub_credential"]["certificate"].split()[1][:40] not in audit
+        assert state["token_response"]["access_token"] not in issuer_log
+        assert state["xsedehub_credential"]["certificate"].split()[1][:40] not in issuer_log
     for name in names:
         c.stop(name)
 
@@ -184,3 +198,22 @@ def test_hub_refuses_to_start_without_crypt_key(cluster, provider, tmp_path):
     )
     assert r.returncode != 0
     assert "JUPYTERHUB_CRYPT_KEY" in r.stdout + r.stderr
+
+
+def test_issuer_down_during_login_then_back(hub):
+    import signal
+
+    from .conftest import ISSUER
+
+    proc = ISSUER["proc"]
+    proc.send_signal(signal.SIGSTOP)  # the issuer hangs: requests time out
+    try:
+        with pytest.raises(LoginRefused) as e:
+            hub.client.login("cilogon-bob")
+        assert e.value.status == 503
+        assert "certificate service is unavailable, try again later" in e.value.body
+        assert "Traceback" not in e.value.body
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    hub.client.login("cilogon-bob")  # a retry later works
+    assert credential(hub, "bob")["principal"] == "bob"

@@ -158,7 +158,8 @@ _a.idps = {{
     }},
 }}
 _a.issuer_url = "{issuer_url}"
-_a.certificate_renew_margin = 300"""
+_a.certificate_renew_margin = 300
+_a.issuer_timeout = 5"""
 
 
 def start_issuer(

@@ -1,0 +1,259 @@
+"""Fault injection against the real local cluster: nothing lost, nothing orphaned."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from xsedehub.spawner.tunnel import TunnelKeys
+
+from xsedehub import localcluster
+
+from .conftest import make_hub, stop_hub_and_proxy
+from .test_gateway import _tunnel_ssh, in_cluster_root
+
+pytestmark = pytest.mark.cluster
+
+POLL = 5
+
+
+@pytest.fixture(scope="module")
+def hub(cluster, provider, tmp_path_factory):
+    h = make_hub(tmp_path_factory.mktemp("faulthub"), cluster, provider, poll_interval=POLL)
+    for sub in ("ada", "grace"):
+        h.client.login(sub)
+    yield h
+    stop_hub_and_proxy(h)
+
+
+def state(hub, name: str) -> dict:
+    return hub.client.user(name)["servers"][""]["state"]
+
+
+def jobs_named(name: str) -> list[str]:
+    out = in_cluster_root(["squeue", "-h", "-n", f"jupyter-{name}", "-o", "%i %T"])
+    return [ln.split()[0] for ln in out.splitlines() if ln.split()[1] in ("PENDING", "RUNNING")]
+
+
+def listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), 1).close()
+        return True
+    except OSError:
+        return False
+
+
+def reachable(hub, name: str, token: str) -> bool:
+    try:
+        return hub.client.server_api(name, token, "/status").status_code == 200
+    except OSError:
+        return False
+
+
+def wait_for(pred, timeout: float, what: str) -> float:
+    t0 = time.monotonic()
+    while not pred():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.2)
+    return time.monotonic() - t0
+
+
+def keys_text(cluster) -> str:
+    return Path(cluster.tunnel_authorized_keys).read_text()
+
+
+# ---------------------------------------------------------------------------- tunnel keys
+async def test_one_jobs_key_cannot_bind_another_jobs_port(cluster, tmp_path):
+    keys = TunnelKeys.for_file(
+        cluster.tunnel_authorized_keys, (20000, 29999), cluster.hub_api_ip, cluster.hub_api_port
+    )
+    a = await keys.grant("u0-job-a", 300)
+    b = await keys.grant("u0-job-b", 300)
+    try:
+        key_a = tmp_path / "a"
+        key_a.write_text(a.private_key)
+        key_a.chmod(0o600)
+        r = _tunnel_ssh(cluster, key_a, "-N", "-R", f"127.0.0.1:{b.port}:127.0.0.1:9")
+        assert r.returncode == 255 and "forwarding failed" in r.stderr.lower()
+        assert not listening(b.port)
+    finally:
+        await keys.revoke("u0-job-a")
+        await keys.revoke("u0-job-b")
+
+
+def test_stale_keys_do_not_survive_a_hub_restart(hub, cluster):
+    """A key whose job the hub does not know (stopped while the hub was down) goes."""
+    import asyncio
+
+    keys = TunnelKeys.for_file(
+        cluster.tunnel_authorized_keys, (20000, 29999), cluster.hub_api_ip, cluster.hub_api_port
+    )
+    asyncio.run(keys.grant("u999999-0123456789ab", 3600))
+    assert "xsedehub:u999999-0123456789ab" in keys_text(cluster)
+    hub.restart()
+    c = hub.client
+    c.start("grace")
+    c.wait_ready("grace")
+    assert "u999999-0123456789ab" not in keys_text(cluster)
+    own = state(hub, "grace")["spawn_id"]
+    assert f"xsedehub:{own}" in keys_text(cluster)
+    c.stop("grace")
+    assert f"xsedehub:{own}" not in keys_text(cluster)
+
+
+# ---------------------------------------------------------------------------- hub restarts
+def _fill(cluster) -> list[str]:
+    fillers = []
+    for node in cluster.nodes:
+        out = in_cluster_root(
+            [
+                "sbatch",
+                "--parsable",
+                "--uid=bob",
+                "--gid=bob",
+                "-w",
+                node,
+                "-c",
+                "64",
+                "--time=10",
+                "--chdir=/tmp",
+                "--output=/dev/null",
+                "--wrap",
+                "sleep 600",
+            ]
+        )
+        fillers.append(out.strip())
+    wait_for(
+        lambda: (
+            in_cluster_root(["squeue", "-h", "-j", ",".join(fillers), "-o", "%T"]).split()
+            == ["RUNNING"] * len(fillers)
+        ),
+        30,
+        "filler jobs",
+    )
+    return fillers
+
+
+def test_hub_restart_while_the_job_is_queued(hub, cluster):
+    c = hub.client
+    fillers = _fill(cluster)
+    try:
+        r = c.start("ada-l")
+        assert r.status_code in (201, 202)
+        wait_for(lambda: len(jobs_named("ada-l")) == 1, 30, "the job")
+        job = jobs_named("ada-l")[0]
+        assert in_cluster_root(["squeue", "-h", "-j", job, "-o", "%T"]).strip() == "PENDING"
+        hub.restart()
+        # the queued job survived the restart, with a record of it
+        assert in_cluster_root(["squeue", "-h", "-j", job, "-o", "%T"]).strip() == "PENDING"
+        assert c.user("ada-l")["servers"], "the hub forgot the queued server"
+    finally:
+        in_cluster_root(["scancel", *fillers])
+    tok = c.user_token("ada-l")
+    wait_for(lambda: reachable(hub, "ada-l", tok), 120, "the re-attached server")
+    assert jobs_named("ada-l") == [job]  # the same job: nothing submitted twice
+    c.stop("ada-l")
+    assert jobs_named("ada-l") == []
+    assert "xsedehub:" not in keys_text(cluster).replace("u0-", "")
+
+
+# ---------------------------------------------------------------------------- login node
+def test_login_node_down_60s_during_a_spawn(hub, cluster):
+    c = hub.client
+    localcluster.stop_daemon("sshd_login")
+    try:
+        r = c.start("grace")
+        assert r.status_code in (201, 202)
+        time.sleep(60)
+        assert c.user("grace").get("pending") == "spawn"
+        assert "grace: Login node unreachable (writing job files); retrying in" in hub.log
+    finally:
+        localcluster.up(install=False, job_env=False)
+    c.wait_ready("grace", timeout=120)
+    c.stop("grace")
+
+
+def test_login_node_down_60s_during_a_session(hub, cluster):
+    c = hub.client
+    c.start("grace")
+    c.wait_ready("grace")
+    tok = c.user_token("grace")
+    job = jobs_named("grace")[0]
+    localcluster.stop_daemon("sshd_login")
+    try:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 60:
+            assert c.user("grace")["servers"].get(""), "server removed while the node was down"
+            assert reachable(hub, "grace", tok)
+            time.sleep(3)
+    finally:
+        localcluster.up(install=False, job_env=False)
+    c.stop("grace")
+    assert job not in jobs_named("grace")
+
+
+# ---------------------------------------------------------------------------- compute side
+def test_killed_tunnel_is_reopened_within_10s(hub, cluster):
+    c = hub.client
+    c.start("ada-l")
+    c.wait_ready("ada-l")
+    tok = c.user_token("ada-l")
+    port = state(hub, "ada-l")["hub_port"]
+    needle = f"127.0.0.1:{port}:".encode()
+    pids = [
+        p
+        for p in os.listdir("/proc")
+        if p.isdigit() and _cmdline(p).startswith(b"ssh ") and needle in _cmdline(p)
+    ]
+    assert len(pids) == 1
+    os.kill(int(pids[0]), signal.SIGKILL)
+    wait_for(lambda: not reachable(hub, "ada-l", tok), 10, "the tunnel to drop")
+    took = wait_for(lambda: reachable(hub, "ada-l", tok), 10, "the tunnel to come back")
+    print(f"tunnel re-opened after {took:.1f}s")
+    c.stop("ada-l")
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
+        return b""
+
+
+def test_walltime_end_is_noticed(hub):
+    c = hub.client
+    r = c.start("grace", {"partition": "debug", "walltime": "00:01:00"})
+    assert r.status_code in (201, 202), r.text
+    c.wait_ready("grace")
+    job = jobs_named("grace")[0]
+    wait_for(lambda: not jobs_named("grace"), 150, "the walltime")
+    ended = time.monotonic()
+    c.wait_stopped("grace", timeout=2 * POLL + 10)
+    took = time.monotonic() - ended
+    print(f"walltime end of job {job} noticed after {took:.1f}s (poll interval {POLL}s)")
+    assert took <= 2 * POLL + 5
+
+
+def test_slurmctld_restart_loses_nothing(hub, cluster):
+    c = hub.client
+    c.start("ada-l")
+    c.wait_ready("ada-l")
+    tok = c.user_token("ada-l")
+    job = jobs_named("ada-l")[0]
+    localcluster.stop_daemon("slurmctld")
+    try:
+        time.sleep(2 * POLL)  # polls fail meanwhile: the server stays
+        assert c.user("ada-l")["servers"].get("")
+        assert reachable(hub, "ada-l", tok)
+    finally:
+        localcluster.up(install=False, job_env=False)
+    assert jobs_named("ada-l") == [job]
+    time.sleep(POLL)
+    assert reachable(hub, "ada-l", tok)
+    c.stop("ada-l")
+    assert jobs_named("ada-l") == []
