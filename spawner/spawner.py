@@ -152,10 +152,11 @@ class SlurmSSHSpawner(Spawner):
         (0600 environment and tunnel key, its log, the server's socket).""",
     )
     status_interval = Float(
-        10.0,
+        0.0,
         config=True,
-        help="""How old a shared ``squeue`` result may be when a poll reads it.  All servers
-        that share an SSH identity share one squeue per interval.""",
+        help="""Seconds between the shared ``squeue`` runs that watch running servers (one
+        per interval for all servers that share an SSH identity, however many; a server
+        whose job ended is stopped within one interval).  0: the poll interval.""",
     )
     cluster_retry_seconds = Float(
         120.0,
@@ -619,22 +620,26 @@ class SlurmSSHSpawner(Spawner):
     async def _write_job_files(self, conn: Connection, job_dir: str, grant) -> None:
         sftp = await conn.sftp()
         await sftp.makedirs(job_dir, attrs=asyncssh.SFTPAttrs(permissions=0o700), exist_ok=True)
-        await sftp.chmod(job_dir.split("/")[0], 0o700)
-        await sftp.chmod(job_dir, 0o700)
         known_hosts = self._tunnel_known_hosts_text()
         files = {
             "env": slurm.env_file(self.node_env(), self._api_origin()),
             "tunnel_key": grant.private_key,
             "known_hosts": known_hosts,
         }
-        for name, content in files.items():
+
+        async def write(name: str, content: str) -> None:
             # created 0600 before a byte is written
             async with sftp.open(
                 f"{job_dir}/{name}", "w", attrs=asyncssh.SFTPAttrs(permissions=0o600)
             ) as f:
                 await f.write(content)
+
+        # independent requests: SFTP pipelines them over the one connection
+        steps = [sftp.chmod(job_dir.split("/")[0], 0o700), sftp.chmod(job_dir, 0o700)]
+        steps += [write(name, content) for name, content in files.items()]
         if self.mode == "gateway":
-            await self._claim_folder(sftp, self.work_dir())
+            steps.append(self._claim_folder(sftp, self.work_dir()))
+        await asyncio.gather(*steps)
 
     async def _remove_job_files(self, conn: Connection, job_dir: str) -> None:
         try:
@@ -703,6 +708,7 @@ class SlurmSSHSpawner(Spawner):
         try:
             await self._wait_running(conn, job_dir)
             await self._wait_server(conn, job_dir)
+            conn.status.watch(self.job_id, self, self._status_interval)
         except asyncio.CancelledError:
             # A timeout or a Stop makes JupyterHub call stop(), which cancels the job; a
             # hub that is shutting down does not: the job and its saved state then
@@ -801,6 +807,8 @@ class SlurmSSHSpawner(Spawner):
             except ClusterUnreachable as e:
                 self.log.error("%s: could not cancel job %s: %s", self._log_name, self.job_id, e)
                 raise
+        if conn is not None and self.job_id:
+            conn.status.unwatch(self.job_id)
         if self.spawn_id:
             await self.tunnel_keys().revoke(self.spawn_id)
             _ACTIVE_SPAWNS.discard(self.spawn_id)
@@ -809,6 +817,10 @@ class SlurmSSHSpawner(Spawner):
                     conn, job_dir or f"{self.job_dir_root}/{self.spawn_id}"
                 )
 
+    @property
+    def _status_interval(self) -> float:
+        return self.status_interval or float(self.poll_interval) or 30.0
+
     async def poll(self) -> int | None:
         await self._reconcile_tunnel_keys()
         if not self.job_id:
@@ -816,7 +828,7 @@ class SlurmSSHSpawner(Spawner):
         try:
             conn = await self.connection()
             st = await conn.status.get(
-                self.job_id, max_age=self.status_interval, not_before=self._submitted_at
+                self.job_id, max_age=self._status_interval, not_before=self._submitted_at
             )
         except (ClusterUnreachable, SpawnError) as e:
             # not "job gone": keep the server and ask again at the next poll
@@ -827,6 +839,8 @@ class SlurmSSHSpawner(Spawner):
                 # still queued (e.g. the hub restarted while it waited): give the hub's
                 # "is it up?" check the time the queue may take
                 self.http_timeout = max(self.http_timeout, self.start_timeout)
+            elif not self._start_pending:
+                conn.status.watch(self.job_id, self, self._status_interval)
             return None
         self.log.info(
             "%s: job %s is %s", self._log_name, self.job_id, st.state if st else "gone from squeue"

@@ -179,7 +179,10 @@ class SqueueCache:
     """One ``squeue`` per interval for all the jobs of a connection's account.
 
     Concurrent callers share the in-flight query; a result older than a job's
-    submission is never used for that job.
+    submission is never used for that job.  Running servers are *watched*: a background
+    refresher runs one squeue per interval (jittered) for all of them and wakes the
+    spawner of any job that has ended, so the hub learns of it within one interval while
+    the login node sees one squeue per interval, however many servers run.
     """
 
     def __init__(self, conn: Connection):
@@ -187,6 +190,48 @@ class SqueueCache:
         self.fetched_at = 0.0
         self.jobs: dict[str, slurm.JobStatus] = {}
         self._inflight: asyncio.Future[dict[str, slurm.JobStatus]] | None = None
+        self._watched: dict[str, object] = {}  # job id -> spawner (has poll_and_notify)
+        self._refresher: asyncio.Task | None = None
+        self._wakeups: set[asyncio.Task] = set()
+        self.interval = 30.0
+
+    def watch(self, job_id: str, spawner: object, interval: float) -> None:
+        self._watched[job_id] = spawner
+        self.interval = interval
+        if self._refresher is None or self._refresher.done():
+            self._refresher = asyncio.ensure_future(self._refresh())
+
+    def unwatch(self, job_id: str) -> None:
+        self._watched.pop(job_id, None)
+
+    async def _refresh(self) -> None:
+        import random
+
+        while self._watched:
+            await asyncio.sleep(self.interval * random.uniform(0.9, 1.0))  # noqa: S311
+            if not self._watched:
+                break
+            if time.monotonic() - self.fetched_at < self.interval * 0.5:
+                jobs = self.jobs  # a spawn's query just ran: reuse it
+            else:
+                try:
+                    jobs = await self._shared_query()
+                except ClusterUnreachable as e:
+                    log.warning("squeue for %s failed: %s", self.conn.ident.username, e)
+                    continue
+            for job_id, spawner in list(self._watched.items()):
+                st = jobs.get(job_id)
+                if st is None or not st.alive:
+                    self._watched.pop(job_id, None)
+                    task = asyncio.ensure_future(spawner.poll_and_notify())  # type: ignore[attr-defined]
+                    self._wakeups.add(task)
+                    task.add_done_callback(self._wakeups.discard)
+
+    async def _shared_query(self) -> dict[str, slurm.JobStatus]:
+        if self._inflight is None:
+            self._inflight = asyncio.ensure_future(self._query())
+            self._inflight.add_done_callback(self._clear)
+        return await asyncio.shield(self._inflight)
 
     async def _query(self) -> dict[str, slurm.JobStatus]:
         started = time.monotonic()
@@ -210,10 +255,7 @@ class SqueueCache:
         ``not_before`` (monotonic); ``None`` means squeue answered and the job is not there."""
         fresh = self.fetched_at and time.monotonic() - self.fetched_at <= max_age
         if not fresh or self.fetched_at < not_before:
-            if self._inflight is None:
-                self._inflight = asyncio.ensure_future(self._query())
-                self._inflight.add_done_callback(self._clear)
-            jobs = await asyncio.shield(self._inflight)
+            jobs = await self._shared_query()
         else:
             jobs = self.jobs
         return jobs.get(job_id)

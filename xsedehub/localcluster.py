@@ -314,6 +314,8 @@ def _sshd_conf(root: Path, keys: dict[str, Path], side: str) -> Path:
             LOGIN_IP,
             keys["login_host"],
             [
+                # SLURM's commands go through counting wrappers (see _command_wrappers)
+                f"SetEnv PATH={root}/bin:/usr/local/bin:/usr/bin:/bin",
                 f"TrustedUserCAKeys {keys['user_ca']}.pub",
                 "AuthorizedKeysFile .ssh/authorized_keys",
                 f"AllowUsers {GATEWAY_USER} {' '.join(RESEARCHERS)}",
@@ -357,6 +359,41 @@ def _sshd_conf(root: Path, keys: dict[str, Path], side: str) -> Path:
         + "\n"
     )
     return conf
+
+
+COUNTED = ("sbatch", "squeue", "scancel", "sinfo")
+
+
+def _command_wrappers(root: Path) -> None:
+    """Wrappers that log each SLURM command run over SSH on the login node to
+    ``log/commands.log`` (time, account, command), then run it: benchmarks count them."""
+    bindir = root / "bin"
+    bindir.mkdir(exist_ok=True)
+    bindir.chmod(0o755)
+    log = root / "log" / "commands.log"
+    log.touch()
+    log.chmod(0o622)  # every account appends; only root reads
+    for cmd in COUNTED:
+        w = bindir / cmd
+        w.write_text(
+            "#!/bin/sh\n"
+            f'printf "%s %s {cmd}\\n" "$(date +%s.%N)" "$(id -un)" >> {log} 2>/dev/null\n'
+            f'exec /usr/bin/{cmd} "$@"\n'
+        )
+        w.chmod(0o755)
+
+
+def command_counts(root: Path = ROOT, since: float = 0.0) -> dict[str, int]:
+    """How many times each wrapped SLURM command ran since ``since`` (epoch seconds)."""
+    counts = dict.fromkeys(COUNTED, 0)
+    path = root / "log" / "commands.log"
+    if not path.exists():
+        return counts
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 3 and float(parts[0]) >= since and parts[2] in counts:
+            counts[parts[2]] += 1
+    return counts
 
 
 def _ensure_workshop_repo(root: Path) -> Path:
@@ -568,6 +605,7 @@ def up(root: Path = ROOT, *, install: bool = True, job_env: bool = True) -> Clus
     _ensure_users()
     keys = _ensure_keys(root)
     _write_slurm_conf(root)
+    _command_wrappers(root)
     workshop = _ensure_workshop_repo(root)
     _setup_netns()
     _start_daemons(root, keys)

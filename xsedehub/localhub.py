@@ -54,6 +54,7 @@ def write_config(
     poll_interval: int = 30,
     issuer_url: str = "http://127.0.0.1:8700/v1/certificate",
     extra: str = "",
+    post: str = "",
 ) -> Path:
     """A jupyterhub_config.py for the local cluster in ``workdir`` (0600 with its secrets)."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -101,7 +102,6 @@ c.SlurmSSHSpawner.tunnel_user = "{info.tunnel_user}"
 c.SlurmSSHSpawner.tunnel_known_hosts = "{info.known_hosts}"
 c.SlurmSSHSpawner.tunnel_authorized_keys = "{info.tunnel_authorized_keys}"
 c.SlurmSSHSpawner.poll_interval = {poll_interval}
-c.SlurmSSHSpawner.status_interval = {max(1, poll_interval // 3)}
 c.SlurmSSHSpawner.start_timeout = 300
 c.SlurmSSHSpawner.http_timeout = 90
 
@@ -126,6 +126,7 @@ c.JupyterHub.services = [
 from xsedehub.config import apply  # noqa: E402
 
 apply(c)  # picks the authenticator and spawner for the mode, or stops with the problems
+{post}
 """
     (workdir / "service_token").write_text(secrets.token_hex(32))
     (workdir / "service_token").chmod(0o600)
