@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-import baseline  # noqa: E402
+import xh_bench_baseline as baseline  # noqa: E402
 
 from xsedehub import localcluster, localhub, netns  # noqa: E402
 

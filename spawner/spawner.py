@@ -743,6 +743,9 @@ class SlurmSSHSpawner(Spawner):
                 )
                 await asyncio.sleep(5)
                 continue
+            if st is None and time.monotonic() - self._submitted_at < 15:
+                await asyncio.sleep(1)  # not visible yet: ask again rather than give up
+                continue
             if st is None or not st.alive:
                 tail = await self._job_log_tail(conn, job_dir)
                 state = st.state if st else "gone from the queue"

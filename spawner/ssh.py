@@ -78,8 +78,10 @@ class Connection:
         self._conn: asyncssh.SSHClientConnection | None = None
         self._sftp: asyncssh.SFTPClient | None = None
         self._lock = asyncio.Lock()
-        # sshd's MaxSessions (default 10) caps channels per connection
-        self._sessions = asyncio.Semaphore(max_sessions)
+        self._sftp_lock = asyncio.Lock()
+        # sshd's MaxSessions (default 10) caps channels per connection; the SFTP session
+        # keeps one of them open
+        self._sessions = asyncio.Semaphore(max(1, max_sessions - 1))
         self.connect_timeout, self.keepalive = connect_timeout, keepalive
         self.status = SqueueCache(self)
 
@@ -155,15 +157,16 @@ class Connection:
         raise AssertionError("unreachable")
 
     async def sftp(self) -> asyncssh.SFTPClient:
+        """The connection's one SFTP session (opened on first use, shared)."""
         conn = await self._connect()
-        if self._sftp is None:
-            async with self._sessions:
+        async with self._sftp_lock:
+            if self._sftp is None:
                 try:
                     self._sftp = await conn.start_sftp_client()
                 except (asyncssh.Error, OSError) as e:
                     self._drop(conn)
                     raise ClusterUnreachable(f"SFTP to {self.node.host}: {e}") from e
-        return self._sftp
+            return self._sftp
 
     @property
     def is_open(self) -> bool:
@@ -190,6 +193,7 @@ class SqueueCache:
         self.fetched_at = 0.0
         self.jobs: dict[str, slurm.JobStatus] = {}
         self._inflight: asyncio.Future[dict[str, slurm.JobStatus]] | None = None
+        self._inflight_started = 0.0
         self._watched: dict[str, object] = {}  # job id -> spawner (has poll_and_notify)
         self._refresher: asyncio.Task | None = None
         self._wakeups: set[asyncio.Task] = set()
@@ -227,8 +231,20 @@ class SqueueCache:
                     self._wakeups.add(task)
                     task.add_done_callback(self._wakeups.discard)
 
-    async def _shared_query(self) -> dict[str, slurm.JobStatus]:
-        if self._inflight is None:
+    async def _shared_query(self, not_before: float = 0.0) -> dict[str, slurm.JobStatus]:
+        """Join the squeue in flight, or start one; never one that started before
+        ``not_before`` (it cannot know of a job submitted since)."""
+        if (
+            self._inflight is not None
+            and not self._inflight.done()
+            and self._inflight_started < not_before
+        ):
+            try:
+                await asyncio.shield(self._inflight)
+            except ClusterUnreachable:
+                pass
+        if self._inflight is None or self._inflight.done():
+            self._inflight_started = time.monotonic()
             self._inflight = asyncio.ensure_future(self._query())
             self._inflight.add_done_callback(self._clear)
         return await asyncio.shield(self._inflight)
@@ -255,13 +271,14 @@ class SqueueCache:
         ``not_before`` (monotonic); ``None`` means squeue answered and the job is not there."""
         fresh = self.fetched_at and time.monotonic() - self.fetched_at <= max_age
         if not fresh or self.fetched_at < not_before:
-            jobs = await self._shared_query()
+            jobs = await self._shared_query(not_before)
         else:
             jobs = self.jobs
         return jobs.get(job_id)
 
     def _clear(self, fut: asyncio.Future) -> None:
-        self._inflight = None
+        if self._inflight is fut:
+            self._inflight = None
         if not fut.cancelled():
             fut.exception()  # mark retrieved
 

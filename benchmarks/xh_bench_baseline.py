@@ -7,11 +7,20 @@ address is the hub side of the tunnel."""
 from __future__ import annotations
 
 from batchspawner import SlurmSpawner
+from traitlets import default
 
 
 class BaselineSlurmSpawner(SlurmSpawner):
     def state_gethost(self) -> str:
         return "127.0.0.1"  # the job's tunnel listens on the hub's loopback
+
+    @default("req_homedir")
+    def _req_homedir_default(self) -> str:
+        return "/home/gateway"  # hub users have no account on the hub: the gateway's home
+
+    def user_env(self, env: dict) -> dict:
+        env.update(USER="gateway", HOME="/home/gateway", SHELL="/bin/bash")
+        return env
 
 
 FREE_PORT = "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"
@@ -58,21 +67,20 @@ export JUPYTERHUB_API_URL=http://127.0.0.1:$APIPORT/hub/api
 export JUPYTERHUB_ACTIVITY_URL=$JUPYTERHUB_API_URL/users/{{{{username}}}}/activity
 {py} -c "{POST_PORT}" $PORT
 export JUPYTERHUB_SERVICE_URL=http://127.0.0.1:$PORT/user/{{{{username}}}}/
-{{{{cmd}}}}
+{job_env}/bin/jupyterhub-singleuser
 """
     env_words = (
         "{% for var in keepvars.split(',') %}{{var}}=\\\"'\\\"${{ '{' }}{{var}}{{ '}' }}\\\"'\\\" "
         "{% endfor %}"
     )
     return f'''
-c.JupyterHub.spawner_class = "baseline.BaselineSlurmSpawner"
+c.JupyterHub.spawner_class = "xh_bench_baseline.BaselineSlurmSpawner"
 _b = c.BaselineSlurmSpawner
 _b.exec_prefix = {ssh!r}
 _b.batch_submit_cmd = "env {env_words}sbatch --parsable"
 _b.batch_query_cmd = "squeue -h -j {{job_id}} -o \\"'%T %B'\\""
 _b.batch_cancel_cmd = "scancel {{job_id}}"
 _b.batch_script = {script!r}
-_b.req_homedir = "/home/{info.gateway_user}"
 _b.req_srun = ""
 _b.cmd = ["{job_env}/bin/jupyterhub-singleuser"]
 _b.start_timeout = 300
