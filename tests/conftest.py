@@ -51,6 +51,50 @@ def cluster() -> ClusterInfo:
     return info
 
 
+def listening(port: int) -> bool:
+    """Something accepts connections on the hub side's 127.0.0.1:``port``."""
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", port), 1).close()
+        return True
+    except OSError:
+        return False
+
+
+def fill_nodes(info: ClusterInfo) -> list[str]:
+    """Jobs (as bob) that take every core of every node: the queue is busy until they
+    are cancelled.  Returns their job ids, once they run."""
+    import time
+
+    fillers = []
+    for node in info.nodes:
+        out = in_cluster(
+            info,
+            "sbatch",
+            "--parsable",
+            "--uid=bob",
+            "--gid=bob",
+            "-w",
+            node,
+            "-c",
+            "64",
+            "--time=10",
+            "--chdir=/tmp",
+            "--output=/dev/null",
+            "--wrap",
+            "sleep 600",
+        ).stdout
+        fillers.append(out.strip())
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        states = in_cluster(info, "squeue", "-h", "-j", ",".join(fillers), "-o", "%T").stdout
+        if states.split() == ["RUNNING"] * len(fillers):
+            return fillers
+        time.sleep(0.2)
+    raise AssertionError(f"filler jobs {fillers} did not start")
+
+
 def in_cluster(info: ClusterInfo, *argv: str, **kw) -> subprocess.CompletedProcess[str]:
     """Run a command on the cluster side (login/compute nodes share the cluster namespace)."""
     kw.setdefault("capture_output", True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from xsedehub.spawner.tunnel import TunnelKeys
 
 from xsedehub import localcluster
 
-from .conftest import make_hub, stop_hub_and_proxy
+from .conftest import fill_nodes, listening, make_hub, stop_hub_and_proxy
 from .test_gateway import _tunnel_ssh, in_cluster_root
 
 pytestmark = pytest.mark.cluster
@@ -37,14 +36,6 @@ def state(hub, name: str) -> dict:
 def jobs_named(name: str) -> list[str]:
     out = in_cluster_root(["squeue", "-h", "-n", f"jupyter-{name}", "-o", "%i %T"])
     return [ln.split()[0] for ln in out.splitlines() if ln.split()[1] in ("PENDING", "RUNNING")]
-
-
-def listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), 1).close()
-        return True
-    except OSError:
-        return False
 
 
 def reachable(hub, name: str, token: str) -> bool:
@@ -107,41 +98,9 @@ def test_stale_keys_do_not_survive_a_hub_restart(hub, cluster):
 
 
 # ---------------------------------------------------------------------------- hub restarts
-def _fill(cluster) -> list[str]:
-    fillers = []
-    for node in cluster.nodes:
-        out = in_cluster_root(
-            [
-                "sbatch",
-                "--parsable",
-                "--uid=bob",
-                "--gid=bob",
-                "-w",
-                node,
-                "-c",
-                "64",
-                "--time=10",
-                "--chdir=/tmp",
-                "--output=/dev/null",
-                "--wrap",
-                "sleep 600",
-            ]
-        )
-        fillers.append(out.strip())
-    wait_for(
-        lambda: (
-            in_cluster_root(["squeue", "-h", "-j", ",".join(fillers), "-o", "%T"]).split()
-            == ["RUNNING"] * len(fillers)
-        ),
-        30,
-        "filler jobs",
-    )
-    return fillers
-
-
 def test_hub_restart_while_the_job_is_queued(hub, cluster):
     c = hub.client
-    fillers = _fill(cluster)
+    fillers = fill_nodes(cluster)
     try:
         r = c.start("ada-l")
         assert r.status_code in (201, 202)

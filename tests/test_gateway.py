@@ -15,7 +15,7 @@ from xsedehub import localcluster, localhub
 from xsedehub.netns import nsenter_argv
 
 from .audit import ArgvScanner, audit, server_env
-from .conftest import PROVIDER, make_hub, stop_hub_and_proxy
+from .conftest import PROVIDER, listening, make_hub, stop_hub_and_proxy
 from .hubclient import LoginRefused
 
 pytestmark = pytest.mark.cluster
@@ -203,30 +203,20 @@ def test_server_survives_hub_restart_and_login_node_outage(hub, cluster):
 
 
 # --------------------------------------------------------------------------- tunnelbot
+def tunnel_ssh_argv(cluster, key: Path, *args: str) -> list[str]:
+    """ssh as the tunnel account from the cluster side, with ``key``."""
+    return [
+        *nsenter_argv(cluster.cluster_netns),
+        *["ssh", "-F", "/dev/null", "-i", str(key), "-o", "BatchMode=yes"],
+        *["-o", "IdentitiesOnly=yes", "-o", f"UserKnownHostsFile={cluster.known_hosts}"],
+        *["-o", "StrictHostKeyChecking=yes", "-o", "ExitOnForwardFailure=yes"],
+        *["-p", str(cluster.hub_ssh_port), *args, f"{cluster.tunnel_user}@{cluster.hub_ip}"],
+    ]
+
+
 def _tunnel_ssh(cluster, key: Path, *args: str, timeout: float = 15) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [
-            *nsenter_argv(cluster.cluster_netns),
-            "ssh",
-            "-F",
-            "/dev/null",
-            "-i",
-            str(key),
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            f"UserKnownHostsFile={cluster.known_hosts}",
-            "-o",
-            "StrictHostKeyChecking=yes",
-            "-o",
-            "ExitOnForwardFailure=yes",
-            "-p",
-            str(cluster.hub_ssh_port),
-            *args,
-            f"{cluster.tunnel_user}@{cluster.hub_ip}",
-        ],
+        tunnel_ssh_argv(cluster, key, *args),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -257,34 +247,15 @@ async def test_tunnelbot_is_confined(hub, cluster, tmp_path):
             assert _forward_get(cluster, key, target, "/") == "", target
         # -R on its own port works (the hub side then listens on loopback) ...
         own = subprocess.Popen(
-            [
-                *nsenter_argv(cluster.cluster_netns),
-                "ssh",
-                "-F",
-                "/dev/null",
-                "-i",
-                str(key),
-                "-N",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                f"UserKnownHostsFile={cluster.known_hosts}",
-                "-o",
-                "ExitOnForwardFailure=yes",
-                "-p",
-                str(cluster.hub_ssh_port),
-                "-R",
-                f"127.0.0.1:{grant.port}:127.0.0.1:9",
-                f"{cluster.tunnel_user}@{cluster.hub_ip}",
-            ],
+            tunnel_ssh_argv(cluster, key, "-N", "-R", f"127.0.0.1:{grant.port}:127.0.0.1:9"),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         try:
             deadline = time.monotonic() + 10
-            while not _listening(grant.port) and time.monotonic() < deadline:
+            while not listening(grant.port) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            assert _listening(grant.port)
+            assert listening(grant.port)
         finally:
             own.terminate()
             own.wait(5)
@@ -300,40 +271,11 @@ async def test_tunnelbot_is_confined(hub, cluster, tmp_path):
     assert r.returncode == 255 and "permission denied" in r.stderr.lower()
 
 
-def _listening(port: int) -> bool:
-    import socket
-
-    try:
-        socket.create_connection(("127.0.0.1", port), 1).close()
-        return True
-    except OSError:
-        return False
-
-
 def _forward_get(cluster, key: Path, target: str, path: str) -> str:
     """Open ``-L`` to ``target`` from the cluster side and send one HTTP request."""
     port = 39000 + (hash(target) % 500)
     proc = subprocess.Popen(
-        [
-            *nsenter_argv(cluster.cluster_netns),
-            "ssh",
-            "-F",
-            "/dev/null",
-            "-i",
-            str(key),
-            "-N",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            f"UserKnownHostsFile={cluster.known_hosts}",
-            "-o",
-            "ExitOnForwardFailure=yes",
-            "-p",
-            str(cluster.hub_ssh_port),
-            "-L",
-            f"127.0.0.1:{port}:{target}",
-            f"{cluster.tunnel_user}@{cluster.hub_ip}",
-        ],
+        tunnel_ssh_argv(cluster, key, "-N", "-L", f"127.0.0.1:{port}:{target}"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -9,7 +9,7 @@ import time
 import pytest
 import requests
 
-from .conftest import make_hub, stop_hub_and_proxy
+from .conftest import fill_nodes, make_hub, stop_hub_and_proxy
 from .test_gateway import in_cluster_root
 
 pytestmark = pytest.mark.cluster
@@ -115,33 +115,8 @@ def _events(c, name: str, into: list, stop: threading.Event) -> None:
 
 def test_progress_while_queued_shows_reason_and_node(hub, cluster):
     c = hub.client
-    fillers = []
-    for node in cluster.nodes:  # take every core of every node
-        out = in_cluster_root(
-            [
-                "sbatch",
-                "--parsable",
-                "--uid=bob",
-                "--gid=bob",
-                "-w",
-                node,
-                "-c",
-                "64",
-                "--time=10",
-                "--chdir=/tmp",
-                "--output=/dev/null",
-                "--wrap",
-                "sleep 600",
-            ]
-        )
-        fillers.append(out.strip())
+    fillers = fill_nodes(cluster)
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            states = in_cluster_root(["squeue", "-h", "-j", ",".join(fillers), "-o", "%T"]).split()
-            if states == ["RUNNING"] * len(fillers):
-                break
-            time.sleep(0.2)
         events: list[dict] = []
         stop = threading.Event()
         r = c.start("ada-l")
