@@ -767,15 +767,19 @@ class SlurmSSHSpawner(Spawner):
             await asyncio.sleep(1)
 
     async def _wait_server(self, conn: Connection, job_dir: str) -> None:
+        """Until the server answers through the tunnel (checked often at first, then
+        every half second), watching that the job is still alive."""
         url = f"http://127.0.0.1:{self.hub_port}{self.server.base_url}api"
         client = AsyncHTTPClient()
         tunnel_seen = False
         deadline = time.monotonic() + self.http_timeout
-        checks = 0
+        next_job_check = time.monotonic() + 5
+        delay = 0.05
         while time.monotonic() < deadline:
-            if not tunnel_seen and await _port_open(self.hub_port):
-                tunnel_seen = True
-                self._progress("Tunnel to the compute node is up; waiting for the server", 70)
+            if not tunnel_seen:
+                tunnel_seen = await _port_open(self.hub_port)
+                if tunnel_seen:
+                    self._progress("Tunnel to the compute node is up; waiting for the server", 70)
             if tunnel_seen:
                 try:
                     await client.fetch(HTTPRequest(url, request_timeout=5, follow_redirects=False))
@@ -787,8 +791,8 @@ class SlurmSSHSpawner(Spawner):
                         return
                 except OSError:
                     pass
-            checks += 1
-            if checks % 10 == 0:
+            if time.monotonic() >= next_job_check:
+                next_job_check = time.monotonic() + 5
                 st = await conn.status.get(self.job_id, max_age=2.0)
                 if st is None or not st.alive:
                     tail = await self._job_log_tail(conn, job_dir)
@@ -796,7 +800,8 @@ class SlurmSSHSpawner(Spawner):
                         f"Batch job {self.job_id} ended while the server was starting."
                         + (f"\nLast lines of its log:\n{tail}" if tail else "")
                     )
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.5)
         tail = await self._job_log_tail(conn, job_dir)
         raise SpawnError(
             f"The server in job {self.job_id} did not answer within {self.http_timeout} s."
