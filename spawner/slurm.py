@@ -175,15 +175,16 @@ def build_job_script(job: JobScript) -> str:
         "$XH_DIR/tunnel_key",
         "-p",
         str(t.port),
-        "-R",
-        f"127.0.0.1:{t.hub_port}:$XH_DIR/server.sock",
-        "-L",
-        f"127.0.0.1:$XH_API_PORT:{t.api_host}:{t.api_port}",
-        f"{t.user}@{t.host}",
     ]
-    # $XH_DIR and $XH_API_PORT are ours (set below from quoted constants); keep them
-    # expandable, quote everything else.
-    ssh_cmd = " ".join(f'"{a}"' if "$XH_" in a else q(a) for a in ssh)
+    target = f"{t.user}@{t.host}"
+
+    def ssh_cmd(*forward: str) -> str:
+        # $XH_DIR and $XH_API_PORT are ours (set below from quoted constants): keep them
+        # expandable, quote everything else
+        return " ".join(f'"{a}"' if "$XH_" in a else q(a) for a in [*ssh, *forward, target])
+
+    api_forward = ssh_cmd("-L", f"127.0.0.1:$XH_API_PORT:{t.api_host}:{t.api_port}")
+    reverse = ssh_cmd("-R", f"127.0.0.1:{t.hub_port}:$XH_DIR/server.sock")
     prologue = "\n".join(" ".join(q(a) for a in argv) for argv in job.prologue)
     singleuser = " ".join(q(a) for a in job.singleuser)
     return f"""#!/bin/bash
@@ -200,8 +201,10 @@ log() {{ printf '%s [xsedehub] %s\\n' "$(date -u +%FT%TZ)" "$*"; }}
 cleanup() {{
     trap - EXIT TERM INT
     [ -n "${{XH_SERVER:-}}" ] && kill -TERM "$XH_SERVER" 2>/dev/null && wait "$XH_SERVER"
-    [ -n "${{XH_TUNNEL:-}}" ] && kill -TERM "$XH_TUNNEL" 2>/dev/null
-    pkill -TERM -P "${{XH_TUNNEL:-0}}" 2>/dev/null
+    for t in ${{XH_API_TUNNEL:-}} ${{XH_TUNNEL:-}}; do
+        kill -TERM "$t" 2>/dev/null
+        pkill -TERM -P "$t" 2>/dev/null
+    done
     rm -f "$XH_DIR/env" "$XH_DIR/tunnel_key" "$XH_DIR/server.sock"
     log "job ended"
 }}
@@ -215,22 +218,23 @@ fi
 log "on node ${{SLURMD_NODENAME:-$(hostname)}} as $(id -un), job ${{SLURM_JOB_ID:-?}}"
 XH_API_PORT=$("$XH_PY" -c {q(_FREE_PORT)}) || {{ log "no python3 at $XH_PY"; exit 2; }}
 
-# The reverse tunnel (hub -> this server) and the forward to the hub API share one
-# SSH connection as the tunnel account, re-opened whenever it drops.
+# Two SSH connections as the tunnel account, each re-opened whenever it drops: first the
+# forward to the hub API (the server needs it to start), then, once the server answers,
+# the reverse tunnel: the hub's port opens exactly when the server is ready.
 (
     while :; do
-        {ssh_cmd} </dev/null
-        log "tunnel closed ($?); reopening"
+        {api_forward} </dev/null
+        log "hub API forward closed ($?); reopening"
         sleep 2
     done
 ) &
-XH_TUNNEL=$!
+XH_API_TUNNEL=$!
 for _ in $(seq 1 300); do
     "$XH_PY" -c "import socket,sys; socket.create_connection(('127.0.0.1', int(sys.argv[1])), 1)" \\
         "$XH_API_PORT" 2>/dev/null && break
     sleep 0.2
 done
-log "tunnel up: hub port {t.hub_port}, hub API on local port $XH_API_PORT"
+log "hub API forwarded to local port $XH_API_PORT"
 
 set -a
 . "$XH_DIR/env"
@@ -240,6 +244,20 @@ mkdir -p "$XH_WORK" && cd "$XH_WORK" || exit 2
 log "starting the single-user server"
 {singleuser} --ServerApp.sock="$XH_DIR/server.sock" --ServerApp.sock_mode=0600 &
 XH_SERVER=$!
+until "$XH_PY" -c "import socket,sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])" \\
+        "$XH_DIR/server.sock" 2>/dev/null; do
+    kill -0 "$XH_SERVER" 2>/dev/null || {{ log "the server exited"; wait "$XH_SERVER"; exit; }}
+    sleep 0.2
+done
+(
+    while :; do
+        {reverse} </dev/null
+        log "tunnel closed ($?); reopening"
+        sleep 2
+    done
+) &
+XH_TUNNEL=$!
+log "server listening; tunnel to hub port {t.hub_port} opening"
 wait "$XH_SERVER"
 """
 

@@ -779,7 +779,7 @@ class SlurmSSHSpawner(Spawner):
             if not tunnel_seen:
                 tunnel_seen = await _port_open(self.hub_port)
                 if tunnel_seen:
-                    self._progress("Tunnel to the compute node is up; waiting for the server", 70)
+                    self._progress("Server listening; tunnel to the compute node is up", 80)
             if tunnel_seen:
                 try:
                     await client.fetch(HTTPRequest(url, request_timeout=5, follow_redirects=False))

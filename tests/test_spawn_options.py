@@ -138,7 +138,7 @@ def test_progress_while_queued_shows_reason_and_node(hub, cluster):
     assert "Submitted batch job" in text
     assert "is pending (Resources)" in text or "is pending (Priority)" in text, text
     assert any(f"running on {n}" in m for n in cluster.nodes for m in messages), text
-    assert "Tunnel to the compute node is up" in text
+    assert "tunnel to the compute node is up" in text
     assert events[-1].get("ready") is True
     c.stop("ada-l")
 
