@@ -125,6 +125,9 @@ def run_one(impl: str, n: int, info, poll: int, steady_cycles: int, tunnel_key: 
         "c.JupyterHub.log_level = 'INFO'\n"
         "c.JupyterHub.concurrent_spawn_limit = 0\n"
         "c.JupyterHub.active_server_limit = 0\n"
+        # 100 JupyterLab servers start on the same 2 cores as everything else: give
+        # both implementations the same generous time to answer
+        "c.SlurmSSHSpawner.http_timeout = 300\n"
         f"c.ConfigurableHTTPProxy.auth_token = {PROXY_TOKEN!r}\n"
     )
     post = baseline.config(info, tunnel_key, info.job_env) if impl == "baseline" else ""

@@ -84,6 +84,6 @@ _b.batch_script = {script!r}
 _b.req_srun = ""
 _b.cmd = ["{job_env}/bin/jupyterhub-singleuser"]
 _b.start_timeout = 300
-_b.http_timeout = 120
+_b.http_timeout = 300
 _b.poll_interval = 10
 '''
