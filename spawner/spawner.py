@@ -835,8 +835,10 @@ class SlurmSSHSpawner(Spawner):
             return 0
         try:
             conn = await self.connection()
+            # the refresher keeps the shared result fresh (and wakes us if the job
+            # ends); a poll only queries itself if the refresher has stalled
             st = await conn.status.get(
-                self.job_id, max_age=self._status_interval, not_before=self._submitted_at
+                self.job_id, max_age=1.5 * self._status_interval, not_before=self._submitted_at
             )
         except (ClusterUnreachable, SpawnError) as e:
             # not "job gone": keep the server and ask again at the next poll

@@ -212,7 +212,8 @@ class SqueueCache:
         import random
 
         while self._watched:
-            await asyncio.sleep(self.interval * random.uniform(0.9, 1.0))  # noqa: S311
+            # jitter only ever lengthens the interval: never two runs in one interval
+            await asyncio.sleep(self.interval * random.uniform(1.0, 1.1))  # noqa: S311
             if not self._watched:
                 break
             if time.monotonic() - self.fetched_at < self.interval * 0.5:
