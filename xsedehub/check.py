@@ -293,7 +293,7 @@ class Checker:
                 ),
                 job_dir=job_dir,
                 work_dir=".",
-                singleuser=["bash", "-c", "sleep 300", "xsedehub-check"],
+                singleuser=[sp.job_python, "-c", _STAND_IN_SERVER],
                 tunnel=slurm.Tunnel(
                     host=sp.tunnel_host,
                     port=sp.tunnel_port,
@@ -375,6 +375,16 @@ class Checker:
         finally:
             conn.close()
         return self.r
+
+
+#: stands in for jupyterhub-singleuser in the test job: listens where the job script
+#: tells the server to (--ServerApp.sock=...), so that the job opens its tunnel
+_STAND_IN_SERVER = (
+    "import socket, sys, time\n"
+    "path = [a.split('=', 1)[1] for a in sys.argv if a.startswith('--ServerApp.sock=')][0]\n"
+    "s = socket.socket(socket.AF_UNIX); s.bind(path); s.listen(8)\n"
+    "time.sleep(300)\n"
+)
 
 
 def _read(path: str) -> str:
