@@ -39,6 +39,12 @@ def _patch_refresh_auth_default() -> None:
 _patch_refresh_auth_default()
 
 
+def _unavailable(e: IssuerError) -> web.HTTPError:
+    return web.HTTPError(
+        503, f"The cluster's certificate service is unavailable, try again later ({e.message})"
+    )
+
+
 class XSEDECILogonAuthenticator(CILogonOAuthenticator):
     """CILogon login + a short-lived SSH certificate per user (mode=xsede)."""
 
@@ -93,10 +99,7 @@ class XSEDECILogonAuthenticator(CILogonOAuthenticator):
             raise web.HTTPError(403, f"No cluster account for this identity: {e.message}") from None
         except IssuerError as e:
             self.log.error("issuer unavailable for %s: %s", auth_model.get("name"), e.message)
-            raise web.HTTPError(
-                503,
-                f"The cluster's certificate service is unavailable, try again later ({e.message})",
-            ) from None
+            raise _unavailable(e) from None
         state[STATE_KEY] = cred.to_state()
         auth_model["auth_state"] = state
         self.log.info(
@@ -125,10 +128,7 @@ class XSEDECILogonAuthenticator(CILogonOAuthenticator):
             self.log.warning("issuer refused renewal for %s: %s", user.name, e.message)
             return False
         except IssuerError as e:
-            raise web.HTTPError(
-                503,
-                f"The cluster's certificate service is unavailable, try again later ({e.message})",
-            ) from None
+            raise _unavailable(e) from None
         new_state[STATE_KEY] = new.to_state()
         refreshed["auth_state"] = new_state
         return refreshed

@@ -224,9 +224,7 @@ def run_one(impl: str, n: int, info, poll: int, steady_cycles: int, tunnel_key: 
             hub.wait(60)
         except subprocess.TimeoutExpired:
             hub.kill()
-        pid_file = workdir / "proxy.pid"
-        if pid_file.exists():
-            subprocess.run(["kill", pid_file.read_text().strip()], check=False)
+        localhub.stop_proxy(workdir)
         # nothing may be left running between rounds
         subprocess.run(
             [*netns.nsenter_argv(info.cluster_netns), "scancel", "-u", info.gateway_user],

@@ -53,7 +53,8 @@ class Entry:
     expires: float
 
 
-def _port_free(port: int) -> bool:
+def port_free(port: int) -> bool:
+    """Nothing listens on 127.0.0.1:``port`` (binding it would succeed)."""
     s = socket.socket()
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -128,7 +129,7 @@ class TunnelKeys:
             now = time.time()
             used = {e.port for e in self.entries() if e.expires > now and e.spawn_id != spawn_id}
             lo, hi = self.port_range
-            port = next((p for p in range(lo, hi + 1) if p not in used and _port_free(p)), None)
+            port = next((p for p in range(lo, hi + 1) if p not in used and port_free(p)), None)
             if port is None:
                 raise RuntimeError(f"no free hub-side tunnel port in {lo}-{hi}")
             exp = time.strftime("%Y%m%d%H%M%S", time.gmtime(expires))

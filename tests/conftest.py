@@ -53,7 +53,6 @@ def cluster() -> ClusterInfo:
 
 def listening(port: int) -> bool:
     """Something accepts connections on the hub side's 127.0.0.1:``port``."""
-    import socket
 
     try:
         socket.create_connection(("127.0.0.1", port), 1).close()
@@ -108,6 +107,8 @@ import signal  # noqa: E402
 import socket  # noqa: E402
 import time  # noqa: E402
 
+from xsedehub.spawner.tunnel import port_free  # noqa: E402
+
 from xsedehub import localhub  # noqa: E402
 
 from .hubclient import Hub  # noqa: E402
@@ -138,22 +139,10 @@ IDENTITIES = {
 }
 
 
-def _free(port: int) -> bool:
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        s.bind(("127.0.0.1", port))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-
-
 @pytest.fixture(scope="session")
 def provider(cluster, tmp_path_factory):
     """oidc-provider-mock on the hub side's loopback, standing in for GitHub/CILogon."""
-    if not _free(9400):
+    if not port_free(9400):
         pytest.fail("port 9400 is taken on the hub side")
     proc = localhub.start_provider(tmp_path_factory.mktemp("provider"))
     for sub, claims in IDENTITIES.items():
@@ -233,7 +222,7 @@ class RunningHub:
 
 
 def make_hub(workdir, cluster, provider, **kw) -> RunningHub:
-    busy = [p for p in (8000, 8001, cluster.hub_api_port) if not _free(p)]
+    busy = [p for p in (8000, 8001, cluster.hub_api_port) if not port_free(p)]
     if busy:
         pytest.fail(f"ports {busy} are taken on the hub side (a hub left from an earlier run?)")
     localhub.write_config(workdir, cluster, provider_url=provider, **kw)
@@ -256,12 +245,7 @@ def stop_hub_and_proxy(hub: RunningHub) -> None:
     except Exception as e:  # the hub may be what failed: still stop everything
         print(f"stopping servers failed: {e}")
     hub.stop()
-    pid_file = hub.workdir / "proxy.pid"
-    if pid_file.exists():
-        try:
-            os.kill(int(pid_file.read_text()), signal.SIGTERM)
-        except (OSError, ValueError):
-            pass
+    localhub.stop_proxy(hub.workdir)
     deadline = time.monotonic() + 15
-    while not all(_free(p) for p in (8000, 8001)) and time.monotonic() < deadline:
+    while not all(port_free(p) for p in (8000, 8001)) and time.monotonic() < deadline:
         time.sleep(0.1)

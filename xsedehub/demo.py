@@ -75,9 +75,7 @@ def run(
                 p.wait(15)
             except subprocess.TimeoutExpired:
                 p.kill()
-        pid_file = workdir / "proxy.pid"
-        if pid_file.exists():
-            subprocess.run(["kill", pid_file.read_text().strip()], check=False)
+        localhub.stop_proxy(workdir)
         if not keep_cluster:
             localcluster.down()
 

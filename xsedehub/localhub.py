@@ -201,6 +201,13 @@ def start_issuer(
     return proc
 
 
+def stop_proxy(workdir: Path) -> None:
+    """Stop the proxy a hub in ``workdir`` started (it outlives the hub: cleanup_proxy off)."""
+    pid_file = workdir / "proxy.pid"
+    if pid_file.exists():
+        subprocess.run(["kill", pid_file.read_text().strip()], check=False)
+
+
 def wait_http(url: str, timeout: float = 60) -> None:
     """Wait until ``url`` answers 2xx/3xx (a 404 from a proxy without routes is not up)."""
     deadline = time.monotonic() + timeout
