@@ -1,16 +1,38 @@
 #!/usr/bin/env bash
-# Install what xsedehub's demo and tests need on Debian 12 / Ubuntu, as root. Idempotent.
-#   /opt/xsedehub/hub-env   the hub's Python environment (system Python, world-readable)
-# The local cluster (`xsedehub cluster up`) installs SLURM, munge and OpenSSH itself.
+# Install everything xsedehub's demo and tests need, on Debian 12 / Ubuntu, as root.
+# Idempotent: a second run checks each piece and installs only what is missing.
+# Runs in the host's network namespace, where the package registries are reachable;
+# nothing is downloaded later (the demo and the tests run inside namespaces with no
+# route out, and stop at once, naming the missing piece, if something is not here).
+#   Debian packages     python3-venv, git, iproute2, chromium, nodejs/npm, SLURM, munge, OpenSSH
+#   $PREFIX/hub-env     the hub's Python environment (system Python, world-readable),
+#                       with this package editable and its test and docs extras
+#   $PREFIX/chp         configurable-http-proxy (npm, pinned)
+#   $PREFIX/job-env     the environment batch jobs run (jupyterhub = the hub's, jupyterlab,
+#                       nbgitpuller), built by `xsedehub cluster install`
+# With CI=true (or XSEDEHUB_CLEAN=1) everything under $PREFIX is removed first, so a run
+# cannot pass on what an earlier run or a hand install left behind.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
-ENV=${XSEDEHUB_HUB_ENV:-/opt/xsedehub/hub-env}
+[ "$(id -u)" = 0 ] || { echo "install.sh: run as root" >&2; exit 1; }
+PREFIX=${XSEDEHUB_PREFIX:-/opt/xsedehub}
+ENV=${XSEDEHUB_HUB_ENV:-$PREFIX/hub-env}
+CHP_VERSION=4.6.3   # configurable-http-proxy; 4.6 runs on Debian 12's Node.js 18 and on 20+
 export DEBIAN_FRONTEND=noninteractive
+t0=$(date +%s)
+
+if [ "${CI:-}" = true ] || [ "${XSEDEHUB_CLEAN:-}" = 1 ]; then
+    echo "[install] clean state: removing $PREFIX and the local cluster's state"
+    if [ -x "$ENV/bin/xsedehub" ]; then "$ENV/bin/xsedehub" cluster down >/dev/null 2>&1 || true; fi
+    for ns in xh-hub xh-cluster; do ip netns del "$ns" 2>/dev/null || true; done
+    rm -rf "$PREFIX" /var/lib/xsedehub
+fi
 
 pkgs=(python3 python3-venv python3-dev git iproute2 util-linux procps ca-certificates curl)
 command -v npm >/dev/null || pkgs+=(nodejs npm)
 pkgs+=(chromium)   # the browser tests drive Debian's chromium (no browser download)
+# the local cluster (xsedehub/localcluster.py APT_PACKAGES checks the same list)
+pkgs+=(slurm-wlm munge openssh-server openssh-client)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -27,10 +49,24 @@ if [ ! -x "$ENV/bin/python" ]; then
     /usr/bin/python3 -m venv "$ENV"
 fi
 log=$(mktemp)
+trap 'rm -f "$log"' EXIT
 pipi() { "$ENV/bin/python" -m pip install -q "$@" >"$log" 2>&1 || { cat "$log"; exit 1; }; }
 pipi --upgrade pip
 echo "[install] pip install -e .[test,docs] into $ENV"
 pipi -e ".[test,docs]"
-rm -f "$log"
 "$ENV/bin/python" -c "import xsedehub.spawner.spawner, xsedehub.auth.github"
-chmod -R a+rX "$(dirname "$ENV")"
+
+chp_have=$(cat "$PREFIX/chp/node_modules/configurable-http-proxy/package.json" 2>/dev/null \
+    | "$ENV/bin/python" -c 'import json,sys; print(json.load(sys.stdin)["version"])' 2>/dev/null || true)
+if [ "$chp_have" != "$CHP_VERSION" ]; then
+    echo "[install] npm install configurable-http-proxy@$CHP_VERSION into $PREFIX/chp"
+    mkdir -p "$PREFIX/chp"
+    npm install --silent --no-audit --no-fund --prefix "$PREFIX/chp" \
+        "configurable-http-proxy@$CHP_VERSION" >"$log" 2>&1 || { cat "$log"; exit 1; }
+fi
+"$PREFIX/chp/node_modules/.bin/configurable-http-proxy" --version >/dev/null
+
+# the cluster's own pieces (same checks `xsedehub cluster up` makes before it starts)
+XSEDEHUB_JOB_ENV=${XSEDEHUB_JOB_ENV:-$PREFIX/job-env} "$ENV/bin/xsedehub" cluster install
+chmod -R a+rX "$PREFIX"
+echo "[install] done in $(( $(date +%s) - t0 ))s"

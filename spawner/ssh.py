@@ -198,6 +198,7 @@ class SqueueCache:
         self._refresher: asyncio.Task | None = None
         self._wakeups: set[asyncio.Task] = set()
         self.interval = 30.0
+        self.failures = 0  # refreshes failed in a row (logged when squeue answers again)
 
     def watch(self, job_id: str, spawner: object, interval: float) -> None:
         self._watched[job_id] = spawner
@@ -222,8 +223,16 @@ class SqueueCache:
                 try:
                     jobs = await self._shared_query()
                 except ClusterUnreachable as e:
+                    self.failures += 1
                     log.warning("squeue for %s failed: %s", self.conn.ident.username, e)
                     continue
+                if self.failures:
+                    log.info(
+                        "squeue for %s answers again after %d failed refreshes",
+                        self.conn.ident.username,
+                        self.failures,
+                    )
+                    self.failures = 0
             for job_id, spawner in list(self._watched.items()):
                 st = jobs.get(job_id)
                 if st is None or not st.alive:

@@ -21,7 +21,7 @@ from xsedehub.localcluster import ClusterInfo
 HERE = Path(__file__).parent
 
 
-def _cluster_available() -> str | None:
+def _cluster_unavailable() -> str | None:
     if os.geteuid() != 0:
         return "the local cluster needs root"
     if not Path("/etc/debian_version").exists():
@@ -29,11 +29,25 @@ def _cluster_available() -> str | None:
     return None
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test that uses the cluster (directly or through a hub) is marked ``cluster``,
+    so ``-m "not cluster"`` selects exactly the tests that run without it; a test that
+    takes the cluster down runs after all others, whatever the order of the modules."""
+    for item in items:
+        if "cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cluster)
+    items.sort(key=lambda item: item.get_closest_marker("takes_cluster_down") is not None)
+
+
 @pytest.fixture(scope="session")
 def cluster() -> ClusterInfo:
-    why = _cluster_available()
+    why = _cluster_unavailable()
     if why:
-        pytest.skip(why)
+        pytest.fail(
+            f"{why}: run the suite as root on Debian (bash scripts/test.sh), "
+            'or only the tests that need no cluster: pytest -m "not cluster"',
+            pytrace=False,
+        )
     r = subprocess.run(
         [sys.executable, "-m", "xsedehub.cli", "cluster", "up"],
         capture_output=True,
@@ -41,7 +55,7 @@ def cluster() -> ClusterInfo:
         check=False,
     )
     if r.returncode:
-        pytest.fail(f"xsedehub cluster up failed:\n{r.stdout}\n{r.stderr}")
+        pytest.fail(f"xsedehub cluster up failed:\n{r.stdout}\n{r.stderr}", pytrace=False)
     info = ClusterInfo.load()
     here = os.readlink("/proc/thread-self/ns/net")
     hub = os.stat(netns.netns_path(info.hub_netns))
@@ -62,12 +76,16 @@ def listening(port: int) -> bool:
 
 
 def fill_nodes(info: ClusterInfo) -> list[str]:
-    """Jobs (as bob) that take every core of every node: the queue is busy until they
-    are cancelled.  Returns their job ids, once they run."""
+    """Jobs (as bob) that take every idle core of every node: the queue is busy until
+    they are cancelled.  Returns their job ids, once they run."""
     import time
 
     fillers = []
-    for node in info.nodes:
+    for line in in_cluster(info, "sinfo", "-h", "-N", "-o", "%N %C").stdout.splitlines():
+        node, cpus = line.split()
+        idle = int(cpus.split("/")[1])  # allocated/idle/other/total
+        if node not in info.nodes or idle == 0:
+            continue
         out = in_cluster(
             info,
             "sbatch",
@@ -77,7 +95,7 @@ def fill_nodes(info: ClusterInfo) -> list[str]:
             "-w",
             node,
             "-c",
-            "64",
+            str(idle),
             "--time=10",
             "--chdir=/tmp",
             "--output=/dev/null",
@@ -92,6 +110,30 @@ def fill_nodes(info: ClusterInfo) -> list[str]:
             return fillers
         time.sleep(0.2)
     raise AssertionError(f"filler jobs {fillers} did not start")
+
+
+#: injected commands in hostile input ``touch`` files that start with this
+CANARY = "/tmp/xh-canary"
+
+
+def canaries() -> list[str]:
+    """Files an injected ``touch`` made: on the cluster's side /tmp and homes are this
+    machine's (namespaces share the filesystem); a relative touch lands in a home."""
+    import glob
+
+    found = glob.glob(CANARY + "*")
+    found += subprocess.run(
+        ["find", "/home", "/root", "-maxdepth", "4", "-name", "xh-canary*"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.split()
+    return found
+
+
+def remove_canaries() -> None:
+    for f in canaries():
+        os.unlink(f)
 
 
 def in_cluster(info: ClusterInfo, *argv: str, **kw) -> subprocess.CompletedProcess[str]:
@@ -220,6 +262,12 @@ class RunningHub:
         self.stop()
         self.proc = localhub.start_hub(self.workdir)
 
+    def kill_and_start(self) -> None:
+        """SIGKILL the hub (no shutdown code runs, as in a crash or OOM kill), then start it."""
+        self.proc.kill()
+        self.proc.wait(10)
+        self.proc = localhub.start_hub(self.workdir)
+
 
 def make_hub(workdir, cluster, provider, **kw) -> RunningHub:
     busy = [p for p in (8000, 8001, cluster.hub_api_port) if not port_free(p)]
@@ -231,17 +279,40 @@ def make_hub(workdir, cluster, provider, **kw) -> RunningHub:
     return RunningHub(workdir, proc, Hub("http://127.0.0.1:8000", token, provider))
 
 
+def stop_all_servers(hub: RunningHub, timeout: float = 60) -> None:
+    """Stop every server of every user of ``hub`` (named ones too) and wait for it."""
+    users = hub.client.get("/users").json()
+    for u in users:
+        for server in u["servers"]:
+            path = (
+                f"/users/{u['name']}/servers/{server}" if server else f"/users/{u['name']}/server"
+            )
+            hub.client.delete(path)
+    for u in users:
+        if u["servers"]:
+            try:
+                hub.client.wait_stopped(u["name"], timeout)
+            except TimeoutError:
+                print(f"{u['name']}'s server did not stop within {timeout}s")
+
+
+@pytest.fixture(autouse=True)
+def _servers_stopped_after_each_test(request):
+    """Whatever happened in a test, the servers it started on its module's hub are
+    stopped before the next test starts (a failed test must not fail the next ones)."""
+    yield
+    hub = request.node.funcargs.get("hub")
+    if isinstance(hub, RunningHub) and hub.proc.poll() is None:
+        try:
+            stop_all_servers(hub)
+        except Exception as e:  # report, but let the test's own outcome stand
+            print(f"stopping the servers after {request.node.name} failed: {e}")
+
+
 def stop_hub_and_proxy(hub: RunningHub) -> None:
     """Stop every server, the hub and the (hub-independent) proxy."""
     try:
-        for u in hub.client.get("/users").json():
-            if u["servers"]:
-                hub.client.delete(f"/users/{u['name']}/server")
-        for u in hub.client.get("/users").json():
-            try:
-                hub.client.wait_stopped(u["name"], 60)
-            except TimeoutError:
-                pass
+        stop_all_servers(hub)
     except Exception as e:  # the hub may be what failed: still stop everything
         print(f"stopping servers failed: {e}")
     hub.stop()

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from importlib import metadata
+from pathlib import Path
 
 import pytest
 import yaml
@@ -241,13 +242,31 @@ def test_tljh_pip_packages_leave_jupyterhub_to_tljh():
     assert not any("extra ==" in p for p in pkgs)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="creates an account")
+@pytest.mark.cluster  # needs root, like the cluster tests
 def test_tljh_post_install_is_idempotent(tmp_path, monkeypatch):
+    """Runs TLJH's post-install hook twice against copies of the account files (useradd
+    --prefix): the host's own accounts are never touched."""
+    if os.geteuid() != 0:
+        pytest.fail("useradd needs root: run as root, or deselect with -m 'not cluster'")
+    import shutil
+
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    for name in ("passwd", "group", "shadow", "gshadow"):
+        shutil.copy2(f"/etc/{name}", root / "etc" / name)
+    host_passwd = Path("/etc/passwd").read_bytes()
     monkeypatch.setattr(tljh, "ETC", tmp_path / "etc")
+    monkeypatch.setattr(tljh, "ACCOUNTS_ROOT", root)
     tljh.tljh_post_install()
     (tmp_path / "etc" / "tunnelbot_authorized_keys").write_text("kept\n")
     tljh.tljh_post_install()
     assert (tmp_path / "etc" / "tunnelbot_authorized_keys").read_text() == "kept\n"
-    import pwd
-
-    assert pwd.getpwnam("tunnelbot").pw_shell == "/usr/sbin/nologin"
+    bots = [
+        ln
+        for ln in (root / "etc" / "passwd").read_text().splitlines()
+        if ln.startswith("tunnelbot:")
+    ]
+    assert len(bots) == 1 and bots[0].endswith(":/usr/sbin/nologin"), bots
+    shadow = (root / "etc" / "shadow").read_text().splitlines()
+    assert [ln.split(":")[1] for ln in shadow if ln.startswith("tunnelbot:")] == ["*"]
+    assert Path("/etc/passwd").read_bytes() == host_passwd

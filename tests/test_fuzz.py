@@ -6,7 +6,6 @@ hub's REST API, a canary shows that no injected command ever ran on the cluster.
 
 from __future__ import annotations
 
-import glob
 import subprocess
 import time
 
@@ -16,14 +15,20 @@ from hypothesis import strategies as st
 from xsedehub.spawner import form, slurm
 from xsedehub.spawner import validate as v
 
-from .conftest import make_hub, stop_hub_and_proxy
+from .conftest import (
+    CANARY,
+    canaries,
+    fill_nodes,
+    make_hub,
+    remove_canaries,
+    stop_hub_and_proxy,
+)
 from .test_gateway import in_cluster_root
 
 PARTS = [
     form.PartitionSpec("compute", max_cores=8, max_memory=16384, max_walltime=480),
     form.PartitionSpec("debug", max_cores=2, max_memory=4096, max_walltime=30),
 ]
-CANARY = "/tmp/xh-canary"
 INJECTIONS = [
     f"$(touch {CANARY}-a)",
     f"`touch {CANARY}-b`",
@@ -130,10 +135,7 @@ hostile_options = st.dictionaries(
 @pytest.mark.cluster
 def test_rest_api_fuzz_runs_nothing(hub, cluster):
     c = hub.client
-    for f in glob.glob(CANARY + "*"):
-        import os
-
-        os.unlink(f)
+    remove_canaries()
     before = set(in_cluster_root(["squeue", "-h", "--states=all", "-o", "%i"]).split())
     seen = []
 
@@ -151,10 +153,79 @@ def test_rest_api_fuzz_runs_nothing(hub, cluster):
     one()
     time.sleep(2)
     assert len(seen) >= 30
-    assert glob.glob(CANARY + "*") == [], "an injected command ran"
-    home_canaries = subprocess.run(
-        ["find", "/home", "-name", "xh-canary*"], capture_output=True, text=True
-    ).stdout
-    assert home_canaries == ""
+    assert canaries() == [], "an injected command ran"
     after = set(in_cluster_root(["squeue", "-h", "--states=all", "-o", "%i"]).split())
     assert after <= before, "a job was submitted for a refused request"
+
+
+# values the validator must accept, however odd they look: padding with ASCII and unicode
+# spaces, leading zeros, lowercase units, minutes alone; each reaches a real sbatch
+PAD = st.sampled_from(["", " ", "  ", "\u00a0", "\u3000", " \u2003"])
+
+
+@st.composite
+def accepted_options(draw):
+    """(user_options, what SLURM must record: partition, walltime, cpus, memory MB)."""
+    part = draw(st.sampled_from(["compute", "debug"]))
+    minutes = draw(st.integers(1, 30))
+    cores = draw(st.integers(1, 2))
+    mem_mb = draw(st.sampled_from([256, 512, 1024, 2048]))
+    wall = draw(
+        st.sampled_from(
+            [str(minutes), f"00:{minutes:02d}:00", f"0-00:{minutes:02d}", f"00:{minutes:02d}"]
+        )
+    )
+    core_text = draw(st.sampled_from([str(cores), f"0{cores}", f"00{cores}"]))
+    mem_text = draw(
+        st.sampled_from(
+            [f"{mem_mb}M", f"{mem_mb}m", f"{mem_mb}mb", f"{mem_mb}", f"{mem_mb // 256 * 256}MB"]
+            + ([f"{mem_mb // 1024}g", f"{mem_mb // 1024}GB"] if mem_mb >= 1024 else [])
+        )
+    )
+    opts = {
+        "partition": part,
+        "walltime": draw(PAD) + wall + draw(PAD),
+        "cores": draw(PAD) + core_text + draw(PAD),
+        "memory": draw(PAD) + mem_text + draw(PAD),
+    }
+    shown = f"{mem_mb // 1024}G" if mem_mb % 1024 == 0 else f"{mem_mb}M"  # as squeue's %m
+    return opts, (part, f"{minutes}:00", str(cores), shown)
+
+
+@pytest.mark.cluster
+def test_rest_api_fuzz_accepted_values_reach_sbatch_as_meant(hub, cluster):
+    """What the validator accepts is what SLURM records, and no odd character runs
+    anything: each accepted value goes all the way to a real sbatch (queue held busy, so
+    the job waits and is cancelled cheaply)."""
+    c = hub.client
+    remove_canaries()
+    fillers = fill_nodes(cluster)
+    recorded = []
+    try:
+
+        @settings(
+            max_examples=12,
+            deadline=None,
+            suppress_health_check=[HealthCheck.function_scoped_fixture],
+        )
+        @given(accepted_options())
+        def one(case):
+            opts, expected = case
+            r = c.start("ada-l", opts)
+            assert r.status_code in (201, 202), (opts, r.text)
+            deadline = time.monotonic() + 30
+            out = ""
+            while time.monotonic() < deadline and not out:
+                out = in_cluster_root(
+                    ["squeue", "-h", "-u", "gateway", "-n", "jupyter-ada-l", "-o", "%P %l %C %m"]
+                ).strip()
+                time.sleep(0.2)
+            c.stop("ada-l")
+            recorded.append((opts, out))
+            assert tuple(out.split()) == expected, (opts, out)
+
+        one()
+    finally:
+        in_cluster_root(["scancel", *fillers])
+    assert len(recorded) >= 10
+    assert canaries() == [], "an injected command ran"

@@ -47,9 +47,12 @@ def job_id_of(hub, name: str) -> str:
 # --------------------------------------------------------------------------- the flow
 async def test_two_attendees_at_once(hub, cluster):
     c = hub.client
-    sessions = {sub: c.login(sub) for sub in ("ada", "grace")}
-    assert set(sessions) == {"ada", "grace"}
+    for sub in ("ada", "grace"):
+        c.login(sub)
     names = ["ada-l", "grace"]  # GitHub logins, lowercased by the hub
+    # each login made a hub user named after the GitHub login, bound to the numeric id
+    for name, gh_id in zip(names, (1001, 1002), strict=True):
+        assert c.get(f"/users/{name}").json()["auth_state"]["github_user"]["id"] == gh_id
     sshd_log = Path(cluster.root) / "log" / "sshd_login.log"
     logins_before = sshd_log.read_text().count("Accepted publickey for gateway")
     with ArgvScanner() as scan:
@@ -192,7 +195,7 @@ def test_server_survives_hub_restart_and_login_node_outage(hub, cluster):
             time.sleep(2)
         assert "poll could not reach the cluster" in hub.log
     finally:
-        localcluster.up(install=False, job_env=False)
+        localcluster.up()
     assert in_cluster_root(["squeue", "-h", "-j", job, "-o", "%T"]).strip() == "RUNNING"
     c.stop("grace")
     assert in_cluster_root(["squeue", "-h", "-j", job, "-o", "%T"]).strip() in (
@@ -238,13 +241,16 @@ async def test_tunnelbot_is_confined(hub, cluster, tmp_path):
         assert "uid=" not in r.stdout
         assert r.returncode != 0
         # -L to the hub API works ...
-        api_ok = _forward_get(
+        api_ok, _ = _forward_get(
             cluster, key, f"{cluster.hub_api_ip}:{cluster.hub_api_port}", "/hub/api/"
         )
         assert api_ok.startswith("HTTP/1.1 200"), api_ok
-        # ... to anything else on the hub does not (the proxy, the provider, sshd itself)
+        # ... to anything else on the hub does not (the proxy, the provider, sshd itself):
+        # sshd refuses the channel, and ssh says so
         for target in ("127.0.0.1:8000", "127.0.0.1:9400", f"{cluster.hub_ip}:22"):
-            assert _forward_get(cluster, key, target, "/") == "", target
+            data, ssh_err = _forward_get(cluster, key, target, "/")
+            assert data == "", target
+            assert "open failed: administratively prohibited" in ssh_err, (target, ssh_err)
         # -R on its own port works (the hub side then listens on loopback) ...
         own = subprocess.Popen(
             tunnel_ssh_argv(cluster, key, "-N", "-R", f"127.0.0.1:{grant.port}:127.0.0.1:9"),
@@ -260,10 +266,13 @@ async def test_tunnelbot_is_confined(hub, cluster, tmp_path):
             own.terminate()
             own.wait(5)
         # ... not on another port, not on a public address
+        # (ssh's own words for a refused forward, after a successful login)
         other = _tunnel_ssh(cluster, key, "-N", "-R", f"127.0.0.1:{grant.port + 1}:127.0.0.1:9")
-        assert other.returncode == 255 and "forwarding failed" in other.stderr.lower()
+        assert other.returncode == 255
+        assert f"remote port forwarding failed for listen port {grant.port + 1}" in other.stderr
         public = _tunnel_ssh(cluster, key, "-N", "-R", f"{cluster.hub_ip}:{grant.port}:127.0.0.1:9")
-        assert public.returncode == 255 and "forwarding failed" in public.stderr.lower()
+        assert public.returncode == 255
+        assert f"remote port forwarding failed for listen port {grant.port}" in public.stderr
     finally:
         await keys.revoke("u0-confinement-test")
     # a revoked key no longer logs in at all
@@ -271,8 +280,9 @@ async def test_tunnelbot_is_confined(hub, cluster, tmp_path):
     assert r.returncode == 255 and "permission denied" in r.stderr.lower()
 
 
-def _forward_get(cluster, key: Path, target: str, path: str) -> str:
-    """Open ``-L`` to ``target`` from the cluster side and send one HTTP request."""
+def _forward_get(cluster, key: Path, target: str, path: str) -> tuple[str, str]:
+    """Open ``-L`` to ``target`` from the cluster side and send one HTTP request; return
+    what came back and what ssh said on stderr."""
     port = 39000 + (hash(target) % 500)
     proc = subprocess.Popen(
         tunnel_ssh_argv(cluster, key, "-N", "-L", f"127.0.0.1:{port}:{target}"),
@@ -301,7 +311,7 @@ def _forward_get(cluster, key: Path, target: str, path: str) -> str:
             timeout=30,
             check=False,
         )
-        return r.stdout
     finally:
         proc.terminate()
-        proc.wait(5)
+        _, ssh_err = proc.communicate(timeout=5)
+    return r.stdout, ssh_err

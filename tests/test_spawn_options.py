@@ -9,7 +9,7 @@ import time
 import pytest
 import requests
 
-from .conftest import fill_nodes, make_hub, stop_hub_and_proxy
+from .conftest import canaries, fill_nodes, make_hub, remove_canaries, stop_hub_and_proxy
 from .test_gateway import in_cluster_root
 
 pytestmark = pytest.mark.cluster
@@ -49,6 +49,7 @@ HOSTILE = [
 
 def test_hostile_options_through_the_rest_api(hub):
     c = hub.client
+    remove_canaries()
     before = all_jobs()
     for opts, field in HOSTILE:
         r = c.start("ada-l", opts)
@@ -57,6 +58,7 @@ def test_hostile_options_through_the_rest_api(hub):
         assert not c.user("ada-l")["servers"], opts
     time.sleep(1)
     assert all_jobs() <= before, "a job was submitted for a refused request"
+    assert canaries() == [], "an injected command ran"
 
 
 def test_form_shows_partitions_and_availability(hub):

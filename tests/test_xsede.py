@@ -13,7 +13,7 @@ import requests
 
 from xsedehub import localhub
 
-from .audit import ArgvScanner, audit, job_dir
+from .audit import ArgvScanner, audit, job_dir, private_key_needles
 from .conftest import PROVIDER, make_hub, stop_hub_and_proxy
 from .hubclient import LoginRefused
 
@@ -80,7 +80,7 @@ async def test_researchers_run_as_themselves(hub, cluster, issuer):
     user_secrets = []
     for name in names:
         cred = credential(hub, name)
-        user_secrets.append(cred["private_key"].splitlines()[1])
+        user_secrets += private_key_needles(cred["private_key"])
     assert audit(scan, jobs, hub.log, user_secrets) >= 8
     for name, job in zip(names, jobs, strict=True):
         assert str(job_dir(job)).startswith(f"/home/{name}/")
@@ -92,7 +92,7 @@ async def test_researchers_run_as_themselves(hub, cluster, issuer):
     for name in names:
         state = c.get(f"/users/{name}").json()["auth_state"]
         assert state["token_response"]["access_token"] not in issuer_log
-        assert state["xsedehub_credential"]["certificate"].split()[1][:40] not in issuer_log
+        assert state["xsedehub_credential"]["certificate"].split()[1][48:120] not in issuer_log
     for name in names:
         c.stop(name)
 
@@ -113,6 +113,7 @@ def test_certificate_near_expiry_is_renewed_before_a_spawn(hub):
     state["xsedehub_credential"] = dict(old, valid_before=time.time() + 60)
     r = c.api.patch(f"{c.url}/hub/api/users/alice", json={"auth_state": state}, timeout=30)
     assert r.status_code == 200, r.text
+    assert credential(hub, "alice")["valid_before"] < time.time() + 120  # the hub took it
     r = c.start("alice")
     assert r.status_code in (201, 202), r.text
     c.wait_ready("alice")
@@ -127,7 +128,9 @@ def test_certificate_that_cannot_be_renewed_asks_for_a_new_login(hub):
     session = c.login("cilogon-bob")
     state = c.get("/users/bob").json()["auth_state"]
     state["xsedehub_credential"]["valid_before"] = time.time() + 60
-    c.api.patch(f"{c.url}/hub/api/users/bob", json={"auth_state": state}, timeout=30)
+    r = c.api.patch(f"{c.url}/hub/api/users/bob", json={"auth_state": state}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert credential(hub, "bob")["valid_before"] < time.time() + 120  # the hub took it
     # the identity provider forgets bob's tokens: no refresh is possible
     requests.post(f"{PROVIDER}/users/cilogon-bob/revoke-tokens", timeout=10).raise_for_status()
     r = c.start_as_user(session, "bob")  # bob presses Start
@@ -136,8 +139,12 @@ def test_certificate_that_cannot_be_renewed_asks_for_a_new_login(hub):
     assert "Traceback" not in r.text
     assert not c.user("bob")["servers"]
     # a new login gets a new certificate and the spawn works
-    c.login("cilogon-bob")
+    session = c.login("cilogon-bob")
     assert credential(hub, "bob")["valid_before"] > time.time() + 3000
+    r = c.start_as_user(session, "bob")
+    assert r.status_code in (201, 202), r.text
+    c.wait_ready("bob")
+    c.stop("bob")
 
 
 def test_hub_disk_holds_no_user_key_or_certificate(hub):
@@ -145,7 +152,8 @@ def test_hub_disk_holds_no_user_key_or_certificate(hub):
     creds = []
     for name in ("alice", "bob"):
         cred = credential(hub, name)
-        creds += [cred["certificate"].split()[1][:60], cred["private_key"].splitlines()[1][:60]]
+        # past the first 48 characters, which encode the type name every certificate shares
+        creds += [cred["certificate"].split()[1][48:120], *private_key_needles(cred["private_key"])]
     roots = [
         hub.workdir,
         Path("/tmp"),

@@ -310,7 +310,9 @@ class Checker:
         hub_known_hosts = _read(sp.tunnel_known_hosts)
         try:
             sftp = await conn.sftp()
-            await sftp.makedirs(job_dir, exist_ok=True)
+            # 0700 for every folder it creates, as the spawner does (.xsedehub/jobs included:
+            # a spawn after this check finds its parent private)
+            await sftp.makedirs(job_dir, attrs=asyncssh.SFTPAttrs(permissions=0o700), exist_ok=True)
             for name, content in (
                 ("env", ""),
                 ("tunnel_key", grant.private_key),

@@ -5,14 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _cluster(args: argparse.Namespace) -> int:
     from . import localcluster
 
     try:
-        if args.action == "up":
-            info = localcluster.up(install=not args.no_install)
+        if args.action == "install":
+            localcluster.install()
+        elif args.action == "up":
+            info = localcluster.up()
             print(json.dumps({"cluster": f"{info.root}/cluster.json", "login": info.login_ip}))
         elif args.action == "down":
             localcluster.down()
@@ -41,8 +44,11 @@ def _demo(args: argparse.Namespace) -> int:
         return demo.run(
             port=args.port,
             provider_port=args.provider_port,
+            workdir=Path(args.workdir),
             keep_cluster=args.keep_cluster,
             once=args.once,
+            mode=args.mode,
+            issuer_port=args.issuer_port,
         )
     except localcluster.ClusterError as e:
         print(f"xsedehub demo: {e}", file=sys.stderr)
@@ -139,13 +145,33 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("cluster", help="the local mini-Comet test cluster (root, Debian)")
-    c.add_argument("action", choices=["up", "down", "status"])
-    c.add_argument("--no-install", action="store_true", help="do not apt-get/pip install anything")
+    c.add_argument(
+        "action",
+        choices=["install", "up", "down", "status"],
+        help="install: Debian packages and the job environment (needs the network; "
+        "scripts/install.sh runs it); up: start it (installs nothing); down: stop "
+        "everything up started; status: what runs (exit 3 when not healthy)",
+    )
     c.set_defaults(func=_cluster)
 
-    d = sub.add_parser("demo", help="run the product on the local cluster (gateway mode)")
+    d = sub.add_parser("demo", help="run the product on the local cluster (either mode)")
+    d.add_argument(
+        "--mode",
+        choices=["gateway", "xsede"],
+        default="gateway",
+        help="gateway: GitHub-like login, shared account; xsede: CILogon-like login, "
+        "per-user certificates from the reference issuer, jobs as alice or bob",
+    )
     d.add_argument("--port", type=int, default=8000, help="the hub's URL port on 127.0.0.1")
     d.add_argument("--provider-port", type=int, default=9400, help="the login provider's port")
+    d.add_argument(
+        "--issuer-port", type=int, default=8700, help="the certificate issuer's port (xsede mode)"
+    )
+    d.add_argument(
+        "--workdir",
+        default="/var/lib/xsedehub/demo",
+        help="where the hub's config, database and logs go",
+    )
     d.add_argument("--keep-cluster", action="store_true", help="leave the local cluster up on exit")
     d.add_argument("--once", action="store_true", help="start everything, then stop (smoke test)")
     d.set_defaults(func=_demo)

@@ -87,9 +87,29 @@ def map_identity(cfg: IssuerConfig, userinfo: dict) -> str:
         ) from None
 
 
+@web.stream_request_body
 class CertificateHandler(web.RequestHandler):
+    """``POST /v1/certificate``.  The body is streamed: a request whose Content-Length is
+    over :data:`MAX_BODY` is refused from its headers, before a byte of it is read, and
+    a body that grows past the limit is cut off."""
+
     def initialize(self, cfg: IssuerConfig, ca: asyncssh.SSHKey) -> None:
         self.cfg, self.ca = cfg, ca
+        self._body = bytearray()
+
+    def prepare(self) -> None:
+        length = self.request.headers.get("Content-Length", "0")
+        if not length.isascii() or not length.isdigit() or int(length) > MAX_BODY:
+            self._fail(413, "too_large", f"request body larger than {MAX_BODY} bytes")
+
+    def data_received(self, chunk: bytes) -> None:
+        if self._finished:
+            return
+        self._body += chunk
+        if len(self._body) > MAX_BODY:
+            too_large = Refusal(413, "too_large", f"request body larger than {MAX_BODY} bytes")
+            log.info("refused 413: %s", too_large.message)
+            self.send_error(413, exc_info=(Refusal, too_large, None))
 
     def write_error(self, status_code: int, **kwargs) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
@@ -112,14 +132,14 @@ class CertificateHandler(web.RequestHandler):
         raise Refusal(status, error, message)
 
     async def post(self) -> None:
+        if self._finished:  # refused while the body streamed in
+            return
         auth = self.request.headers.get("Authorization", "")
         scheme, _, token = auth.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             self._fail(401, "missing_token", "send the identity provider's access token as Bearer")
-        if len(self.request.body) > MAX_BODY:
-            self._fail(413, "too_large", f"request body larger than {MAX_BODY} bytes")
         try:
-            body = json.loads(self.request.body or b"")
+            body = json.loads(bytes(self._body) or b"")
             public = body["public_key"]
             if not isinstance(public, str) or len(public) > 4096:
                 raise TypeError

@@ -33,7 +33,9 @@ from .netns import nsenter_argv
 from .tunnelsetup import match_block
 
 ROOT = Path(os.environ.get("XSEDEHUB_CLUSTER_ROOT", "/var/lib/xsedehub/localcluster"))
-JOB_ENV = Path(os.environ.get("XSEDEHUB_JOB_ENV", "/opt/xsedehub/job-env"))
+#: where scripts/install.sh installs (the job environment, the proxy, the hub's venv)
+PREFIX = Path(os.environ.get("XSEDEHUB_PREFIX", "/opt/xsedehub"))
+JOB_ENV = Path(os.environ.get("XSEDEHUB_JOB_ENV", str(PREFIX / "job-env")))
 HUB_NS, CLUSTER_NS = "xh-hub", "xh-cluster"
 HUB_IP, LOGIN_IP = "10.200.0.1", "10.200.0.2"
 VETH_HUB, VETH_CLUSTER = "xh-veth-h", "xh-veth-c"
@@ -145,6 +147,19 @@ def _pid_files(root: Path) -> dict[str, Path]:
 
 
 # --------------------------------------------------------------------------- install
+#: how a missing piece is installed (``scripts/install.sh`` runs ``xsedehub cluster install``)
+INSTALL_HINT = "run `bash scripts/install.sh` (as root, with network access) first"
+
+
+def install() -> None:
+    """Install every piece the cluster needs: Debian packages and the job environment.
+
+    Runs from ``scripts/install.sh``, in the host's namespace, where the package
+    registries are reachable; ``up`` never downloads anything."""
+    install_packages()
+    ensure_job_env()
+
+
 def install_packages() -> None:
     missing = [p for p in APT_PACKAGES if not _dpkg_installed(p)]
     if not missing:
@@ -165,23 +180,34 @@ def _dpkg_installed(pkg: str) -> bool:
     return r.returncode == 0 and "install ok installed" in r.stdout
 
 
-def ensure_job_env(path: Path = JOB_ENV) -> None:
-    """World-readable venv from the system Python with the same jupyterhub as the hub."""
+def job_env_problem(path: Path = JOB_ENV) -> str | None:
+    """Why the job environment at ``path`` cannot serve jobs of this hub, or None."""
     want = metadata.version("jupyterhub")
     py = path / "bin" / "python"
-    if py.exists():
-        r = subprocess.run(
-            [
-                str(py),
-                "-c",
-                "import jupyterhub, jupyterlab, nbgitpuller; print(jupyterhub.__version__)",
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if r.returncode == 0 and r.stdout.strip() == want:
-            return
+    if not py.exists():
+        return f"the job environment {path} does not exist"
+    r = subprocess.run(
+        [
+            str(py),
+            "-c",
+            "import jupyterhub, jupyterlab, nbgitpuller; print(jupyterhub.__version__)",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if r.returncode != 0:
+        return f"the job environment {path} is incomplete: {r.stderr.strip()[-300:]}"
+    if r.stdout.strip() != want:
+        return f"the job environment {path} has jupyterhub {r.stdout.strip()}, the hub {want}"
+    return None
+
+
+def ensure_job_env(path: Path = JOB_ENV) -> None:
+    """World-readable venv from the system Python with the same jupyterhub as the hub."""
+    if job_env_problem(path) is None:
+        return
+    want = metadata.version("jupyterhub")
     _log(f"building the job environment {path} (jupyterhub=={want})")
     path.parent.mkdir(parents=True, exist_ok=True)
     os.chmod(path.parent, 0o755)  # noqa: S103 (jobs of every user run this environment)
@@ -189,6 +215,15 @@ def ensure_job_env(path: Path = JOB_ENV) -> None:
     _run([str(path / "bin/pip"), "install", "-q", "--upgrade", "pip"])
     _run([str(path / "bin/pip"), "install", "-q", f"jupyterhub=={want}", *JOB_PACKAGES])
     _run(["chmod", "-R", "a+rX", str(path)])
+
+
+def missing_pieces() -> list[str]:
+    """What ``install`` would still have to install (empty when everything is there)."""
+    out = [f"Debian package {p}" for p in APT_PACKAGES if not _dpkg_installed(p)]
+    problem = job_env_problem()
+    if problem:
+        out.append(problem)
+    return out
 
 
 # --------------------------------------------------------------------------- pieces
@@ -582,14 +617,15 @@ def healthy(root: Path = ROOT) -> bool:
     )
 
 
-def up(root: Path = ROOT, *, install: bool = True, job_env: bool = True) -> ClusterInfo:
+def up(root: Path = ROOT) -> ClusterInfo:
+    """Bring the cluster up (idempotent).  Installs nothing: a missing piece stops it at
+    once with the piece named and the command that installs it."""
     if os.geteuid() != 0:
         raise ClusterError("`xsedehub cluster up` must run as root")
     t0 = time.monotonic()
-    if install:
-        install_packages()
-    if job_env:
-        ensure_job_env()
+    missing = missing_pieces()
+    if missing:
+        raise ClusterError(f"not installed: {'; '.join(missing)}: {INSTALL_HINT}")
     if healthy(root):
         _log("already up")
         return ClusterInfo.load(root)

@@ -18,28 +18,21 @@ import time
 import urllib.request
 from pathlib import Path
 
-from .localcluster import ClusterInfo
+from .localcluster import INSTALL_HINT, PREFIX, ClusterError, ClusterInfo
 from .netns import nsenter_argv
 
 CHP = Path(
-    os.environ.get("XSEDEHUB_CHP", "/opt/xsedehub/chp/node_modules/.bin/configurable-http-proxy")
+    os.environ.get(
+        "XSEDEHUB_CHP", str(PREFIX / "chp" / "node_modules" / ".bin" / "configurable-http-proxy")
+    )
 )
 
 
 def ensure_chp() -> str:
-    """configurable-http-proxy from the npm registry, installed once under /opt/xsedehub."""
+    """The configurable-http-proxy ``scripts/install.sh`` installed; never downloads
+    (this runs inside the hub's namespace, which has no route out)."""
     if not CHP.exists():
-        subprocess.run(
-            [
-                "npm",
-                "install",
-                "--silent",
-                "--prefix",
-                str(CHP.parents[2]),
-                "configurable-http-proxy@5",
-            ],
-            check=True,
-        )
+        raise ClusterError(f"configurable-http-proxy is not installed at {CHP}: {INSTALL_HINT}")
     return str(CHP)
 
 
@@ -50,13 +43,17 @@ def write_config(
     mode: str = "gateway",
     provider_url: str = "http://127.0.0.1:9400",
     public_port: int = 8000,
+    callback_port: int | None = None,
     allowed_users: list[str] | None = None,
     poll_interval: int = 30,
     issuer_url: str = "http://127.0.0.1:8700/v1/certificate",
     extra: str = "",
     post: str = "",
 ) -> Path:
-    """A jupyterhub_config.py for the local cluster in ``workdir`` (0600 with its secrets)."""
+    """A jupyterhub_config.py for the local cluster in ``workdir`` (0600 with its secrets).
+
+    ``callback_port``: the port the browser reaches the hub on, when a bridge maps it to
+    ``public_port`` (the demo); default ``public_port``."""
     workdir.mkdir(parents=True, exist_ok=True)
     workdir.chmod(0o700)
     job_env = info.job_env
@@ -111,7 +108,7 @@ _a.token_url = "{provider_url}/oauth2/token"
 _a.userdata_url = "{provider_url}/userinfo"
 _a.client_id = "xsedehub-local"
 _a.client_secret = "local-secret"
-_a.oauth_callback_url = "http://127.0.0.1:{public_port}/hub/oauth_callback"
+_a.oauth_callback_url = "http://127.0.0.1:{callback_port or public_port}/hub/oauth_callback"
 _a.enable_auth_state = True
 _a.allow_all = {allowed_users is None}
 _a.allowed_users = set({sorted(allowed_users or [])!r})
@@ -196,7 +193,7 @@ def start_issuer(
     if in_netns:
         argv = nsenter_argv(in_netns) + argv
     log = open(workdir / "issuer.log", "ab")
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     wait_http(f"http://127.0.0.1:{port}/health")
     return proc
 
@@ -233,7 +230,7 @@ def start_provider(
     if in_netns:
         argv = nsenter_argv(in_netns) + argv
     log = open(workdir / "provider.log", "ab")
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     wait_http(f"http://127.0.0.1:{port}/.well-known/openid-configuration")
     return proc
 
@@ -260,7 +257,9 @@ def start_hub(
     if in_netns:
         argv = nsenter_argv(in_netns) + argv
     log = open(workdir / "hub.log", "ab")
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir)
+    proc = subprocess.Popen(
+        argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir, start_new_session=True
+    )
     try:
         wait_http(f"http://127.0.0.1:{public_port}/hub/api", timeout=60)
     except TimeoutError:

@@ -171,16 +171,31 @@ def tljh_post_install() -> None:
     if not keys.exists():
         keys.write_text("")
     keys.chmod(0o644)
-    ensure_tunnel_account("tunnelbot")
+    ensure_tunnel_account("tunnelbot", ACCOUNTS_ROOT)
 
 
-def ensure_tunnel_account(user: str) -> bool:
-    """Create the no-shell tunnel account if missing; True if it was created."""
-    if subprocess.run(["id", user], capture_output=True, check=False).returncode == 0:
-        subprocess.run(["usermod", "-s", "/usr/sbin/nologin", user], check=True)
+#: the root whose /etc/passwd holds the tunnel account (``/``; a copy in the tests)
+ACCOUNTS_ROOT = Path("/")
+
+
+def _account_exists(user: str, root: Path) -> bool:
+    if root == Path("/"):
+        return subprocess.run(["id", user], capture_output=True, check=False).returncode == 0
+    passwd = (root / "etc" / "passwd").read_text()
+    return any(line.split(":", 1)[0] == user for line in passwd.splitlines())
+
+
+def ensure_tunnel_account(user: str, root: Path = Path("/")) -> bool:
+    """Create the no-shell tunnel account if missing; True if it was created.
+
+    ``root`` other than ``/`` edits the account files under it (``useradd --prefix``)."""
+    prefix = [] if root == Path("/") else ["--prefix", str(root)]
+    if _account_exists(user, root):
+        subprocess.run(["usermod", *prefix, "-s", "/usr/sbin/nologin", user], check=True)
         return False
     subprocess.run(
-        ["useradd", "--system", "--create-home", "--shell", "/usr/sbin/nologin", user], check=True
+        ["useradd", *prefix, "--system", "--create-home", "--shell", "/usr/sbin/nologin", user],
+        check=True,
     )
-    subprocess.run(["usermod", "-p", "*", user], check=True)
+    subprocess.run(["usermod", *prefix, "-p", "*", user], check=True)
     return True

@@ -1,6 +1,7 @@
 """`down` stops exactly what `up` started; `up` again brings it all back.
 
-Runs last (file name): it takes the cluster away under every other test.
+Marked ``takes_cluster_down``: conftest runs it after every other test, whatever the
+order of the modules, since it takes the cluster away under them.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 from xsedehub import netns
 from xsedehub.localcluster import ClusterInfo
 
-pytestmark = pytest.mark.cluster
+pytestmark = pytest.mark.takes_cluster_down
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -53,9 +54,9 @@ def test_down_then_up(cluster):
     st = _cli("status")
     assert st.returncode == 3 and json.loads(st.stdout)["healthy"] is False
 
-    r = _cli("up", "--no-install")
+    r = _cli("up")
     assert r.returncode == 0, r.stderr
-    again = _cli("up", "--no-install")  # idempotent: a second up changes nothing
+    again = _cli("up")  # idempotent: a second up changes nothing
     assert again.returncode == 0 and "already up" in again.stderr
     info = ClusterInfo.load()
     assert all(_alive(f) for f in info.pid_files.values())

@@ -1,0 +1,144 @@
+"""The README's demo command, in both modes: it comes up, a server runs as it should, and
+a Ctrl-C (SIGINT) or SIGTERM stops everything it started, without an error."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import port_free
+from .hubclient import Hub
+from .test_gateway import in_cluster_root
+
+PUBLIC, PROVIDER_PORT, ISSUER_PORT = 18000, 19400, 8701
+
+
+def _cmdlines() -> dict[int, str]:
+    out = {}
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            out[int(pid)] = raw.replace(b"\0", b" ").decode(errors="replace")
+    return out
+
+
+def _demo_processes(workdir: Path) -> list[str]:
+    """Processes of a demo in ``workdir``: hub, proxy, provider, issuer, bridges, servers."""
+    marks = (
+        str(workdir),
+        f"--port {PUBLIC} ",
+        f"oidc_provider_mock --port {PROVIDER_PORT}",
+        f"127.0.0.1:{ISSUER_PORT}",
+        "configurable-http-proxy",
+        "jupyterhub-singleuser",
+    )
+    return [f"{pid} {c}" for pid, c in _cmdlines().items() if any(m in c for m in marks)]
+
+
+def _xsedehub_jobs(account: str) -> list[str]:
+    out = in_cluster_root(["squeue", "-h", "-u", account, "-o", "%i %T %k"])
+    return [ln for ln in out.splitlines() if "xsedehub:" in ln]
+
+
+@pytest.fixture
+def demo(cluster, tmp_path):
+    """Start ``xsedehub demo`` from the host's namespace, as the README's command does."""
+    procs = []
+
+    def start(mode: str) -> tuple[subprocess.Popen, Hub, Path]:
+        busy = [p for p in (8000, 8001, cluster.hub_api_port) if not port_free(p)]
+        assert not busy, f"hub ports {busy} taken: another hub is running"
+        workdir = tmp_path / f"demo-{mode}"
+        argv = [
+            "nsenter",
+            "--net=/proc/1/ns/net",
+            "--",
+            sys.executable,
+            "-m",
+            "xsedehub.cli",
+            "demo",
+            "--mode",
+            mode,
+            "--port",
+            str(PUBLIC),
+            "--provider-port",
+            str(PROVIDER_PORT),
+            "--issuer-port",
+            str(ISSUER_PORT),
+            "--workdir",
+            str(workdir),
+            "--keep-cluster",  # the rest of the suite runs on this cluster
+        ]
+        out = open(tmp_path / f"{mode}.out", "w")
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, text=True
+        )
+        procs.append((proc, workdir))
+        deadline = time.monotonic() + 180
+        while "is up: http://127.0.0.1:" not in (tmp_path / f"{mode}.out").read_text():
+            assert proc.poll() is None, (tmp_path / f"{mode}.out").read_text()
+            assert time.monotonic() < deadline, "the demo did not print its URL"
+            time.sleep(0.5)
+        token = (workdir / "service_token").read_text().strip()
+        hub = Hub("http://127.0.0.1:8000", token, f"http://127.0.0.1:{PROVIDER_PORT}")
+        return proc, hub, tmp_path / f"{mode}.out"
+
+    yield start
+    for proc, workdir in procs:  # a failed test still leaves nothing behind
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            proc.wait(180)
+        assert _demo_processes(workdir) == []
+
+
+def _stopped_cleanly(proc, output: Path, workdir: Path, account: str, sig: int) -> None:
+    os.kill(proc.pid, sig)
+    assert proc.wait(180) == 0
+    text = output.read_text()
+    assert "xsedehub demo: stopped" in text
+    for bad in ("Traceback", "Error", "could not", "cancelled leftover jobs"):
+        assert bad not in text, text  # every server was stopped through the hub
+    assert _xsedehub_jobs(account) == []
+    assert _demo_processes(workdir) == []
+
+
+async def test_demo_xsede_mode_runs_as_the_user_and_stops_on_ctrl_c(demo, tmp_path):
+    proc, hub, output = demo("xsede")
+    hub.login("alice")  # the provider's button for alice; the issuer maps her to alice
+    r = hub.start("alice")
+    assert r.status_code in (201, 202), r.text
+    hub.wait_ready("alice")
+    out = await hub.execute(
+        "alice",
+        hub.user_token("alice"),
+        "import subprocess, os\n"
+        "print(subprocess.run(['id', '-un'], capture_output=True, text=True).stdout.strip(),"
+        " os.environ['SLURM_JOB_ID'])",
+    )
+    who, job = out.split()
+    assert who == "alice"
+    assert [ln.split()[:2] for ln in _xsedehub_jobs("alice")] == [[job, "RUNNING"]]
+    _stopped_cleanly(proc, output, tmp_path / "demo-xsede", "alice", signal.SIGINT)
+
+
+async def test_demo_gateway_mode_stops_on_sigterm(demo, tmp_path):
+    proc, hub, output = demo("gateway")
+    hub.login("attendee1")
+    r = hub.start("attendee1")
+    assert r.status_code in (201, 202), r.text
+    hub.wait_ready("attendee1")
+    out = await hub.execute(
+        "attendee1", hub.user_token("attendee1"), "import os; print(os.getcwd())"
+    )
+    assert out.strip() == "/home/gateway/workshop/attendee1"
+    assert len(_xsedehub_jobs("gateway")) == 1
+    _stopped_cleanly(proc, output, tmp_path / "demo-gateway", "gateway", signal.SIGTERM)
