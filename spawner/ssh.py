@@ -19,7 +19,9 @@ import asyncssh
 
 from . import slurm
 
-log = logging.getLogger("xsedehub.ssh")
+#: a child of JupyterHub's own logger: in a hub, these lines go where the hub's go, in its
+#: format and at its level (``--debug`` included)
+log = logging.getLogger("JupyterHub").getChild("xsedehub.ssh")
 
 
 class ClusterUnreachable(RuntimeError):

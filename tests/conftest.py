@@ -81,9 +81,10 @@ def fill_nodes(info: ClusterInfo) -> list[str]:
     import time
 
     fillers = []
-    for line in in_cluster(info, "sinfo", "-h", "-N", "-o", "%N %C").stdout.splitlines():
-        node, cpus = line.split()
-        idle = int(cpus.split("/")[1])  # allocated/idle/other/total
+    # one line per node and partition: the same node shows up once per partition
+    lines = in_cluster(info, "sinfo", "-h", "-N", "-o", "%N %C").stdout.splitlines()
+    idle_cpus = {ln.split()[0]: int(ln.split()[1].split("/")[1]) for ln in lines}  # A/I/O/T
+    for node, idle in sorted(idle_cpus.items()):
         if node not in info.nodes or idle == 0:
             continue
         out = in_cluster(
@@ -109,6 +110,7 @@ def fill_nodes(info: ClusterInfo) -> list[str]:
         if states.split() == ["RUNNING"] * len(fillers):
             return fillers
         time.sleep(0.2)
+    in_cluster(info, "scancel", *fillers)  # never leave a busy queue behind
     raise AssertionError(f"filler jobs {fillers} did not start")
 
 

@@ -152,7 +152,7 @@ async def test_check_in_xsede_mode_with_a_certificate(cluster, issuer, tmp_path)
             "WRONG_KH",
             "login-hostkey",
             "not vouched for",
-            "ssh-keyscan -p PORT HOST",
+            "Add the login node's host key (ssh-keyscan -p PORT HOST",
         ),
         (
             "login node down",
@@ -180,7 +180,7 @@ async def test_check_in_xsede_mode_with_a_certificate(cluster, issuer, tmp_path)
             'c.SlurmSSHSpawner.tunnel_authorized_keys = "ELSEWHERE"',
             "tunnel-failed",
             "did not open the tunnel",
-            "the hub's sshd must be reachable at tunnel_host:tunnel_port",
+            "From a compute node, the hub's sshd must be reachable at tunnel_host:tunnel_port",
         ),
         (
             "no singleuser",
