@@ -24,8 +24,10 @@ _POSIX_USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 # GitHub logins: letters, digits and single inner hyphens, at most 39 characters.
 _GITHUB_LOGIN = re.compile(r"^[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){0,38}$")
 _SLURM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_WALLTIME = re.compile(r"^(?:(\d{1,3})-)?(\d{1,3}):(\d{2})(?::(\d{2}))?$")
-_MEMORY = re.compile(r"^([1-9]\d{0,6})([KMGT]?)$")
+# [0-9], not \d: \d and str.isdigit() also take '٣', '１' or '²' (the last crashes int())
+_WALLTIME = re.compile(r"^(?:([0-9]{1,3})-)?([0-9]{1,3}):([0-9]{2})(?::([0-9]{2}))?$")
+_MEMORY = re.compile(r"^([1-9][0-9]{0,6})([KMGT]?)$")
+_DIGITS = re.compile(r"^[0-9]+$")
 _SAFE_PATH_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@+-]{0,127}$")
 _SAFE_HIDDEN_PART = re.compile(r"^\.?[A-Za-z0-9_][A-Za-z0-9_.@+-]{0,127}$")
 _HOST = re.compile(r"^[A-Za-z0-9.:_-]{1,253}$")
@@ -73,7 +75,7 @@ def walltime_minutes(value: object, field: str = "walltime") -> int:
         minutes = value
     else:
         v = _text(field, value, 16).strip()
-        if v.isdigit():
+        if _DIGITS.match(v):
             minutes = int(v)
         else:
             m = _WALLTIME.match(v)
@@ -117,7 +119,7 @@ def positive_int(value: object, field: str, *, low: int = 1, high: int = 4096) -
         raise InvalidValue(field, "must be a whole number")
     if isinstance(value, str):
         v = _text(field, value, 8).strip()
-        if not v.isdigit():
+        if not _DIGITS.match(v):
             raise InvalidValue(field, f"{value!r} is not a whole number")
         value = int(v)
     if not isinstance(value, int):

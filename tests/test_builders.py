@@ -207,3 +207,15 @@ def test_scancel_argv_only_takes_job_ids():
 def test_singleuser_args_are_quoted():
     script = slurm.build_job_script(job(singleuser=["/bin/su", "--x=$(id)", "a b"]))
     assert shlex.join(["/bin/su", "--x=$(id)", "a b"]) in script
+
+
+@pytest.mark.parametrize("field", ["walltime", "cores", "memory", "gpus"])
+@pytest.mark.parametrize("value", ["²", "³0", "٣", "１", "1²"])
+def test_numbers_are_ascii_digits_only(field, value):
+    """str.isdigit() accepts '²', which int() then refuses: a 500 instead of a 400."""
+    from xsedehub.spawner import form
+
+    parts = [form.PartitionSpec("compute", max_cores=8, max_memory=16384, max_walltime=480)]
+    with pytest.raises(v.InvalidValue) as e:
+        form.validate_options({field: value}, parts, default_partition="compute")
+    assert e.value.field == field
