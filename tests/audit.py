@@ -9,7 +9,7 @@ import threading
 import time
 from pathlib import Path
 
-from xsedehub.netns import nsenter_argv
+from xsedehub.testbed.netns import nsenter_argv
 
 
 class ArgvScanner:

@@ -10,7 +10,7 @@ import pytest
 import requests
 from xsedehub.auth.issuer import IssuerRefused, obtain_credential
 
-from xsedehub import localhub
+from xsedehub.testbed import localhub
 
 from .conftest import IDENTITIES, provider_token
 

@@ -8,7 +8,7 @@ import sys
 
 
 def _cluster(args: argparse.Namespace) -> int:
-    from . import localcluster
+    from .testbed import localcluster
 
     try:
         if args.action == "up":
@@ -27,7 +27,7 @@ def _cluster(args: argparse.Namespace) -> int:
 
 
 def _bridge(args: argparse.Namespace) -> int:
-    from .netns import bridge
+    from .testbed.netns import bridge
 
     host, _, port = args.target.rpartition(":")
     bridge(args.port, args.netns, host or "127.0.0.1", int(port))
@@ -35,7 +35,7 @@ def _bridge(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from . import demo, localcluster
+    from .testbed import demo, localcluster
 
     try:
         return demo.run(

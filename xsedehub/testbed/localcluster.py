@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+from ..tunnelsetup import match_block
 from .netns import nsenter_argv
-from .tunnelsetup import match_block
 
 ROOT = Path(os.environ.get("XSEDEHUB_CLUSTER_ROOT", "/var/lib/xsedehub/localcluster"))
 JOB_ENV = Path(os.environ.get("XSEDEHUB_JOB_ENV", "/opt/xsedehub/job-env"))
