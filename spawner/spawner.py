@@ -434,7 +434,7 @@ class SlurmSSHSpawner(Spawner):
 
     async def _certificate_identity(self) -> SSHIdentity:
         from xsedehub.auth.cilogon import STATE_KEY
-        from xsedehub.auth.issuer import Credential
+        from xsedehub.auth.issuer_client import Credential
 
         auth_state = await self.user.get_auth_state() or {}
         cred = Credential.from_state(auth_state.get(STATE_KEY))

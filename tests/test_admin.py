@@ -9,7 +9,7 @@ from pathlib import Path
 
 import asyncssh
 import pytest
-from xsedehub.auth.issuer import obtain_credential
+from xsedehub.auth.issuer_client import obtain_credential
 
 from xsedehub import tunnelsetup
 from xsedehub.check import MESSAGES, run_check

@@ -8,7 +8,7 @@ import time
 import asyncssh
 import pytest
 import requests
-from xsedehub.auth.issuer import IssuerRefused, obtain_credential
+from xsedehub.auth.issuer_client import IssuerRefused, obtain_credential
 
 from xsedehub.testbed import localhub
 
