@@ -5,6 +5,7 @@ below, only here, as the reference."""
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -235,3 +236,57 @@ def test_template_renders_the_old_script_for_any_free_text(
         ),
     )
     assert slurm.build_job_script(j) == old_build_job_script(j)
+
+
+NAMES = {
+    "directives",
+    "job_dir",
+    "work_dir",
+    "python",
+    "free_port",
+    "api_forward",
+    "prologue",
+    "singleuser",
+    "reverse",
+    "hub_port",
+}
+
+
+def test_template_names_exactly_the_values_build_job_script_gives():
+    import jinja2
+    from jinja2 import meta
+
+    env = jinja2.Environment(autoescape=True)  # only parsed here
+    text = (Path(slurm.__file__).parent / "templates" / "job.sh.j2").read_text()
+    assert meta.find_undeclared_variables(env.parse(text)) == NAMES
+
+
+def test_render_quotes_every_value_that_is_not_verbatim():
+    hostile = "$(touch /tmp/x) `id`; a'b"
+    script = slurm.render_job_script(**dict.fromkeys(NAMES, hostile))
+    assert script.count(hostile) == 0
+    assert script.count(shlex.quote(hostile)) == len(NAMES)
+    script = slurm.render_job_script(**dict.fromkeys(NAMES, slurm.Verbatim("echo ok")))
+    assert "\necho ok\n" in script  # the prologue's line, as it is
+
+
+def test_render_refuses_a_missing_value():
+    import jinja2
+
+    with pytest.raises(jinja2.UndefinedError):
+        slurm.render_job_script(**dict.fromkeys(NAMES - {"python"}, "x"))
+
+
+def test_template_ships_in_the_wheel(tmp_path):
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(root)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("xsedehub-*.whl")
+    assert "xsedehub/spawner/templates/job.sh.j2" in zipfile.ZipFile(wheel).namelist()
