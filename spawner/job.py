@@ -151,7 +151,10 @@ class JobFiles:
                 await f.write(content)
 
         # independent requests: SFTP pipelines them over the one connection
-        steps = [sftp.chmod(self.dir.split("/")[0], 0o700), sftp.chmod(self.dir, 0o700)]
+        steps: list[Awaitable[None]] = [
+            sftp.chmod(self.dir.split("/")[0], 0o700),
+            sftp.chmod(self.dir, 0o700),
+        ]
         steps += [write(name, content) for name, content in files.items()]
         steps += [step(sftp) for step in also]
         await asyncio.gather(*steps)
