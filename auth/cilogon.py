@@ -19,7 +19,7 @@ from oauthenticator.cilogon import CILogonOAuthenticator
 from tornado import web
 from traitlets import Bool, Float, Unicode, Union, default
 
-from .issuer import Credential, IssuerError, IssuerRefused, obtain_credential
+from .issuer_client import Credential, IssuerError, IssuerRefused, obtain_credential
 
 STATE_KEY = "xsedehub_credential"
 

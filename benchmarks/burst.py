@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 import xh_bench_baseline as baseline  # noqa: E402
 
-from xsedehub import localcluster, localhub, netns  # noqa: E402
+from xsedehub.testbed import localcluster, localhub, netns  # noqa: E402
 
 HUB = "http://127.0.0.1:8000"
 PROXY_API = "http://127.0.0.1:8001/api/routes"

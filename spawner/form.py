@@ -1,8 +1,10 @@
 """The spawn form: partitions with their limits, live availability, and validation.
 
 Pure functions (no I/O): :func:`validate_options` is the one gate every spawn goes
-through, whether its options come from the form, the URL's query or the REST API;
-:func:`render_form` builds the HTML; :func:`parse_sinfo` reads availability.
+through, whether its options come from the form, the URL's query or the REST API
+(:func:`validate_for` applies it with a spawner's settings); :func:`render_form` builds
+the HTML (:func:`form_for`: with a spawner's settings, or no form when there is nothing
+to choose); :func:`parse_sinfo` reads availability.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import html
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from . import slurm
 from . import validate as v
@@ -121,6 +124,98 @@ def options_from_form(formdata: Mapping[str, Sequence[str]]) -> dict[str, str]:
         if values and str(values[0]).strip():
             out[field] = str(values[0]).strip()
     return out
+
+
+# ---------------------------------------------------------------------------- settings
+class FormSettings(Protocol):
+    """The spawner's options the form is made of (``SlurmSSHSpawner`` has them)."""
+
+    mode: str
+    partitions: dict
+    partition: str
+    walltime: str
+    cores: int
+    memory: str
+    gpus: int
+    accounts: list
+    account: str
+    allow_account_choice: bool | None
+    qos: str
+
+
+def partition_specs(s: FormSettings) -> list[PartitionSpec]:
+    """The partitions offered: :attr:`partitions`, or else :attr:`partition` alone with the
+    default resources as its only choice."""
+    if s.partitions:
+        return [PartitionSpec.from_config(n, spec) for n, spec in s.partitions.items()]
+    wall = v.walltime_minutes(s.walltime)
+    mem = v.memory_mb(s.memory)
+    return [
+        PartitionSpec(
+            name=v.slurm_name(s.partition, "partition"),
+            max_walltime=wall,
+            max_cores=s.cores,
+            max_memory=mem,
+            max_gpus=s.gpus,
+            default_walltime=wall,
+            default_cores=s.cores,
+            default_memory=mem,
+        )
+    ]
+
+
+def account_choice(s: FormSettings) -> bool:
+    """Whether users choose the account (default: in xsede mode only)."""
+    if s.allow_account_choice is None:
+        return s.mode == "xsede"
+    return s.allow_account_choice
+
+
+def _default_partition(s: FormSettings, specs: Sequence[PartitionSpec]) -> str:
+    return s.partition if any(p.name == s.partition for p in specs) else specs[0].name
+
+
+def validate_for(s: FormSettings, options: Mapping[str, object]) -> slurm.JobResources:
+    """:func:`validate_options` with the settings' partitions, accounts and QOS."""
+    specs = partition_specs(s)
+    return validate_options(
+        options,
+        specs,
+        default_partition=_default_partition(s, specs),
+        accounts=s.accounts,
+        allow_account=account_choice(s),
+        default_account=s.account or None,
+        qos=s.qos or None,
+    )
+
+
+def offers_choice(s: FormSettings) -> bool:
+    """Whether the form has anything to choose (no form otherwise)."""
+    specs = partition_specs(s)
+    return (
+        len(specs) > 1
+        or account_choice(s)
+        or any(
+            p.max_walltime > p.default_walltime
+            or p.max_cores > p.default_cores
+            or p.max_memory > p.default_memory
+            or p.max_gpus
+            for p in specs
+        )
+    )
+
+
+def form_for(s: FormSettings, availability: Mapping[str, Availability]) -> str:
+    """:func:`render_form` with the settings' partitions and accounts."""
+    specs = partition_specs(s)
+    return render_form(
+        specs,
+        default_partition=_default_partition(s, specs),
+        availability=availability,
+        accounts=s.accounts,
+        allow_account=account_choice(s),
+        default_account=s.account,
+    )
 
 
 # ---------------------------------------------------------------------------- sinfo

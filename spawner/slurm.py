@@ -1,7 +1,8 @@
 """Pure builders and parsers for SLURM: no I/O here, everything unit-tested.
 
 The job script is assembled from validated values only; every value that is not a
-fixed string of ours goes through :func:`shlex.quote`.  Secrets never appear in it:
+fixed string of ours goes through :func:`shlex.quote`.  Its text is the template
+``templates/job.sh.j2``, which :func:`render_job_script` fills in.  Secrets never appear in it:
 SLURM stores job scripts, and anyone with ``scontrol write batch_script`` rights can
 read them.  The hub delivers the environment and the tunnel key as 0600 files over
 SFTP instead, and the script reads them at run time.
@@ -9,9 +10,13 @@ SFTP instead, and the script reads them at run time.
 
 from __future__ import annotations
 
+import functools
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from importlib import resources
+
+import jinja2
 
 from . import validate as v
 
@@ -144,6 +149,33 @@ def sbatch_directives(job: JobScript) -> list[str]:
 _FREE_PORT = "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"
 
 
+class Verbatim(str):
+    """Shell text the job script template inserts as it is: built here from quoted parts
+    and validated values.  Any other value is shell-quoted as it is inserted."""
+
+
+def _shell_quoted(value: object) -> str:
+    return value if isinstance(value, Verbatim) else shlex.quote(str(value))
+
+
+@functools.cache
+def _job_template() -> jinja2.Template:
+    env = jinja2.Environment(
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,  # noqa: S701 (a shell script, not HTML: finalize shell-quotes)
+        finalize=_shell_quoted,
+    )
+    text = resources.files(__package__).joinpath("templates", "job.sh.j2").read_text("utf-8")
+    return env.from_string(text)
+
+
+def render_job_script(**values: object) -> str:
+    """``templates/job.sh.j2`` with ``values``: each one shell-quoted unless it is
+    :class:`Verbatim`; a value the template names but ``values`` lacks is an error."""
+    return _job_template().render(**values)
+
+
 def build_job_script(job: JobScript) -> str:
     """The batch script.  No secret and no user-chosen text except validated values."""
     q = shlex.quote
@@ -178,88 +210,28 @@ def build_job_script(job: JobScript) -> str:
     ]
     target = f"{t.user}@{t.host}"
 
-    def ssh_cmd(*forward: str) -> str:
-        # $XH_DIR and $XH_API_PORT are ours (set below from quoted constants): keep them
-        # expandable, quote everything else
-        return " ".join(f'"{a}"' if "$XH_" in a else q(a) for a in [*ssh, *forward, target])
+    def ssh_cmd(*forward: str) -> Verbatim:
+        # $XH_DIR and $XH_API_PORT are ours (set in the script from quoted constants):
+        # keep them expandable, quote everything else
+        return Verbatim(
+            " ".join(f'"{a}"' if "$XH_" in a else q(a) for a in [*ssh, *forward, target])
+        )
 
-    api_forward = ssh_cmd("-L", f"127.0.0.1:$XH_API_PORT:{t.api_host}:{t.api_port}")
-    reverse = ssh_cmd("-R", f"127.0.0.1:{t.hub_port}:$XH_DIR/server.sock")
-    prologue = "\n".join(" ".join(q(a) for a in argv) for argv in job.prologue)
-    singleuser = " ".join(q(a) for a in job.singleuser)
-    return f"""#!/bin/bash
-{chr(10).join(sbatch_directives(job))}
-# Written by xsedehub.  The hub delivers secrets as 0600 files in the job directory;
-# nothing secret is in this script, in an argv or in the job's log.
-set -uo pipefail
-umask 077
-cd "$HOME" || exit 1
-XH_DIR="$HOME"/{q(job.job_dir)}
-XH_WORK="$HOME"/{q(job.work_dir) if job.work_dir != "." else '""'}
-XH_PY={q(job.python)}
-log() {{ printf '%s [xsedehub] %s\\n' "$(date -u +%FT%TZ)" "$*"; }}
-cleanup() {{
-    trap - EXIT TERM INT
-    [ -n "${{XH_SERVER:-}}" ] && kill -TERM "$XH_SERVER" 2>/dev/null && wait "$XH_SERVER"
-    for t in ${{XH_API_TUNNEL:-}} ${{XH_TUNNEL:-}}; do
-        kill -TERM "$t" 2>/dev/null
-        pkill -TERM -P "$t" 2>/dev/null
-    done
-    rm -f "$XH_DIR/env" "$XH_DIR/tunnel_key" "$XH_DIR/server.sock"
-    log "job ended"
-}}
-trap cleanup EXIT
-trap 'exit 143' TERM INT
+    def words(argv: list[str]) -> str:
+        return " ".join(q(a) for a in argv)
 
-if ! [ -r "$XH_DIR/env" ] || ! [ -r "$XH_DIR/tunnel_key" ]; then
-    log "job files missing in $XH_DIR"
-    exit 2
-fi
-log "on node ${{SLURMD_NODENAME:-$(hostname)}} as $(id -un), job ${{SLURM_JOB_ID:-?}}"
-XH_API_PORT=$("$XH_PY" -c {q(_FREE_PORT)}) || {{ log "no python3 at $XH_PY"; exit 2; }}
-
-# Two SSH connections as the tunnel account, each re-opened whenever it drops: first the
-# forward to the hub API (the server needs it to start), then, once the server answers,
-# the reverse tunnel: the hub's port opens exactly when the server is ready.
-(
-    while :; do
-        {api_forward} </dev/null
-        log "hub API forward closed ($?); reopening"
-        sleep 2
-    done
-) &
-XH_API_TUNNEL=$!
-for _ in $(seq 1 300); do
-    "$XH_PY" -c "import socket,sys; socket.create_connection(('127.0.0.1', int(sys.argv[1])), 1)" \\
-        "$XH_API_PORT" 2>/dev/null && break
-    sleep 0.2
-done
-log "hub API forwarded to local port $XH_API_PORT"
-
-set -a
-. "$XH_DIR/env"
-set +a
-mkdir -p "$XH_WORK" && cd "$XH_WORK" || exit 2
-{prologue}
-log "starting the single-user server"
-{singleuser} --ServerApp.sock="$XH_DIR/server.sock" --ServerApp.sock_mode=0600 &
-XH_SERVER=$!
-until "$XH_PY" -c "import socket,sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])" \\
-        "$XH_DIR/server.sock" 2>/dev/null; do
-    kill -0 "$XH_SERVER" 2>/dev/null || {{ log "the server exited"; wait "$XH_SERVER"; exit; }}
-    sleep 0.2
-done
-(
-    while :; do
-        {reverse} </dev/null
-        log "tunnel closed ($?); reopening"
-        sleep 2
-    done
-) &
-XH_TUNNEL=$!
-log "server listening; tunnel to hub port {t.hub_port} opening"
-wait "$XH_SERVER"
-"""
+    return render_job_script(
+        directives=Verbatim("\n".join(sbatch_directives(job))),
+        job_dir=job.job_dir,
+        work_dir=job.work_dir,
+        python=job.python,
+        free_port=_FREE_PORT,
+        api_forward=ssh_cmd("-L", f"127.0.0.1:$XH_API_PORT:{t.api_host}:{t.api_port}"),
+        prologue=Verbatim("\n".join(words(argv) for argv in job.prologue)),
+        singleuser=Verbatim(words(job.singleuser)),
+        reverse=ssh_cmd("-R", f"127.0.0.1:{t.hub_port}:$XH_DIR/server.sock"),
+        hub_port=t.hub_port,
+    )
 
 
 def env_file(env: Mapping[str, str], api_origin: str) -> str:

@@ -1,16 +1,12 @@
 """The spawner: a credential in, a SLURM job and a tunnel out.
 
-One spawner serves both modes; only the way it gets an SSH identity differs:
-
-* ``gateway``: the hub's own key, as the shared workshop account; each attendee works
-  in ``<gateway_workdir_root>/<github login>`` with the workshop notebooks;
-* ``xsede``: the short-lived certificate the authenticator obtained for the user, as
-  the user's own cluster account (the certificate's principal).
-
-The flow of :meth:`start`: allocate a hub-side port and a per-job tunnel key; write the
-job's environment and key as 0600 files over SFTP; ``sbatch`` a script (no secrets in
-it) over the shared SSH connection; follow the job through the queue; wait until the
-server answers through the tunnel; return the hub-side address.
+:class:`SlurmSSHSpawner` holds the options, the saved state and the lifecycle JupyterHub
+drives (``start``, ``poll``, ``stop``).  What it puts together lives next to it: the SSH
+identity (:mod:`.identity`), what the hub process's spawners share (:mod:`.services`:
+connection pool with the shared :mod:`.squeue`, spawn registry, caches), the tunnel key
+(:mod:`.tunnel`), the job's script, files, submission and cancellation (:mod:`.job`,
+:mod:`.slurm`), the waits until the server answers (:mod:`.follow`), the spawn page's
+events (:mod:`.progress`), and the form with its one validation gate (:mod:`.form`).
 """
 
 from __future__ import annotations
@@ -18,43 +14,26 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from pathlib import Path
+from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
+from urllib.parse import urlparse
 
-import asyncssh
 from jupyterhub.spawner import Spawner
 from tornado import web
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
-from traitlets import (
-    Bool,
-    CaselessStrEnum,
-    Dict,
-    Float,
-    Integer,
-    List,
-    Tuple,
-    Unicode,
-    default,
-)
+from traitlets import Bool, CaselessStrEnum, Dict, Float, Integer, List, Tuple, Unicode, default
 
-from . import form, slurm
+from . import follow, form, identity, job, slurm
 from . import validate as v
-from .ssh import POOL, ClusterUnreachable, Connection, LoginNode, SSHIdentity
+from .errors import ClusterUnreachable, CredentialExpired, SpawnError
+from .progress import Progress
+from .services import HubServices
+from .ssh import Connection, LoginNode, SSHIdentity
 from .tunnel import TunnelKeys
 
+__all__ = ["CredentialExpired", "SlurmSSHSpawner", "SpawnError"]
+
 STATE_VERSION = 1
-#: spawns of this hub process whose state may not be in the database yet
-_ACTIVE_SPAWNS: set[str] = set()
-#: tunnel key files already reconciled with the database by this process
-_RECONCILED: set[str] = set()
-
-
-class SpawnError(RuntimeError):
-    """A failure with a message meant for the user on the spawn page."""
-
-
-class CredentialExpired(SpawnError):
-    """The user's certificate has expired (a new login renews it)."""
 
 
 class SlurmSSHSpawner(Spawner):
@@ -237,41 +216,11 @@ class SlurmSSHSpawner(Spawner):
 
     # ----------------------------------------------------------------- the form
     def partition_specs(self) -> list[form.PartitionSpec]:
-        if self.partitions:
-            return [form.PartitionSpec.from_config(n, s) for n, s in self.partitions.items()]
-        wall = v.walltime_minutes(self.walltime)
-        mem = v.memory_mb(self.memory)
-        return [
-            form.PartitionSpec(
-                name=v.slurm_name(self.partition, "partition"),
-                max_walltime=wall,
-                max_cores=self.cores,
-                max_memory=mem,
-                max_gpus=self.gpus,
-                default_walltime=wall,
-                default_cores=self.cores,
-                default_memory=mem,
-            )
-        ]
-
-    def _account_choice(self) -> bool:
-        if self.allow_account_choice is None:
-            return self.mode == "xsede"
-        return self.allow_account_choice
+        return form.partition_specs(self)
 
     def validate_options(self, options: dict) -> slurm.JobResources:
         """The gate for every spawn's options (form, URL query or REST API)."""
-        specs = self.partition_specs()
-        default = self.partition if any(p.name == self.partition for p in specs) else specs[0].name
-        return form.validate_options(
-            options,
-            specs,
-            default_partition=default,
-            accounts=self.accounts,
-            allow_account=self._account_choice(),
-            default_account=self.account or None,
-            qos=self.qos or None,
-        )
+        return form.validate_for(self, options)
 
     @default("options_from_form")
     def _options_from_form_default(self):
@@ -289,28 +238,15 @@ class SlurmSSHSpawner(Spawner):
     def _options_form_default(self):
         return _render_options_form
 
-    _sinfo_cache: dict[tuple, tuple[float, dict]] = {}
-
     async def availability(self) -> dict[str, form.Availability]:
         if not self.show_availability:
             return {}
         try:
             conn = await self.connection()
+            return await self.services.availability.get(conn)
         except (SpawnError, ClusterUnreachable, OSError) as e:
             self.log.info("no availability for the form: %s", e)
             return {}
-        key = (conn.node, conn.ident.username)
-        cached = self._sinfo_cache.get(key)
-        if cached and time.monotonic() - cached[0] < 30:
-            return cached[1]
-        try:
-            r = await conn.run(form.SINFO_ARGV, timeout=15)
-        except ClusterUnreachable as e:
-            self.log.info("no availability for the form: %s", e)
-            return {}
-        data = form.parse_sinfo(str(r.stdout)) if r.exit_status == 0 else {}
-        self._sinfo_cache[key] = (time.monotonic(), data)
-        return data
 
     # ----------------------------------------------------------------- jupyterhub defaults
     @default("env_keep")
@@ -332,8 +268,6 @@ class SlurmSSHSpawner(Spawner):
 
     @default("hub_api_host")
     def _hub_api_host_default(self) -> str:
-        from urllib.parse import urlparse
-
         return urlparse(self.hub.api_url).hostname or "127.0.0.1"
 
     # ----------------------------------------------------------------- state
@@ -342,6 +276,15 @@ class SlurmSSHSpawner(Spawner):
     spawn_id = Unicode("")
     ssh_user = Unicode("")
     _submitted_at = 0.0
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._events = Progress()
+
+    @property
+    def services(self) -> HubServices:
+        """What this spawner shares with the others of the hub process."""
+        return HubServices.shared()
 
     def load_state(self, state: dict[str, Any]) -> None:
         super().load_state(state)
@@ -372,103 +315,41 @@ class SlurmSSHSpawner(Spawner):
     # ----------------------------------------------------------------- progress
     def _progress(self, message: str, pct: int | None = None) -> None:
         self.log.info("%s: %s", self._log_name, message)
-        ev: dict[str, Any] = {"message": message}
-        if pct is not None:
-            ev["progress"] = pct
-        self._events.append(ev)
-        self._events_changed.set()
+        self._events.add(message, pct)
 
-    @property
-    def _events(self) -> list[dict[str, Any]]:
-        if not hasattr(self, "_event_list"):
-            self._event_list: list[dict[str, Any]] = []
-            self._event_flag = asyncio.Event()
-        return self._event_list
-
-    @property
-    def _events_changed(self) -> asyncio.Event:
-        self._events  # noqa: B018 (initialise)
-        return self._event_flag
-
-    async def progress(self):
-        sent = 0
-        while True:
-            while sent < len(self._events):
-                yield self._events[sent]
-                sent += 1
-            if self._spawn_future is not None and self._spawn_future.done():
-                break
-            self._events_changed.clear()
-            try:
-                await asyncio.wait_for(self._events_changed.wait(), 1)
-            except TimeoutError:
-                pass
+    def progress(self) -> AsyncIterator[dict[str, Any]]:
+        # an async generator, as JupyterHub wants: the events until the start has ended
+        return self._events.follow(
+            lambda: self._spawn_future is not None and self._spawn_future.done()
+        )
 
     # ----------------------------------------------------------------- identity
     def login_node(self) -> LoginNode:
-        if not self.login_host:
-            raise SpawnError("xsedehub is not configured: SlurmSSHSpawner.login_host is empty")
-        if not self.known_hosts:
-            raise SpawnError("xsedehub is not configured: SlurmSSHSpawner.known_hosts is empty")
-        return LoginNode(v.host(self.login_host, "login_host"), self.login_port, self.known_hosts)
-
-    _key_cache: dict[str, tuple[float, asyncssh.SSHKey]] = {}
-
-    def _gateway_identity(self) -> SSHIdentity:
-        if not self.gateway_key:
-            raise SpawnError("xsedehub is not configured: SlurmSSHSpawner.gateway_key is empty")
-        mtime = Path(self.gateway_key).stat().st_mtime
-        cached = self._key_cache.get(self.gateway_key)
-        if cached is None or cached[0] != mtime:
-            cached = (mtime, asyncssh.read_private_key(self.gateway_key))
-            self._key_cache[self.gateway_key] = cached
-        return SSHIdentity(
-            v.posix_username(self.gateway_user, "gateway_user"), cached[1], label="gateway"
-        )
+        return identity.login_node(self.login_host, self.login_port, self.known_hosts)
 
     async def ssh_identity(self) -> SSHIdentity:
         """The identity this user's jobs are submitted with (override to change how)."""
         if self.mode == "gateway":
-            return self._gateway_identity()
-        return await self._certificate_identity()
-
-    async def _certificate_identity(self) -> SSHIdentity:
-        from xsedehub.auth.cilogon import STATE_KEY
-        from xsedehub.auth.issuer import Credential
-
-        auth_state = await self.user.get_auth_state() or {}
-        cred = Credential.from_state(auth_state.get(STATE_KEY))
-        if cred is None:
-            raise SpawnError(
-                "No cluster credential for this login: log out and log in again to get one."
+            return identity.gateway_identity(
+                self.services.key_files, self.gateway_key, self.gateway_user
             )
-        if cred.valid_before <= time.time():
-            raise CredentialExpired(
-                "Your cluster certificate has expired: log out and log in again."
-            )
-        return SSHIdentity(
-            v.posix_username(cred.principal, "certificate principal"),
-            asyncssh.import_private_key(cred.private_key),
-            asyncssh.import_certificate(cred.certificate),
-            label="certificate",
-        )
+        return await identity.certificate_identity(self.user)
 
     async def connection(self) -> Connection:
+        pool = self.services.pool
         try:
             ident = await self.ssh_identity()
         except CredentialExpired:
             # a connection opened while the certificate was valid stays usable after it
             # expires (sshd checks certificates at login): poll and stop go on working
-            live = POOL.live(self.login_node(), self.ssh_user) if self.ssh_user else None
+            live = pool.live(self.login_node(), self.ssh_user) if self.ssh_user else None
             if live is not None:
                 return live
             raise
         self.ssh_user = ident.username
-        return POOL.get(self.login_node(), ident, max_sessions=self.ssh_max_sessions)
+        return pool.get(self.login_node(), ident, max_sessions=self.ssh_max_sessions)
 
     def tunnel_keys(self) -> TunnelKeys:
-        from urllib.parse import urlparse
-
         api = urlparse(self.hub.api_url)
         return TunnelKeys.for_file(
             self.tunnel_authorized_keys,
@@ -482,71 +363,16 @@ class SlurmSSHSpawner(Spawner):
         """Defaults from config, overridden by validated ``user_options``."""
         return self.validate_options(self.user_options or {})
 
-    def attendee_login(self) -> str:
-        return v.github_login(self.user.name, "GitHub login")
-
     def work_dir(self) -> str:
-        if self.mode == "gateway":
-            root = v.relative_path(self.gateway_workdir_root, "gateway_workdir_root", hidden=True)
-            return f"{root}/{self.attendee_login()}"
-        return (
-            "."
-            if self.xsede_workdir in ("", ".")
-            else v.relative_path(self.xsede_workdir, "xsede_workdir", hidden=True)
-        )
-
-    def checkout_name(self) -> str:
-        if self.workshop_checkout:
-            return v.path_part(self.workshop_checkout, "workshop_checkout")
-        base = self.workshop_repo.rstrip("/").rsplit("/", 1)[-1].removesuffix(".git")
-        return v.path_part(base or "workshop", "workshop checkout")
+        """Where JupyterLab starts, relative to the account's home."""
+        return job.work_dir(self)
 
     def node_env(self) -> dict[str, str]:
-        """What the single-user server gets: everything from :meth:`get_env`, with the
-        service URL pointing at the node side of the tunnel."""
-        env = self.get_env()
-        env["JUPYTERHUB_SERVICE_URL"] = "http://127.0.0.1:8888" + self.server.base_url
-        # the server listens on a unix socket; jupyter-server only accepts --sock when
-        # the port is its default (8888), hence the service URL above.
-        if self.mode == "gateway":
-            env["JUPYTERHUB_ROOT_DIR"] = "."
-        return env
+        """What the single-user server gets (see :func:`.job.server_env`)."""
+        return job.server_env(self)
 
     def job_script(self, job_dir: str, hub_port: int) -> str:
-        from urllib.parse import urlparse
-
-        api = urlparse(self.hub.api_url)
-        prologue: list[list[str]] = []
-        if self.mode == "gateway" and self.workshop_repo:
-            prologue.append(
-                [self.gitpuller, self.workshop_repo, self.workshop_branch, self.checkout_name()]
-            )
-        job = slurm.JobScript(
-            job_name=f"jupyter-{self.user.name}"[:60] if self.mode == "gateway" else "jupyterhub",
-            resources=self.resources(),
-            job_dir=job_dir,
-            work_dir=self.work_dir(),
-            singleuser=[*self.cmd, *self.get_args()],
-            tunnel=slurm.Tunnel(
-                host=self.tunnel_host,
-                port=self.tunnel_port,
-                user=self.tunnel_user,
-                hub_port=hub_port,
-                api_host=self.hub_api_host,
-                api_port=api.port or 80,
-            ),
-            python=self.job_python,
-            prologue=prologue,
-            extra_directives=self.extra_sbatch,
-            spawn_id=self.spawn_id,
-        )
-        return slurm.build_job_script(job)
-
-    def _api_origin(self) -> str:
-        from urllib.parse import urlparse
-
-        api = urlparse(self.hub.api_url)
-        return f"{api.scheme}://{api.netloc}"
+        return job.script(self, job_dir, hub_port)
 
     def _forget_rejected_options(self) -> None:
         """JupyterHub stores a spawn's options before start() and reuses them for a later
@@ -557,122 +383,10 @@ class SlurmSSHSpawner(Spawner):
             orm.user_options = {}
             self.db.commit()
 
-    # ----------------------------------------------------------------- cluster I/O
-    async def _retrying(self, what: str, fn, *args, **kw):
-        """Run ``fn`` and retry with backoff while the login node is unreachable."""
-        deadline = time.monotonic() + self.cluster_retry_seconds
-        delay = 1.0
-        while True:
-            try:
-                return await fn(*args, **kw)
-            except ClusterUnreachable as e:
-                if time.monotonic() + delay > deadline:
-                    raise SpawnError(
-                        f"The cluster's login node cannot be reached ({what}): {e}. "
-                        "Try again later; if it persists, tell the hub's administrators."
-                    ) from e
-                self._progress(f"Login node unreachable ({what}); retrying in {delay:.0f} s")
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 15)
-
-    async def _claim_folder(self, sftp: asyncssh.SFTPClient, folder: str) -> None:
-        """Gateway mode: create the attendee's folder and bind it to their GitHub id."""
-        auth_state = await self.user.get_auth_state() or {}
-        gh_id = str((auth_state.get("github_user") or {}).get("id") or "")
-        if not gh_id.isdigit():
-            if self.require_github_id:
-                raise SpawnError(
-                    "The hub has no GitHub id for this login (auth_state is off or empty): "
-                    "log out and in again, or ask the administrators to enable auth_state."
-                )
-            gh_id = ""
-        await sftp.makedirs(folder, exist_ok=True)
-        owner = f"{folder}/.xsedehub-owner"
-        try:
-            async with sftp.open(owner, "x") as f:  # exclusive create: first claim wins
-                await f.write(gh_id + "\n")
-            return
-        except asyncssh.SFTPFailure:
-            pass
-        except asyncssh.SFTPError as e:
-            if getattr(e, "code", None) not in (
-                asyncssh.FX_FILE_ALREADY_EXISTS,
-                asyncssh.FX_FAILURE,
-            ):
-                raise
-        async with sftp.open(owner, "r") as f:
-            recorded = (await f.read()).strip()
-        if gh_id and recorded and recorded != gh_id:
-            raise SpawnError(
-                f"The folder for GitHub login {self.user.name!r} belongs to another GitHub "
-                "account (the login was renamed or re-registered).  Ask the workshop's "
-                "organisers to move or remove the old folder."
-            )
-
-    def _tunnel_known_hosts_text(self) -> str:
-        text = Path(self.tunnel_known_hosts).read_text() if self.tunnel_known_hosts else ""
-        if not text.strip():
-            raise SpawnError(
-                "xsedehub is not configured: SlurmSSHSpawner.tunnel_known_hosts is empty"
-            )
-        return text
-
-    async def _write_job_files(self, conn: Connection, job_dir: str, grant) -> None:
-        sftp = await conn.sftp()
-        await sftp.makedirs(job_dir, attrs=asyncssh.SFTPAttrs(permissions=0o700), exist_ok=True)
-        known_hosts = self._tunnel_known_hosts_text()
-        files = {
-            "env": slurm.env_file(self.node_env(), self._api_origin()),
-            "tunnel_key": grant.private_key,
-            "known_hosts": known_hosts,
-        }
-
-        async def write(name: str, content: str) -> None:
-            # created 0600 before a byte is written
-            async with sftp.open(
-                f"{job_dir}/{name}", "w", attrs=asyncssh.SFTPAttrs(permissions=0o600)
-            ) as f:
-                await f.write(content)
-
-        # independent requests: SFTP pipelines them over the one connection
-        steps = [sftp.chmod(job_dir.split("/")[0], 0o700), sftp.chmod(job_dir, 0o700)]
-        steps += [write(name, content) for name, content in files.items()]
-        if self.mode == "gateway":
-            steps.append(self._claim_folder(sftp, self.work_dir()))
-        await asyncio.gather(*steps)
-
-    async def _remove_job_files(self, conn: Connection, job_dir: str) -> None:
-        try:
-            sftp = await conn.sftp()
-            for name in ("env", "tunnel_key"):
-                try:
-                    await sftp.remove(f"{job_dir}/{name}")
-                except asyncssh.SFTPNoSuchFile:
-                    pass
-        except (ClusterUnreachable, asyncssh.Error, OSError) as e:
-            self.log.warning("%s: could not remove job files: %s", self._log_name, e)
-
-    async def _sbatch(self, conn: Connection, script: str) -> str:
-        r = await conn.run(slurm.sbatch_argv(), input=script, timeout=60)
-        if r.exit_status != 0:
-            raise SpawnError(f"The cluster refused the job: {str(r.stderr).strip()[:500]}")
-        return slurm.parse_sbatch(str(r.stdout))
-
-    async def _scancel(self, conn: Connection, job_id: str) -> None:
-        r = await conn.run(slurm.scancel_argv(job_id), timeout=30)
-        if r.exit_status != 0 and "Invalid job id" not in str(r.stderr):
-            raise ClusterUnreachable(f"scancel {job_id}: {str(r.stderr).strip()[:300]}")
-
-    async def _job_log_tail(self, conn: Connection, job_dir: str, lines: int = 20) -> str:
-        try:
-            sftp = await conn.sftp()
-            async with sftp.open(f"{job_dir}/job.log", "r") as f:
-                text = await f.read()
-            return "\n".join(text.splitlines()[-lines:])
-        except (ClusterUnreachable, asyncssh.Error, OSError):
-            return ""
-
     # ----------------------------------------------------------------- spawner API
+    def _job_files(self, conn: Connection, job_dir: str) -> job.JobFiles:
+        return job.JobFiles(conn, job_dir, self.log, self._log_name)
+
     async def start(self) -> tuple[str, int]:
         self._events.clear()
         try:  # validate before anything is written or submitted anywhere
@@ -682,32 +396,43 @@ class SlurmSSHSpawner(Spawner):
             raise web.HTTPError(400, f"Invalid {e.field}: {e.message}") from None
         self._progress("Preparing the batch job", 5)
         await self._reconcile_tunnel_keys()
-        conn = await self._retrying("connecting", self.connection)
+        retry = partial(follow.retrying, within=self.cluster_retry_seconds, report=self._progress)
+        conn = await retry("connecting", self.connection)
         keys = self.tunnel_keys()
         self.spawn_id = f"u{self.user.id}-{secrets.token_hex(6)}"
         job_dir = (
             f"{v.relative_path(self.job_dir_root, 'job_dir_root', hidden=True)}/{self.spawn_id}"
         )
+        files = self._job_files(conn, job_dir)
         lifetime = self.start_timeout + resources.walltime_minutes * 60 + 600
         grant = await keys.grant(self.spawn_id, lifetime)
-        _ACTIVE_SPAWNS.add(self.spawn_id)
+        self.services.spawns.started(self.spawn_id)
         self.hub_port = grant.port
         script = self.job_script(job_dir, grant.port)
         try:
-            await self._retrying("writing job files", self._write_job_files, conn, job_dir, grant)
-            self.job_id = await self._retrying("submitting", self._sbatch, conn, script)
+            contents = partial(job.file_contents, self, grant)
+            await retry("writing job files", files.create, contents, *job.claims(self))
+            self.job_id = await retry("submitting", job.submit, conn, script)
         except BaseException:
             await keys.revoke(self.spawn_id)
-            _ACTIVE_SPAWNS.discard(self.spawn_id)
-            await self._remove_job_files(conn, job_dir)
+            self.services.spawns.ended(self.spawn_id)
+            await files.remove_secrets()
             self.clear_state()
             raise
         self._submitted_at = time.monotonic()
         self._persist_early()
         self._progress(f"Submitted batch job {self.job_id} to partition {resources.partition}", 15)
         try:
-            await self._wait_running(conn, job_dir)
-            await self._wait_server(conn, job_dir)
+            await follow.wait_running(conn, self.job_id, files, self._submitted_at, self._progress)
+            await follow.wait_server(
+                conn,
+                self.job_id,
+                files,
+                hub_port=self.hub_port,
+                url=f"http://127.0.0.1:{self.hub_port}{self.server.base_url}api",
+                timeout=self.http_timeout,
+                report=self._progress,
+            )
             conn.status.watch(self.job_id, self, self._status_interval)
         except asyncio.CancelledError:
             # A timeout or a Stop makes JupyterHub call stop(), which cancels the job; a
@@ -732,86 +457,10 @@ class SlurmSSHSpawner(Spawner):
         orm.state = self.get_state()
         self.db.commit()
 
-    async def _wait_running(self, conn: Connection, job_dir: str) -> None:
-        last = ""
-        while True:
-            try:
-                st = await conn.status.get(self.job_id, max_age=1.0, not_before=self._submitted_at)
-            except ClusterUnreachable as e:
-                self._progress(
-                    f"Login node unreachable while job {self.job_id} is queued ({e}); retrying"
-                )
-                await asyncio.sleep(5)
-                continue
-            if st is None and time.monotonic() - self._submitted_at < 15:
-                await asyncio.sleep(1)  # not visible yet: ask again rather than give up
-                continue
-            if st is None or not st.alive:
-                tail = await self._job_log_tail(conn, job_dir)
-                state = st.state if st else "gone from the queue"
-                raise SpawnError(
-                    f"Batch job {self.job_id} ended before the server started ({state})."
-                    + (f"\nLast lines of its log:\n{tail}" if tail else "")
-                )
-            if st.running:
-                self._progress(f"Job {self.job_id} running on {st.nodes}; opening the tunnel", 50)
-                return
-            msg = f"Job {self.job_id} is {st.state.lower()}"
-            if st.reason and st.reason != "None":
-                msg += f" ({st.reason})"
-            if st.start and st.start not in ("N/A", "Unknown"):
-                msg += f", expected to start {st.start}"
-            if msg != last:
-                self._progress(msg, 30)
-                last = msg
-            await asyncio.sleep(1)
-
-    async def _wait_server(self, conn: Connection, job_dir: str) -> None:
-        """Until the server answers through the tunnel (checked often at first, then
-        every half second), watching that the job is still alive."""
-        url = f"http://127.0.0.1:{self.hub_port}{self.server.base_url}api"
-        client = AsyncHTTPClient()
-        tunnel_seen = False
-        deadline = time.monotonic() + self.http_timeout
-        next_job_check = time.monotonic() + 5
-        delay = 0.05
-        while time.monotonic() < deadline:
-            if not tunnel_seen:
-                tunnel_seen = await _port_open(self.hub_port)
-                if tunnel_seen:
-                    self._progress("Server listening; tunnel to the compute node is up", 80)
-            if tunnel_seen:
-                try:
-                    await client.fetch(HTTPRequest(url, request_timeout=5, follow_redirects=False))
-                    self._progress("Server is ready", 95)
-                    return
-                except HTTPClientError as e:
-                    if e.code != 599:  # any HTTP answer means the server is there
-                        self._progress("Server is ready", 95)
-                        return
-                except OSError:
-                    pass
-            if time.monotonic() >= next_job_check:
-                next_job_check = time.monotonic() + 5
-                st = await conn.status.get(self.job_id, max_age=2.0)
-                if st is None or not st.alive:
-                    tail = await self._job_log_tail(conn, job_dir)
-                    raise SpawnError(
-                        f"Batch job {self.job_id} ended while the server was starting."
-                        + (f"\nLast lines of its log:\n{tail}" if tail else "")
-                    )
-            await asyncio.sleep(delay)
-            delay = min(delay * 1.5, 0.5)
-        tail = await self._job_log_tail(conn, job_dir)
-        raise SpawnError(
-            f"The server in job {self.job_id} did not answer within {self.http_timeout} s."
-            + (f"\nLast lines of its log:\n{tail}" if tail else "")
-        )
-
     async def _cleanup(self, conn: Connection | None, job_dir: str | None = None) -> None:
         if conn is not None and self.job_id:
             try:
-                await self._scancel(conn, self.job_id)
+                await job.cancel(conn, self.job_id)
             except ClusterUnreachable as e:
                 self.log.error("%s: could not cancel job %s: %s", self._log_name, self.job_id, e)
                 raise
@@ -819,11 +468,10 @@ class SlurmSSHSpawner(Spawner):
             conn.status.unwatch(self.job_id)
         if self.spawn_id:
             await self.tunnel_keys().revoke(self.spawn_id)
-            _ACTIVE_SPAWNS.discard(self.spawn_id)
+            self.services.spawns.ended(self.spawn_id)
             if conn is not None:
-                await self._remove_job_files(
-                    conn, job_dir or f"{self.job_dir_root}/{self.spawn_id}"
-                )
+                files_dir = job_dir or f"{self.job_dir_root}/{self.spawn_id}"
+                await self._job_files(conn, files_dir).remove_secrets()
 
     @property
     def _status_interval(self) -> float:
@@ -856,24 +504,16 @@ class SlurmSSHSpawner(Spawner):
             "%s: job %s is %s", self._log_name, self.job_id, st.state if st else "gone from squeue"
         )
         await self.tunnel_keys().revoke(self.spawn_id)
-        _ACTIVE_SPAWNS.discard(self.spawn_id)
+        self.services.spawns.ended(self.spawn_id)
         return 1
 
     async def _reconcile_tunnel_keys(self) -> None:
         """Once per hub process: drop tunnel keys of spawns the hub no longer knows (a job
         stopped, or a record lost, while the hub was down)."""
-        keys_file = self.tunnel_authorized_keys
-        if keys_file in _RECONCILED or getattr(self, "db", None) is None:
+        db = getattr(self, "db", None)
+        if db is None or not self.services.spawns.first_look(self.tunnel_authorized_keys):
             return
-        _RECONCILED.add(keys_file)
-        from jupyterhub import orm
-
-        known = set(_ACTIVE_SPAWNS)
-        for row in self.db.query(orm.Spawner).filter(orm.Spawner.server_id.isnot(None)):
-            spawn_id = (row.state or {}).get("spawn_id")
-            if spawn_id:
-                known.add(spawn_id)
-        gone = await self.tunnel_keys().retain(known)
+        gone = await self.services.spawns.reconcile(self.tunnel_keys(), db)
         if gone:
             self.log.info("removed tunnel keys of %d spawns the hub no longer knows", len(gone))
 
@@ -897,36 +537,6 @@ class SlurmSSHSpawner(Spawner):
 
 async def _render_options_form(spawner: SlurmSSHSpawner) -> str:
     """The form, or "" (no form) when there is nothing to choose."""
-    specs = spawner.partition_specs()
-    choice = (
-        len(specs) > 1
-        or spawner._account_choice()
-        or any(
-            p.max_walltime > p.default_walltime
-            or p.max_cores > p.default_cores
-            or p.max_memory > p.default_memory
-            or p.max_gpus
-            for p in specs
-        )
-    )
-    if not choice:
+    if not form.offers_choice(spawner):
         return ""
-    names = [p.name for p in specs]
-    default = spawner.partition if spawner.partition in names else names[0]
-    return form.render_form(
-        specs,
-        default_partition=default,
-        availability=await spawner.availability(),
-        accounts=spawner.accounts,
-        allow_account=spawner._account_choice(),
-        default_account=spawner.account,
-    )
-
-
-async def _port_open(port: int) -> bool:
-    try:
-        _, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 2)
-    except (TimeoutError, OSError):
-        return False
-    w.close()
-    return True
+    return form.form_for(spawner, await spawner.availability())

@@ -2,7 +2,8 @@
 
 In gateway mode every attendee's spawn, poll and stop goes over the same connection;
 in xsede mode each user has their own.  A dropped connection is re-opened on the
-next use.  Host keys are always checked against a known_hosts file.
+next use.  Host keys are always checked against a known_hosts file.  Each connection
+carries the shared ``squeue`` of its account (:class:`~xsedehub.spawner.squeue.SqueueCache`).
 """
 
 from __future__ import annotations
@@ -11,21 +12,19 @@ import asyncio
 import hashlib
 import logging
 import shlex
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import asyncssh
 
-from . import slurm
+from .errors import ClusterUnreachable
+from .squeue import SqueueCache
+
+__all__ = ["ClusterUnreachable", "Connection", "Counters", "LoginNode", "Pool", "SSHIdentity"]
 
 #: a child of JupyterHub's own logger: in a hub, these lines go where the hub's go, in its
 #: format and at its level (``--debug`` included)
 log = logging.getLogger("JupyterHub").getChild("xsedehub.ssh")
-
-
-class ClusterUnreachable(RuntimeError):
-    """The login node could not be reached or did not answer (not: the job is gone)."""
 
 
 @dataclass(frozen=True)
@@ -52,16 +51,14 @@ class LoginNode:
 
 @dataclass
 class Counters:
-    """What went over the wire (read by the benchmark)."""
+    """What went over the wire: SSH handshakes, and commands by name (a pool's, or a
+    lone connection's)."""
 
     handshakes: int = 0
     commands: dict[str, int] = field(default_factory=dict)
 
     def count(self, argv0: str) -> None:
         self.commands[argv0] = self.commands.get(argv0, 0) + 1
-
-
-COUNTERS = Counters()
 
 
 class Connection:
@@ -75,8 +72,10 @@ class Connection:
         max_sessions: int = 8,
         connect_timeout: float = 15,
         keepalive: float = 30,
+        counters: Counters | None = None,
     ):
         self.node, self.ident = node, ident
+        self.counters = counters if counters is not None else Counters()
         self._conn: asyncssh.SSHClientConnection | None = None
         self._sftp: asyncssh.SFTPClient | None = None
         self._lock = asyncio.Lock()
@@ -97,7 +96,7 @@ class Connection:
                 else [self.ident.key]
             )
             try:
-                COUNTERS.handshakes += 1
+                self.counters.handshakes += 1
                 self._conn = await asyncssh.connect(
                     self.node.host,
                     self.node.port,
@@ -139,7 +138,7 @@ class Connection:
         :class:`ClusterUnreachable` when the node cannot be reached.
         """
         command = shlex.join(argv)
-        COUNTERS.count(argv[0])
+        self.counters.count(argv[0])
         for attempt in (1, 2):
             conn = await self._connect()
             try:
@@ -180,135 +179,25 @@ class Connection:
         self._conn = self._sftp = None
 
 
-class SqueueCache:
-    """One ``squeue`` per interval for all the jobs of a connection's account.
-
-    Concurrent callers share the in-flight query; a result older than a job's
-    submission is never used for that job.  Running servers are *watched*: a background
-    refresher runs one squeue per interval (jittered) for all of them and wakes the
-    spawner of any job that has ended, so the hub learns of it within one interval while
-    the login node sees one squeue per interval, however many servers run.
-    """
-
-    def __init__(self, conn: Connection):
-        self.conn = conn
-        self.fetched_at = 0.0
-        self.jobs: dict[str, slurm.JobStatus] = {}
-        self._inflight: asyncio.Future[dict[str, slurm.JobStatus]] | None = None
-        self._inflight_started = 0.0
-        self._watched: dict[str, object] = {}  # job id -> spawner (has poll_and_notify)
-        self._refresher: asyncio.Task | None = None
-        self._wakeups: set[asyncio.Task] = set()
-        self.interval = 30.0
-        self.failures = 0  # refreshes failed in a row (logged when squeue answers again)
-
-    def watch(self, job_id: str, spawner: object, interval: float) -> None:
-        self._watched[job_id] = spawner
-        self.interval = interval
-        if self._refresher is None or self._refresher.done():
-            self._refresher = asyncio.ensure_future(self._refresh())
-
-    def unwatch(self, job_id: str) -> None:
-        self._watched.pop(job_id, None)
-
-    async def _refresh(self) -> None:
-        import random
-
-        while self._watched:
-            # jitter only ever lengthens the interval: never two runs in one interval
-            await asyncio.sleep(self.interval * random.uniform(1.0, 1.1))  # noqa: S311
-            if not self._watched:
-                break
-            if time.monotonic() - self.fetched_at < self.interval * 0.5:
-                jobs = self.jobs  # a spawn's query just ran: reuse it
-            else:
-                try:
-                    jobs = await self._shared_query()
-                except ClusterUnreachable as e:
-                    self.failures += 1
-                    log.warning("squeue for %s failed: %s", self.conn.ident.username, e)
-                    continue
-                if self.failures:
-                    log.info(
-                        "squeue for %s answers again after %d failed refreshes",
-                        self.conn.ident.username,
-                        self.failures,
-                    )
-                    self.failures = 0
-            for job_id, spawner in list(self._watched.items()):
-                st = jobs.get(job_id)
-                if st is None or not st.alive:
-                    self._watched.pop(job_id, None)
-                    task = asyncio.ensure_future(spawner.poll_and_notify())  # type: ignore[attr-defined]
-                    self._wakeups.add(task)
-                    task.add_done_callback(self._wakeups.discard)
-
-    async def _shared_query(self, not_before: float = 0.0) -> dict[str, slurm.JobStatus]:
-        """Join the squeue in flight, or start one; never one that started before
-        ``not_before`` (it cannot know of a job submitted since)."""
-        if (
-            self._inflight is not None
-            and not self._inflight.done()
-            and self._inflight_started < not_before
-        ):
-            try:
-                await asyncio.shield(self._inflight)
-            except ClusterUnreachable:
-                pass
-        if self._inflight is None or self._inflight.done():
-            self._inflight_started = time.monotonic()
-            self._inflight = asyncio.ensure_future(self._query())
-            self._inflight.add_done_callback(self._clear)
-        return await asyncio.shield(self._inflight)
-
-    async def _query(self) -> dict[str, slurm.JobStatus]:
-        started = time.monotonic()
-        r = await self.conn.run(slurm.squeue_argv(self.conn.ident.username), timeout=30)
-        if r.exit_status != 0:
-            raise ClusterUnreachable(
-                f"squeue failed ({r.exit_status}): {str(r.stderr).strip()[:300]}"
-            )
-        self.jobs = slurm.parse_squeue(str(r.stdout))
-        self.fetched_at = started
-        return self.jobs
-
-    async def get(
-        self,
-        job_id: str,
-        *,
-        max_age: float,
-        not_before: float = 0.0,
-    ) -> slurm.JobStatus | None:
-        """Status of ``job_id`` from a result at most ``max_age`` old and fetched after
-        ``not_before`` (monotonic); ``None`` means squeue answered and the job is not there."""
-        fresh = self.fetched_at and time.monotonic() - self.fetched_at <= max_age
-        if not fresh or self.fetched_at < not_before:
-            jobs = await self._shared_query(not_before)
-        else:
-            jobs = self.jobs
-        return jobs.get(job_id)
-
-    def _clear(self, fut: asyncio.Future) -> None:
-        if self._inflight is fut:
-            self._inflight = None
-        if not fut.cancelled():
-            fut.exception()  # mark retrieved
-
-
 class Pool:
-    """Connections keyed by (login node, account, credential)."""
+    """Connections keyed by (login node, account, credential), counted together."""
 
     def __init__(self) -> None:
-        self._conns: dict[tuple, Connection] = {}
+        self._conns: dict[tuple[LoginNode, str, str], Connection] = {}
+        self.counters = Counters()
 
-    def get(self, node: LoginNode, ident: SSHIdentity, **kw) -> Connection:
+    def get(self, node: LoginNode, ident: SSHIdentity, *, max_sessions: int = 8) -> Connection:
+        """The connection for ``ident`` (made on first use; its channels are capped at
+        ``max_sessions``)."""
         key = (node, ident.username, ident.fingerprint)
         conn = self._conns.get(key)
         if conn is None:
             # a renewed certificate replaces the user's old connection
             for old_key in [k for k in self._conns if k[:2] == key[:2]]:
                 self._conns.pop(old_key).close()
-            conn = self._conns[key] = Connection(node, ident, **kw)
+            conn = self._conns[key] = Connection(
+                node, ident, max_sessions=max_sessions, counters=self.counters
+            )
         return conn
 
     def live(self, node: LoginNode, username: str) -> Connection | None:
@@ -317,6 +206,3 @@ class Pool:
             if key[:2] == (node, username) and conn.is_open:
                 return conn
         return None
-
-
-POOL = Pool()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import asyncssh
 
-from xsedehub.netns import nsenter_argv
+from xsedehub.testbed.netns import nsenter_argv
 
 
 def private_key_needles(pem: str) -> list[str]:

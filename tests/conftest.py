@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from xsedehub import netns
-from xsedehub.localcluster import ClusterInfo
+from xsedehub.testbed import netns
+from xsedehub.testbed.localcluster import ClusterInfo
 
 HERE = Path(__file__).parent
 
@@ -153,7 +153,7 @@ import time  # noqa: E402
 
 from xsedehub.spawner.tunnel import port_free  # noqa: E402
 
-from xsedehub import localhub  # noqa: E402
+from xsedehub.testbed import localhub  # noqa: E402
 
 from .hubclient import Hub  # noqa: E402
 

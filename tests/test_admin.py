@@ -9,11 +9,12 @@ from pathlib import Path
 
 import asyncssh
 import pytest
-from xsedehub.auth.issuer import obtain_credential
+from xsedehub.auth.issuer_client import obtain_credential
 
-from xsedehub import localhub, tunnelsetup
+from xsedehub import tunnelsetup
 from xsedehub.check import MESSAGES, run_check
 from xsedehub.orphans import find_orphans
+from xsedehub.testbed import localhub
 
 from .conftest import make_hub, provider_token, stop_hub_and_proxy
 from .test_gateway import in_cluster_root

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from xsedehub.spawner.tunnel import TunnelKeys
 
-from xsedehub import localcluster
+from xsedehub.testbed import localcluster
 
 from .conftest import fill_nodes, listening, make_hub, stop_hub_and_proxy
 from .test_gateway import _tunnel_ssh, in_cluster_root

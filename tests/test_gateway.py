@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from xsedehub.spawner.tunnel import TunnelKeys
 
-from xsedehub import localcluster, localhub
-from xsedehub.netns import nsenter_argv
+from xsedehub.testbed import localcluster, localhub
+from xsedehub.testbed.netns import nsenter_argv
 
 from .audit import ArgvScanner, audit, server_env
 from .conftest import PROVIDER, listening, make_hub, stop_hub_and_proxy

@@ -20,7 +20,7 @@ def _run(code_or_argv, **env) -> subprocess.CompletedProcess:
 
 def test_a_missing_proxy_is_named_with_the_install_command(tmp_path):
     r = _run(
-        "from xsedehub import localhub\nlocalhub.ensure_chp()",
+        "from xsedehub.testbed import localhub\nlocalhub.ensure_chp()",
         XSEDEHUB_CHP=str(tmp_path / "no-chp"),
     )
     assert r.returncode != 0

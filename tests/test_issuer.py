@@ -8,9 +8,9 @@ import time
 import asyncssh
 import pytest
 import requests
-from xsedehub.auth.issuer import IssuerRefused, obtain_credential
+from xsedehub.auth.issuer_client import IssuerRefused, obtain_credential
 
-from xsedehub import localhub
+from xsedehub.testbed import localhub
 
 from .conftest import IDENTITIES, provider_token
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from xsedehub import netns
-from xsedehub.localcluster import ClusterInfo
+from xsedehub.testbed import netns
+from xsedehub.testbed.localcluster import ClusterInfo
 
 pytestmark = pytest.mark.takes_cluster_down
 

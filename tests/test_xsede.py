@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from xsedehub import localhub
+from xsedehub.testbed import localhub
 
 from .audit import ArgvScanner, audit, job_dir, private_key_needles
 from .conftest import PROVIDER, make_hub, stop_hub_and_proxy

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from xsedehub import localhub
+from xsedehub.testbed import localhub
 
 from .conftest import make_hub, stop_hub_and_proxy
 from .test_gateway import in_cluster_root

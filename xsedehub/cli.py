@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def _cluster(args: argparse.Namespace) -> int:
-    from . import localcluster
+    from .testbed import localcluster
 
     try:
         if args.action == "install":
@@ -30,7 +30,7 @@ def _cluster(args: argparse.Namespace) -> int:
 
 
 def _bridge(args: argparse.Namespace) -> int:
-    from .netns import bridge
+    from .testbed.netns import bridge
 
     host, _, port = args.target.rpartition(":")
     bridge(args.port, args.netns, host or "127.0.0.1", int(port))
@@ -38,7 +38,7 @@ def _bridge(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from . import demo, localcluster
+    from .testbed import demo, localcluster
 
     try:
         return demo.run(
@@ -67,21 +67,23 @@ def _duration(text: str) -> int:
 def _issuer(args: argparse.Namespace) -> int:
     import logging
 
-    from . import issuer
+    from . import issuer_service
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     host, _, port = args.listen.rpartition(":")
-    cfg = issuer.IssuerConfig(
+    cfg = issuer_service.IssuerConfig(
         ca_key=args.ca_key,
         userinfo_url=args.userinfo_url,
         lifetime=_duration(args.lifetime),
         claim=args.claim,
         strip_domains=args.strip_domain,
-        mapping=issuer.load_mapping(args.map),
+        mapping=issuer_service.load_mapping(args.map),
         allowed_idps=args.allowed_idp,
         source_addresses=args.source_address,
     )
-    issuer.serve(cfg, host or "127.0.0.1", int(port), certfile=args.certfile, keyfile=args.keyfile)
+    issuer_service.serve(
+        cfg, host or "127.0.0.1", int(port), certfile=args.certfile, keyfile=args.keyfile
+    )
     return 0
 
 

@@ -1,7 +1,7 @@
 """Client side of "the XSEDE API": an HTTP service that signs a short-lived OpenSSH user
 certificate for the holder of an identity provider's access token.
 
-The protocol (served by ``xsedehub issuer``, see :mod:`xsedehub.issuer`)::
+The protocol (served by ``xsedehub issuer``, see :mod:`xsedehub.issuer_service`)::
 
     POST /v1/certificate
     Authorization: Bearer <the user's access token from the identity provider>

@@ -18,7 +18,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from .localcluster import INSTALL_HINT, PREFIX, ClusterError, ClusterInfo
+from .clusterconf import PREFIX
+from .localcluster import INSTALL_HINT, ClusterError, ClusterInfo
 from .netns import nsenter_argv
 
 CHP = Path(
@@ -57,7 +58,7 @@ def write_config(
     workdir.mkdir(parents=True, exist_ok=True)
     workdir.chmod(0o700)
     job_env = info.job_env
-    cfg = f"""# jupyterhub_config.py for the local mini-Comet, written by xsedehub.localhub
+    cfg = f"""# jupyterhub_config.py for the local mini-Comet, written by xsedehub.testbed.localhub
 c = get_config()  # noqa
 c.JupyterHub.bind_url = "http://127.0.0.1:{public_port}"
 c.JupyterHub.hub_ip = "{info.hub_api_ip}"

@@ -1,0 +1,143 @@
+"""From a submitted job to a server that answers: following the job through the queue,
+then waiting for its server behind the tunnel, with progress events on the way; and the
+retries of a spawn's steps while the login node cannot be reached.
+
+Both waits read the connection's shared ``squeue`` (no query of their own per spawn)
+and end with a :class:`~xsedehub.spawner.errors.SpawnError` that carries the tail of the
+job's log when the job ends first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
+
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+
+from .errors import ClusterUnreachable, SpawnError
+from .job import JobFiles
+from .ssh import Connection
+
+T = TypeVar("T")
+
+
+class Report(Protocol):
+    """Reports a progress event: a message and, maybe, a percentage."""
+
+    def __call__(self, message: str, pct: int | None = None) -> None: ...
+
+
+async def retrying(
+    what: str, fn: Callable[..., Awaitable[T]], *args: Any, within: float, report: Report
+) -> T:
+    """Run ``fn`` and retry with backoff while the login node is unreachable, for up to
+    ``within`` seconds; then a :class:`SpawnError` that says so."""
+    deadline = time.monotonic() + within
+    delay = 1.0
+    while True:
+        try:
+            return await fn(*args)
+        except ClusterUnreachable as e:
+            if time.monotonic() + delay > deadline:
+                raise SpawnError(
+                    f"The cluster's login node cannot be reached ({what}): {e}. "
+                    "Try again later; if it persists, tell the hub's administrators."
+                ) from e
+            report(f"Login node unreachable ({what}); retrying in {delay:.0f} s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 15)
+
+
+async def _ended(files: JobFiles, what: str) -> SpawnError:
+    tail = await files.log_tail()
+    return SpawnError(what + (f"\nLast lines of its log:\n{tail}" if tail else ""))
+
+
+async def wait_running(
+    conn: Connection, job_id: str, files: JobFiles, submitted_at: float, report: Report
+) -> None:
+    """Until SLURM runs the job, reporting its place in the queue as it changes."""
+    last = ""
+    while True:
+        try:
+            st = await conn.status.get(job_id, max_age=1.0, not_before=submitted_at)
+        except ClusterUnreachable as e:
+            report(f"Login node unreachable while job {job_id} is queued ({e}); retrying")
+            await asyncio.sleep(5)
+            continue
+        if st is None and time.monotonic() - submitted_at < 15:
+            await asyncio.sleep(1)  # not visible yet: ask again rather than give up
+            continue
+        if st is None or not st.alive:
+            state = st.state if st else "gone from the queue"
+            raise await _ended(
+                files, f"Batch job {job_id} ended before the server started ({state})."
+            )
+        if st.running:
+            report(f"Job {job_id} running on {st.nodes}; opening the tunnel", 50)
+            return
+        msg = f"Job {job_id} is {st.state.lower()}"
+        if st.reason and st.reason != "None":
+            msg += f" ({st.reason})"
+        if st.start and st.start not in ("N/A", "Unknown"):
+            msg += f", expected to start {st.start}"
+        if msg != last:
+            report(msg, 30)
+            last = msg
+        await asyncio.sleep(1)
+
+
+async def wait_server(
+    conn: Connection,
+    job_id: str,
+    files: JobFiles,
+    *,
+    hub_port: int,
+    url: str,
+    timeout: float,
+    report: Report,
+) -> None:
+    """Until the server answers ``url`` through the tunnel on ``hub_port`` (checked often
+    at first, then every half second), watching that the job is still alive."""
+    client = AsyncHTTPClient()
+    tunnel_seen = False
+    deadline = time.monotonic() + timeout
+    next_job_check = time.monotonic() + 5
+    delay = 0.05
+    while time.monotonic() < deadline:
+        if not tunnel_seen:
+            tunnel_seen = await port_open(hub_port)
+            if tunnel_seen:
+                report("Server listening; tunnel to the compute node is up", 80)
+        if tunnel_seen:
+            try:
+                await client.fetch(HTTPRequest(url, request_timeout=5, follow_redirects=False))
+                report("Server is ready", 95)
+                return
+            except HTTPClientError as e:
+                if e.code != 599:  # any HTTP answer means the server is there
+                    report("Server is ready", 95)
+                    return
+            except OSError:
+                pass
+        if time.monotonic() >= next_job_check:
+            next_job_check = time.monotonic() + 5
+            st = await conn.status.get(job_id, max_age=2.0)
+            if st is None or not st.alive:
+                raise await _ended(
+                    files, f"Batch job {job_id} ended while the server was starting."
+                )
+        await asyncio.sleep(delay)
+        delay = min(delay * 1.5, 0.5)
+    raise await _ended(files, f"The server in job {job_id} did not answer within {timeout} s.")
+
+
+async def port_open(port: int) -> bool:
+    try:
+        _, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 2)
+    except (TimeoutError, OSError):
+        return False
+    w.close()
+    return True

@@ -1,0 +1,71 @@
+"""Who the hub logs in to the cluster as, for one user's jobs.
+
+* ``gateway`` mode: the hub's own key (:attr:`SlurmSSHSpawner.gateway_key`), as the shared
+  workshop account;
+* ``xsede`` mode: the short-lived certificate the authenticator keeps in the user's
+  encrypted auth_state, as the user's own account (the certificate's principal).
+
+Host keys are checked against a known_hosts file, always: there is no way to skip it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+
+from . import validate as v
+from .errors import CredentialExpired, SpawnError
+from .ssh import LoginNode, SSHIdentity
+
+
+def login_node(host: str, port: int, known_hosts: str) -> LoginNode:
+    if not host:
+        raise SpawnError("xsedehub is not configured: SlurmSSHSpawner.login_host is empty")
+    if not known_hosts:
+        raise SpawnError("xsedehub is not configured: SlurmSSHSpawner.known_hosts is empty")
+    return LoginNode(v.host(host, "login_host"), port, known_hosts)
+
+
+class KeyFiles:
+    """Private keys read from the hub's disk, read again only when their file changes."""
+
+    def __init__(self) -> None:
+        self._keys: dict[str, tuple[float, asyncssh.SSHKey]] = {}
+
+    def read(self, path: str) -> asyncssh.SSHKey:
+        mtime = Path(path).stat().st_mtime
+        cached = self._keys.get(path)
+        if cached is None or cached[0] != mtime:
+            cached = self._keys[path] = (mtime, asyncssh.read_private_key(path))
+        return cached[1]
+
+
+def gateway_identity(keys: KeyFiles, key_path: str, user: str) -> SSHIdentity:
+    if not key_path:
+        raise SpawnError("xsedehub is not configured: SlurmSSHSpawner.gateway_key is empty")
+    key = keys.read(key_path)
+    return SSHIdentity(v.posix_username(user, "gateway_user"), key, label="gateway")
+
+
+async def certificate_identity(user: Any) -> SSHIdentity:
+    """The identity in ``user``'s auth_state (a JupyterHub ``User``)."""
+    from xsedehub.auth.cilogon import STATE_KEY
+    from xsedehub.auth.issuer_client import Credential
+
+    auth_state = await user.get_auth_state() or {}
+    cred = Credential.from_state(auth_state.get(STATE_KEY))
+    if cred is None:
+        raise SpawnError(
+            "No cluster credential for this login: log out and log in again to get one."
+        )
+    if cred.valid_before <= time.time():
+        raise CredentialExpired("Your cluster certificate has expired: log out and log in again.")
+    return SSHIdentity(
+        v.posix_username(cred.principal, "certificate principal"),
+        asyncssh.import_private_key(cred.private_key),
+        asyncssh.import_certificate(cred.certificate),
+        label="certificate",
+    )
