@@ -24,7 +24,8 @@ _POSIX_USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 # GitHub logins: letters, digits and single inner hyphens, at most 39 characters.
 _GITHUB_LOGIN = re.compile(r"^[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){0,38}$")
 _SLURM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-# [0-9], not \d: \d and str.isdigit() also take Arabic-Indic, fullwidth or superscript digits (the last crash int())
+# [0-9], not \d: \d and str.isdigit() also take Arabic-Indic, fullwidth or superscript
+# digits (superscripts crash int())
 _WALLTIME = re.compile(r"^(?:([0-9]{1,3})-)?([0-9]{1,3}):([0-9]{2})(?::([0-9]{2}))?$")
 _MEMORY = re.compile(r"^([1-9][0-9]{0,6})([KMGT]?)$")
 _DIGITS = re.compile(r"^[0-9]+$")
