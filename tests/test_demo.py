@@ -97,7 +97,7 @@ def demo(cluster, tmp_path):
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGTERM)
             proc.wait(180)
-        assert _demo_processes(workdir) == []
+        _no_demo_processes(workdir)
 
 
 def _stopped_cleanly(proc, output: Path, workdir: Path, account: str, sig: int) -> None:
@@ -108,7 +108,16 @@ def _stopped_cleanly(proc, output: Path, workdir: Path, account: str, sig: int) 
     for bad in ("Traceback", "Error", "could not", "cancelled leftover jobs"):
         assert bad not in text, text  # every server was stopped through the hub
     assert _xsedehub_jobs(account) == []
-    assert _demo_processes(workdir) == []
+    _no_demo_processes(workdir)
+
+
+def _no_demo_processes(workdir: Path) -> None:
+    """No process of the demo is left (a job's server may take a moment to exit after
+    SLURM's SIGTERM; the wait only guards against a hang)."""
+    deadline = time.monotonic() + 60
+    while (left := _demo_processes(workdir)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert left == []
 
 
 async def test_demo_xsede_mode_runs_as_the_user_and_stops_on_ctrl_c(demo, tmp_path):
