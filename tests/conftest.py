@@ -57,12 +57,23 @@ def cluster() -> ClusterInfo:
     if r.returncode:
         pytest.fail(f"xsedehub cluster up failed:\n{r.stdout}\n{r.stderr}", pytrace=False)
     info = ClusterInfo.load()
+    # kept open: tests that must start something from the host's namespace, as the
+    # README's commands are started, enter it again through this file (host_netns_path)
+    HOST_NETNS.setdefault("fd", os.open("/proc/thread-self/ns/net", os.O_RDONLY))
     here = os.readlink("/proc/thread-self/ns/net")
     hub = os.stat(netns.netns_path(info.hub_netns))
     if os.stat("/proc/thread-self/ns/net").st_ino != hub.st_ino:
         netns.enter(info.hub_netns)
     assert os.readlink("/proc/thread-self/ns/net") != here or here.endswith(f"[{hub.st_ino}]")
     return info
+
+
+HOST_NETNS: dict[str, int] = {}
+
+
+def host_netns_path() -> str:
+    """A path to the network namespace the test process started in (the host's)."""
+    return f"/proc/{os.getpid()}/fd/{HOST_NETNS['fd']}"
 
 
 def listening(port: int) -> bool:

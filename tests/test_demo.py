@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import port_free
+from .conftest import host_netns_path, port_free
 from .hubclient import Hub
 from .test_gateway import in_cluster_root
 
@@ -60,7 +60,7 @@ def demo(cluster, tmp_path):
         workdir = tmp_path / f"demo-{mode}"
         argv = [
             "nsenter",
-            "--net=/proc/1/ns/net",
+            f"--net={host_netns_path()}",
             "--",
             sys.executable,
             "-m",
