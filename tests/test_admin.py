@@ -12,7 +12,7 @@ import pytest
 from xsedehub.auth.issuer import obtain_credential
 
 from xsedehub import localhub, tunnelsetup
-from xsedehub.check import MESSAGES, run_check
+from xsedehub.check import MESSAGES, TEST_CERTIFICATE_COMMANDS, run_check
 from xsedehub.orphans import find_orphans
 
 from .conftest import make_hub, provider_token, stop_hub_and_proxy
@@ -142,6 +142,30 @@ async def test_check_in_xsede_mode_with_a_certificate(cluster, issuer, tmp_path)
     # the folders it created are private, so the spawns that follow find them so
     for d in ("/home/alice/.xsedehub", "/home/alice/.xsedehub/jobs"):
         assert Path(d).stat().st_mode & 0o077 == 0, (d, oct(Path(d).stat().st_mode))
+
+
+def test_check_in_xsede_mode_without_a_certificate_says_how_to_get_one(cluster, issuer, tmp_path):
+    """Without --certificate, check says which steps it skipped and how to make a test
+    certificate; the commands it prints, run as printed, give one it then accepts."""
+    import shlex
+
+    cfg = _config(cluster, tmp_path, mode="xsede")
+    report, text = _run(cfg)
+    assert report.failed == [] and report.skipped == ["certificate-needed"], text
+    assert "ok    certificate issuer answers" in text
+    assert "SKIP  xsede mode without a user certificate" in text
+    assert TEST_CERTIFICATE_COMMANDS in text
+    assert f"xsedehub check -f {cfg} --key xh-check --certificate xh-check-cert.pub" in text
+    assert report.summary() != "all checks passed" and "skipped" in report.summary()
+    # follow the hint: the local cluster's user CA, the account alice
+    commands = TEST_CERTIFICATE_COMMANDS.replace("CA_KEY", shlex.quote(cluster.user_ca_key))
+    subprocess.run(["bash", "-c", commands.replace("ACCOUNT", "alice")], cwd=tmp_path, check=True)
+    cert = (str(tmp_path / "xh-check"), str(tmp_path / "xh-check-cert.pub"))
+    report, text = _run(cfg, certificate=cert)
+    assert report.failed == [] and report.skipped == [], text
+    assert "logged in as alice (certificate)" in text
+    assert "opened the tunnel back to the hub" in text
+    assert report.summary() == "all checks passed"
 
 
 @pytest.mark.parametrize(

@@ -119,7 +119,7 @@ def _check(args: argparse.Namespace) -> int:
     report = run_check(
         args.config, job_timeout=args.job_timeout, certificate=cert, hub_api=args.hub_api
     )
-    print("all checks passed" if not report.failed else f"{len(report.failed)} problem(s)")
+    print(report.summary())
     return 1 if report.failed else 0
 
 
