@@ -288,7 +288,8 @@ def test_orphans_are_found_and_cancelled(hub, cluster):
     found = {j.job_id: j for j in find_orphans(str(cfg), c.url, token, out=lines.append)}
     assert orphan in found and ada_job not in found, lines
     assert found[orphan].spawn_id == "u99-lost"
-    find_orphans(str(cfg), c.url, token, cancel=True, out=lines.append)
+    # no hub URL: the hub's own address from the config (hub_ip:hub_port), not the proxy's
+    find_orphans(str(cfg), None, token, cancel=True, out=lines.append)
     time.sleep(1)
     assert in_cluster_root(["squeue", "-h", "-j", orphan, "-o", "%T"]).strip() in (
         "",
