@@ -134,8 +134,9 @@ class SlurmSSHSpawner(Spawner):
         0.0,
         config=True,
         help="""Seconds between the shared ``squeue`` runs that watch running servers (one
-        per interval for all servers that share an SSH identity, however many; a server
-        whose job ended is stopped within one interval).  0: the poll interval.""",
+        per interval for all servers that share an SSH identity, however many; jitter
+        makes an interval up to 10% longer, never shorter).  A server whose job ended is
+        stopped after the next run.  0: the poll interval.""",
     )
     cluster_retry_seconds = Float(
         120.0,

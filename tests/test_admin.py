@@ -12,7 +12,7 @@ import pytest
 from xsedehub.auth.issuer_client import obtain_credential
 
 from xsedehub import tunnelsetup
-from xsedehub.check import MESSAGES, run_check
+from xsedehub.check import MESSAGES, TEST_CERTIFICATE_COMMANDS, run_check
 from xsedehub.orphans import find_orphans
 from xsedehub.testbed import localhub
 
@@ -145,6 +145,30 @@ async def test_check_in_xsede_mode_with_a_certificate(cluster, issuer, tmp_path)
         assert Path(d).stat().st_mode & 0o077 == 0, (d, oct(Path(d).stat().st_mode))
 
 
+def test_check_in_xsede_mode_without_a_certificate_says_how_to_get_one(cluster, issuer, tmp_path):
+    """Without --certificate, check says which steps it skipped and how to make a test
+    certificate; the commands it prints, run as printed, give one it then accepts."""
+    import shlex
+
+    cfg = _config(cluster, tmp_path, mode="xsede")
+    report, text = _run(cfg)
+    assert report.failed == [] and report.skipped == ["certificate-needed"], text
+    assert "ok    certificate issuer answers" in text
+    assert "SKIP  xsede mode without a user certificate" in text
+    assert TEST_CERTIFICATE_COMMANDS in text
+    assert f"xsedehub check -f {cfg} --key xh-check --certificate xh-check-cert.pub" in text
+    assert report.summary() != "all checks passed" and "skipped" in report.summary()
+    # follow the hint: the local cluster's user CA, the account alice
+    commands = TEST_CERTIFICATE_COMMANDS.replace("CA_KEY", shlex.quote(cluster.user_ca_key))
+    subprocess.run(["bash", "-c", commands.replace("ACCOUNT", "alice")], cwd=tmp_path, check=True)
+    cert = (str(tmp_path / "xh-check"), str(tmp_path / "xh-check-cert.pub"))
+    report, text = _run(cfg, certificate=cert)
+    assert report.failed == [] and report.skipped == [], text
+    assert "logged in as alice (certificate)" in text
+    assert "opened the tunnel back to the hub" in text
+    assert report.summary() == "all checks passed"
+
+
 @pytest.mark.parametrize(
     "case,extra,failed,says,fix",
     [
@@ -265,7 +289,8 @@ def test_orphans_are_found_and_cancelled(hub, cluster):
     found = {j.job_id: j for j in find_orphans(str(cfg), c.url, token, out=lines.append)}
     assert orphan in found and ada_job not in found, lines
     assert found[orphan].spawn_id == "u99-lost"
-    find_orphans(str(cfg), c.url, token, cancel=True, out=lines.append)
+    # no hub URL: the hub's own address from the config (hub_ip:hub_port), not the proxy's
+    find_orphans(str(cfg), None, token, cancel=True, out=lines.append)
     time.sleep(1)
     assert in_cluster_root(["squeue", "-h", "-j", orphan, "-o", "%T"]).strip() in (
         "",

@@ -3,8 +3,15 @@
 The steps follow the path a spawn takes: the login node is reachable and its host key
 trusted; the hub can log in (gateway key, or a certificate from the issuer); SLURM's
 commands are there; the job environment has a compatible ``jupyterhub-singleuser``; a
-test job on a compute node opens the tunnel back to the hub.  Every message the command
-can print is in :data:`MESSAGES` (the troubleshooting guide is generated from it).
+test job on a compute node opens the tunnel back to the hub.
+
+A failed step does not end the check: every step that can still run does.  Only the
+steps that need an earlier one are left out: nothing after a login that failed (or, in
+xsede mode without ``--certificate``, could not be tried: that is reported as a skip,
+with how to get a test certificate), nothing after missing SLURM commands, no test job
+without the tunnel account.  Every message the command can print is in :data:`MESSAGES`;
+``docs/howto/troubleshooting.md`` (hand-written) has an entry for each, and a test
+checks that none is missing.
 """
 
 from __future__ import annotations
@@ -94,13 +101,30 @@ MESSAGES: dict[str, tuple[str, str]] = {
         "The test job {job} was still queued after {seconds} s ({reason})",
         "The cluster is busy: run the check again later or with a longer --job-timeout.",
     ),
+    # a skip, not a failure: printed as SKIP, with "how:" instead of "fix:"
+    "certificate-needed": (
+        "xsede mode without a user certificate: check cannot log in, so it skipped the "
+        "login, the SLURM commands, the job environment and the test job's tunnel",
+        "On the host that holds the user CA's private key (the issuer's --ca-key), sign a "
+        "one-hour test certificate for a cluster account, with the issuer's restrictions: "
+        "{commands}  (CA_KEY: that private key; ACCOUNT: the account).  Copy xh-check and "
+        "xh-check-cert.pub to the hub, run: xsedehub check -f {config} --key xh-check "
+        "--certificate xh-check-cert.pub, and delete both files afterwards.",
+    ),
 }
+
+#: the commands of the ``certificate-needed`` hint (a test runs them as printed)
+TEST_CERTIFICATE_COMMANDS = (
+    "ssh-keygen -q -t ed25519 -N '' -f xh-check && "
+    "ssh-keygen -s CA_KEY -I xsedehub-check -n ACCOUNT -V +1h -O clear xh-check.pub"
+)
 
 
 @dataclass
 class Report:
     lines: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
     out: Callable[[str], None] = print
 
     def ok(self, text: str) -> None:
@@ -112,6 +136,21 @@ class Report:
         self.failed.append(msg_id)
         self.lines.append(f"FAIL  {what.format(**kw)}\n      fix: {fix.format(**kw)}")
         self.out(self.lines[-1])
+
+    def skip(self, msg_id: str, **kw: object) -> None:
+        """Steps that could not be tried (not a failure: the exit status stays 0)."""
+        what, how = MESSAGES[msg_id]
+        self.skipped.append(msg_id)
+        self.lines.append(f"SKIP  {what.format(**kw)}\n      how: {how.format(**kw)}")
+        self.out(self.lines[-1])
+
+    def summary(self) -> str:
+        """The last line ``xsedehub check`` prints."""
+        if self.failed:
+            return f"{len(self.failed)} problem(s)"
+        if self.skipped:
+            return "no problem found, but steps were skipped (SKIP above): not fully checked"
+        return "all checks passed"
 
 
 def load_config(path: str) -> Config:
@@ -140,10 +179,12 @@ class Checker:
         job_timeout: float = 120,
         certificate: tuple[str, str] | None = None,
         hub_api: str | None = None,
+        config_file: str = "jupyterhub_config.py",
     ):
         from .spawner.spawner import SlurmSSHSpawner
 
         self.cfg, self.r, self.job_timeout = cfg, report, job_timeout
+        self.config_file = config_file
         self.sp = SlurmSSHSpawner(config=cfg)
         self.certificate = certificate
         hub = cfg.JupyterHub
@@ -363,6 +404,12 @@ class Checker:
         ident = await self.identity()
         conn = await self.connect(ident)
         if conn is None:
+            if self.sp.mode == "xsede" and not self.certificate:
+                self.r.skip(
+                    "certificate-needed",
+                    commands=TEST_CERTIFICATE_COMMANDS,
+                    config=self.config_file,
+                )
             return self.r
         try:
             if not await self.commands(conn):
@@ -418,6 +465,11 @@ def run_check(
         report.fail("config", detail="\n".join(str(p) for p in e.problems))
         return report
     checker = Checker(
-        cfg, report, job_timeout=job_timeout, certificate=certificate, hub_api=hub_api
+        cfg,
+        report,
+        job_timeout=job_timeout,
+        certificate=certificate,
+        hub_api=hub_api,
+        config_file=config_file,
     )
     return asyncio.run(checker.run())

@@ -121,7 +121,7 @@ def _check(args: argparse.Namespace) -> int:
     report = run_check(
         args.config, job_timeout=args.job_timeout, certificate=cert, hub_api=args.hub_api
     )
-    print("all checks passed" if not report.failed else f"{len(report.failed)} problem(s)")
+    print(report.summary())
     return 1 if report.failed else 0
 
 
@@ -208,14 +208,22 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=_issuer)
 
     t = sub.add_parser("tunnel", help="set up the hub side of the tunnel (account, sshd block)")
-    t.add_argument("action", choices=["setup"])
-    t.add_argument("--sshd-config", default="/etc/ssh/sshd_config")
+    t.add_argument("action", choices=["setup"], help="setup: the only action")
+    t.add_argument(
+        "--sshd-config",
+        default="/etc/ssh/sshd_config",
+        help="the hub's sshd configuration, where the Match block goes",
+    )
     t.add_argument(
         "--keys-file",
         default="/etc/xsedehub/tunnelbot_authorized_keys",
         help="the authorized_keys file the hub manages (SlurmSSHSpawner.tunnel_authorized_keys)",
     )
-    t.add_argument("--user", default="tunnelbot")
+    t.add_argument(
+        "--user",
+        default="tunnelbot",
+        help="the no-shell tunnel account to create (SlurmSSHSpawner.tunnel_user)",
+    )
     t.add_argument(
         "--hub-api",
         default="127.0.0.1:8081",
@@ -226,26 +234,47 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_tunnel)
 
     k = sub.add_parser("check", help="check a deployment step by step")
-    k.add_argument("-f", "--config", default="jupyterhub_config.py")
+    k.add_argument(
+        "-f", "--config", default="jupyterhub_config.py", help="the hub's jupyterhub_config.py"
+    )
     k.add_argument(
         "--job-timeout", type=float, default=120, help="seconds to wait for the test job's tunnel"
     )
     k.add_argument("--hub-api", help="hub API host:port (default: from the config)")
-    k.add_argument("--certificate", help="xsede mode: a user certificate to test with")
+    k.add_argument(
+        "--certificate",
+        help="xsede mode: a user certificate to log in with (without one, the steps after "
+        "the login node's host key are skipped, and check prints how to make one)",
+    )
     k.add_argument("--key", help="xsede mode: the certificate's private key")
     k.set_defaults(func=_check)
 
-    o = sub.add_parser("orphans", help="list (and cancel) jobs the hub no longer knows about")
-    o.add_argument("-f", "--config", default="jupyterhub_config.py")
-    o.add_argument("--hub-url", default="http://127.0.0.1:8000")
-    o.add_argument("--cancel", action="store_true")
-    o.add_argument("--certificate")
-    o.add_argument("--key")
+    o = sub.add_parser(
+        "orphans",
+        help="list (and cancel) jobs the hub no longer knows about; needs JUPYTERHUB_API_TOKEN",
+        description="List (and cancel) SLURM jobs xsedehub submitted that no server in the "
+        "hub's database holds.  Reads the hub's REST API with the token in "
+        "JUPYTERHUB_API_TOKEN (scopes admin:server_state and read:users).",
+    )
+    o.add_argument(
+        "-f", "--config", default="jupyterhub_config.py", help="the hub's jupyterhub_config.py"
+    )
+    o.add_argument(
+        "--hub-url",
+        help="the hub's own URL, which serves /hub/api (default: from the config's "
+        "JupyterHub.hub_bind_url, else http://<hub_ip>:<hub_port>: 127.0.0.1:8081 by "
+        "default, 127.0.0.1:15001 with TLJH)",
+    )
+    o.add_argument("--cancel", action="store_true", help="scancel the jobs it lists")
+    o.add_argument(
+        "--certificate", help="xsede mode: a user certificate whose account's jobs to list"
+    )
+    o.add_argument("--key", help="xsede mode: the certificate's private key")
     o.set_defaults(func=_orphans)
 
     b = sub.add_parser("bridge", help="forward a host loopback port into a network namespace")
     b.add_argument("--port", type=int, required=True, help="port on the host's 127.0.0.1")
-    b.add_argument("--netns", required=True)
+    b.add_argument("--netns", required=True, help="the network namespace (e.g. xh-hub)")
     b.add_argument("--target", required=True, help="host:port inside the namespace")
     b.set_defaults(func=_bridge)
     return p
