@@ -16,7 +16,10 @@ from .conftest import host_netns_path, port_free
 from .hubclient import Hub
 from .test_gateway import in_cluster_root
 
-PUBLIC, PROVIDER_PORT, ISSUER_PORT = 18000, 19400, 8701
+# The public ports equal the ones inside the hub's namespace (as in the README's demo),
+# so the OAuth redirects the browser follows work from this process too, which lives in
+# the hub's namespace; the provider and issuer ports stay clear of the session's own.
+PUBLIC, PROVIDER_PORT, ISSUER_PORT = 8000, 19400, 8701
 
 
 def _cmdlines() -> dict[int, str]:
