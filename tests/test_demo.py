@@ -48,7 +48,10 @@ def _demo_processes(workdir: Path) -> list[str]:
 
 
 def _xsedehub_jobs(account: str) -> list[str]:
-    out = in_cluster_root(["squeue", "-h", "-u", account, "-o", "%i %T %k"])
+    """Jobs xsedehub submitted for ``account`` that are queued or running."""
+    out = in_cluster_root(
+        ["squeue", "-h", "-u", account, "-t", "PENDING,RUNNING", "-o", "%i %T %k"]
+    )
     return [ln for ln in out.splitlines() if "xsedehub:" in ln]
 
 
@@ -104,8 +107,12 @@ def demo(cluster, tmp_path):
 
 
 def _stopped_cleanly(proc, output: Path, workdir: Path, account: str, sig: int) -> None:
+    jobs = [ln.split()[0] for ln in _xsedehub_jobs(account)]
     os.kill(proc.pid, sig)
     assert proc.wait(180) == 0
+    hub_log = (workdir / "hub.log").read_text()
+    for job in jobs:  # the hub stopped the server and cancelled its job
+        assert f"cancelled job {job}" in hub_log, hub_log[-2000:]
     text = output.read_text()
     assert "xsedehub demo: stopped" in text
     for bad in ("Traceback", "Error", "could not", "cancelled leftover jobs"):

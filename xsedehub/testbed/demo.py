@@ -84,6 +84,8 @@ def cancel_leftover_jobs(info: localcluster.ClusterInfo, accounts: list[str]) ->
             "-h",
             "-u",
             ",".join(accounts),
+            "-t",
+            "PENDING,RUNNING,CONFIGURING,SUSPENDED",  # not those already ending
             "-o",
             "%i %k",
         ],
