@@ -307,13 +307,18 @@ def test_tljh_custom_config_hook(files, tmp_path, monkeypatch, capsys):
                         "login_host": "login.example.org",
                         "known_hosts": str(files / "known_hosts"),
                         "tunnel_host": "hub.example.org",
-                        "tunnel_known_hosts": str(files / "known_hosts"),
+                        "tunnel_known_hosts": str(files / "hub_known_hosts"),
                         "gateway_key": str(files / "gateway_key"),
                     },
                 },
             }
         )
     )
+    with pytest.raises(xc.ConfigError) as e:  # named as the admin sets it
+        tljh.tljh_custom_jupyterhub_config(Config())
+    assert [p.setting for p in e.value.problems] == ["xsedehub.spawner.tunnel_known_hosts"]
+    assert "point xsedehub.spawner.tunnel_known_hosts elsewhere" in e.value.problems[0].fix
+    (files / "hub_known_hosts").write_text("@cert-authority * ssh-ed25519 AAAA\n")
     tljh.tljh_custom_jupyterhub_config(c)
     assert c.JupyterHub.authenticator_class == xc.AUTHENTICATORS["gateway"]
     assert c.JupyterHub.spawner_class == xc.SPAWNER  # replaces TLJH's user-creating spawner

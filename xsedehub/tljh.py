@@ -266,7 +266,27 @@ def tljh_custom_jupyterhub_config(c: Config) -> None:
         )
         return
     settings_to_config(settings, c)
-    apply(c)
+    try:
+        apply(c)
+    except ConfigError as e:  # name each setting as the admin sets it: with tljh-config
+        raise ConfigError(
+            [Problem(tljh_name(p.setting), p.message, tljh_name(p.fix)) for p in e.problems]
+        ) from None
+
+
+_SECTIONS = {
+    "SlurmSSHSpawner": "xsedehub.spawner",
+    "GatewayGitHubAuthenticator": "xsedehub.authenticator",
+    "XSEDECILogonAuthenticator": "xsedehub.authenticator",
+    "XSEDEHub": "xsedehub",
+}
+
+
+def tljh_name(text: str) -> str:
+    """``c.SlurmSSHSpawner.login_host`` -> ``xsedehub.spawner.login_host``, and so on."""
+    for section, prefix in _SECTIONS.items():
+        text = re.sub(rf"\b(?:c\.)?{section}\.(\w+)", rf"{prefix}.\1", text)
+    return text
 
 
 @hookimpl
