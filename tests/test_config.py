@@ -286,6 +286,15 @@ def test_tljh_bad_settings_are_named(settings, setting):
     assert "Traceback" not in str(e.value) and "_cross_validation_lock" not in str(e.value)
 
 
+def test_tljh_bad_secret_is_not_shown():
+    with pytest.raises(xc.ConfigError) as e:
+        tljh.settings_to_config(
+            {"mode": "gateway", "authenticator": {"client_secret": ["s3cr3t-value"]}}
+        )
+    assert [p.setting for p in e.value.problems] == ["xsedehub.authenticator.client_secret"]
+    assert "s3cr3t-value" not in str(e.value)
+
+
 def test_tljh_custom_config_hook(files, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TLJH_INSTALL_PREFIX", str(tmp_path))
     monkeypatch.setenv("JUPYTERHUB_CRYPT_KEY", "x" * 64)

@@ -223,10 +223,12 @@ def settings_to_config(settings: dict, c: Config | None = None) -> Config:
             try:
                 c[section][name] = _convert(trait, value)
             except (TraitError, ValueError, TypeError) as e:
+                secret = re.search(r"secret|token|password|key$", name)
+                shown = "the value" if secret else repr(value)
                 problems.append(
                     Problem(
                         setting,
-                        f"{value!r} is not a valid value: {e}",
+                        f"{shown} is not a valid value: {type(e).__name__ if secret else e}",
                         f"sudo tljh-config set {setting} <a value of the right type>  "
                         '(lists: \'["a", "b"]\' or tljh-config add-item)',
                     )
