@@ -10,6 +10,12 @@
 #   $PREFIX/chp         configurable-http-proxy (npm, pinned)
 #   $PREFIX/job-env     the environment batch jobs run (jupyterhub = the hub's, jupyterlab,
 #                       nbgitpuller), built by `xsedehub cluster install`
+#   $PREFIX/wheels/tljh The Littlest JupyterHub (from its source snapshot, default
+#                       ../shared/vendor/the-littlest-jupyterhub-*.tar.gz, or
+#                       $XSEDEHUB_TLJH_SOURCE), its hub environment and xsedehub's
+#                       requirements as wheels, for the TLJH test's offline install; and
+#                       $PREFIX/job-env-tljh, a job environment with TLJH's JupyterHub.
+#                       Only when the snapshot is there (python -m xsedehub.testbed.localtljh)
 # With CI=true (or XSEDEHUB_CLEAN=1) everything under $PREFIX is removed first, so a run
 # cannot pass on what an earlier run or a hand install left behind.
 set -euo pipefail
@@ -68,5 +74,8 @@ fi
 
 # the cluster's own pieces (same checks `xsedehub cluster up` makes before it starts)
 XSEDEHUB_JOB_ENV=${XSEDEHUB_JOB_ENV:-$PREFIX/job-env} "$ENV/bin/xsedehub" cluster install
+# The Littlest JupyterHub's pieces for tests/test_tljh.py (skipped there without the source)
+"$ENV/bin/python" -m xsedehub.testbed.localtljh install >"$log" 2>&1 || { cat "$log"; exit 1; }
+grep '^\[' "$log" || true
 chmod -R a+rX "$PREFIX"
 echo "[install] done in $(( $(date +%s) - t0 ))s"

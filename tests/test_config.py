@@ -1,5 +1,5 @@
-"""Mode selection, start-up validation and the TLJH plugin's hooks (called directly:
-TLJH is not on PyPI)."""
+"""Mode selection, start-up validation and the TLJH plugin's hooks, called directly
+(tests/test_tljh.py runs them inside The Littlest JupyterHub itself)."""
 
 from __future__ import annotations
 
@@ -119,9 +119,80 @@ def test_problems_name_the_setting_and_the_fix(files, mode, breakage, setting):
 def test_missing_crypt_key_and_mode(files):
     problems = xc.check(good(files), "gateway", environ={})
     assert [p.setting for p in problems] == ["JUPYTERHUB_CRYPT_KEY"]
+    assert "crypt_key_file" in problems[0].fix and "openssl rand -hex 32" in problems[0].fix
     with pytest.raises(xc.ConfigError) as e:
         xc.apply(Config())
     assert "XSEDEHub.mode" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "content,mode,says",
+    [
+        (None, 0o600, "does not exist"),
+        ("ab" * 32, 0o644, "is readable by others (mode 644)"),
+        ("not a key", 0o600, "does not hold a 32-byte key"),
+    ],
+)
+def test_crypt_key_file_problems(files, content, mode, says):
+    key = files / "crypt_key"
+    if content is not None:
+        key.write_text(content + "\n")
+        key.chmod(mode)
+    c = good(files)
+    c.XSEDEHub.crypt_key_file = str(key)
+    problems = xc.check(c, "gateway", environ=ENV)  # the file, when named, is what counts
+    assert [p.setting for p in problems] == ["XSEDEHub.crypt_key_file"]
+    assert says in problems[0].message
+
+
+def test_crypt_key_file_is_the_hubs_key(files, monkeypatch):
+    monkeypatch.delenv("JUPYTERHUB_CRYPT_KEY", raising=False)
+    key = files / "crypt_key"
+    key.write_text("cd" * 32 + "\n")
+    key.chmod(0o600)
+    c = good(files)
+    c.XSEDEHub.crypt_key_file = str(key)
+    assert xc.apply(c) == "gateway"
+    from jupyterhub.crypto import CryptKeeper
+
+    ck = CryptKeeper(config=c)  # what the hub's encryption uses
+    assert ck.keys == [bytes.fromhex("cd" * 32)]
+
+
+def test_check_command_names_a_missing_crypt_key(files, tmp_path, monkeypatch):
+    """`xsedehub check` stops at the configuration when the hub could not start for want
+    of its key (it used to skip that check and pass)."""
+    from xsedehub.check import run_check
+
+    monkeypatch.delenv("JUPYTERHUB_CRYPT_KEY", raising=False)
+    cfg = tmp_path / "jupyterhub_config.py"
+    cfg.write_text(
+        "c.XSEDEHub.mode = 'gateway'\n"
+        "c.SlurmSSHSpawner.login_host = 'login.example.org'\n"
+        "c.SlurmSSHSpawner.tunnel_host = 'hub.example.org'\n"
+        f"c.SlurmSSHSpawner.known_hosts = {str(files / 'known_hosts')!r}\n"
+        f"c.SlurmSSHSpawner.tunnel_known_hosts = {str(files / 'known_hosts')!r}\n"
+        f"c.SlurmSSHSpawner.gateway_key = {str(files / 'gateway_key')!r}\n"
+        "from xsedehub.config import apply\napply(c)\n"
+    )
+    lines: list[str] = []
+    report = run_check(str(cfg), out=lines.append)
+    assert report.failed == ["config"]
+    assert "JUPYTERHUB_CRYPT_KEY: is not in the environment" in lines[0]
+
+
+def test_check_tljh_names_tljhs_config_file():
+    """`xsedehub check --tljh` finds TLJH's jupyterhub_config.py inside the tljh package
+    (here TLJH is not installed: the command says so and which xsedehub to run)."""
+    r = subprocess.run(
+        [sys.executable, "-m", "xsedehub.cli", "check", "--tljh"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert r.returncode == 2
+    assert "the tljh package is not in this Python environment" in r.stderr
+    assert "/opt/tljh/hub/bin/xsedehub" in r.stderr
 
 
 def test_hub_stops_at_start_up_with_the_message(files, tmp_path):
@@ -158,29 +229,52 @@ def test_entry_points_give_short_names():
 
 
 # ---------------------------------------------------------------------------- TLJH
-def test_tljh_settings_translate(files):
+def test_tljh_settings_translate(files, monkeypatch):
+    """Values as tljh-config stores them: numbers and booleans guessed from the text,
+    everything else a string (a list or a dict as JSON text), lists from add-item."""
+    monkeypatch.setenv("JUPYTERHUB_CRYPT_KEY", "x" * 64)
     c = tljh.settings_to_config(
         {
             "mode": "gateway",
             "spawner": {
                 "login_host": "login.example.org",
-                "login_port": "2222",
-                "tunnel_port_range": [21000, 21999],
+                "login_port": 2222,
+                "gateway_user": 1234,  # `tljh-config set ... 1234` stores a number
+                "cmd": '["/env/bin/jupyterhub-singleuser", "--debug"]',  # set: JSON text
+                "tunnel_port_range": [21000, 21999],  # add-item: a list
+                "partitions": '{"compute": {"max_cores": 8}}',
+                "show_availability": False,
             },
             "authenticator": {"client_id": "abc", "allowed_organizations": ["my-org"]},
         }
     )
+    sp = c.SlurmSSHSpawner
     assert c.XSEDEHub.mode == "gateway"
-    assert c.SlurmSSHSpawner.login_port == 2222  # tljh-config stores strings: coerced
+    assert sp.login_port == 2222
+    assert sp.gateway_user == "1234"
+    assert sp.cmd == ["/env/bin/jupyterhub-singleuser", "--debug"]
+    assert sp.partitions == {"compute": {"max_cores": 8}}
+    assert sp.show_availability is False
     assert c.GatewayGitHubAuthenticator.client_id == "abc"
+    assert c.GatewayGitHubAuthenticator.allowed_organizations == {"my-org"}
+    assert "crypt_key_file" not in c.XSEDEHub  # the hub has JUPYTERHUB_CRYPT_KEY
+    monkeypatch.delenv("JUPYTERHUB_CRYPT_KEY")
+    c = tljh.settings_to_config({"mode": "gateway"})
+    assert c.XSEDEHub.crypt_key_file == str(tljh.ETC / "crypt_key")
+    assert c.SlurmSSHSpawner.known_hosts == str(tljh.ETC / "known_hosts")
 
 
 @pytest.mark.parametrize(
     "settings,setting",
     [
+        ({}, "xsedehub.mode"),
         ({"mode": "cluster"}, "xsedehub.mode"),
         ({"mode": "gateway", "spawner": {"login_hots": "x"}}, "xsedehub.spawner.login_hots"),
         ({"mode": "gateway", "spawner": {"login_port": "ssh"}}, "xsedehub.spawner.login_port"),
+        ({"mode": "gateway", "spawner": {"cmd": ["a", 1]}}, "xsedehub.spawner.cmd"),
+        ({"mode": "gateway", "spawner": {"partitions": "[1"}}, "xsedehub.spawner.partitions"),
+        ({"mode": "gateway", "spawner": {"login_host": ["a"]}}, "xsedehub.spawner.login_host"),
+        ({"mode": "gateway", "spawner": "login"}, "xsedehub.spawner"),
         ({"mode": "xsede", "authenticator": {"no_such": 1}}, "xsedehub.authenticator.no_such"),
         ({"mode": "gateway", "spawer": {}}, "xsedehub.spawer"),
     ],
@@ -189,15 +283,29 @@ def test_tljh_bad_settings_are_named(settings, setting):
     with pytest.raises(xc.ConfigError) as e:
         tljh.settings_to_config(settings)
     assert [p.setting for p in e.value.problems] == [setting]
+    assert "Traceback" not in str(e.value) and "_cross_validation_lock" not in str(e.value)
 
 
-def test_tljh_custom_config_hook(files, tmp_path, monkeypatch):
+def test_tljh_bad_secret_is_not_shown():
+    with pytest.raises(xc.ConfigError) as e:
+        tljh.settings_to_config(
+            {"mode": "gateway", "authenticator": {"client_secret": ["s3cr3t-value"]}}
+        )
+    assert [p.setting for p in e.value.problems] == ["xsedehub.authenticator.client_secret"]
+    assert "s3cr3t-value" not in str(e.value)
+
+
+def test_tljh_custom_config_hook(files, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TLJH_INSTALL_PREFIX", str(tmp_path))
     monkeypatch.setenv("JUPYTERHUB_CRYPT_KEY", "x" * 64)
     (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text(
+        yaml.safe_dump({"users": {"admin": ["me"]}, "services": {"cull": {"timeout": 3600}}})
+    )
     c = Config()
     tljh.tljh_custom_jupyterhub_config(c)  # not configured yet: leaves TLJH alone
     assert "authenticator_class" not in c.JupyterHub
+    assert "not configured" in capsys.readouterr().err
     (tmp_path / "config" / "config.yaml").write_text(
         yaml.safe_dump(
             {
@@ -208,30 +316,44 @@ def test_tljh_custom_config_hook(files, tmp_path, monkeypatch):
                         "login_host": "login.example.org",
                         "known_hosts": str(files / "known_hosts"),
                         "tunnel_host": "hub.example.org",
-                        "tunnel_known_hosts": str(files / "known_hosts"),
+                        "tunnel_known_hosts": str(files / "hub_known_hosts"),
                         "gateway_key": str(files / "gateway_key"),
                     },
                 },
             }
         )
     )
+    with pytest.raises(xc.ConfigError) as e:  # named as the admin sets it
+        tljh.tljh_custom_jupyterhub_config(Config())
+    assert [p.setting for p in e.value.problems] == ["xsedehub.spawner.tunnel_known_hosts"]
+    assert "point xsedehub.spawner.tunnel_known_hosts elsewhere" in e.value.problems[0].fix
+    (files / "hub_known_hosts").write_text("@cert-authority * ssh-ed25519 AAAA\n")
     tljh.tljh_custom_jupyterhub_config(c)
     assert c.JupyterHub.authenticator_class == xc.AUTHENTICATORS["gateway"]
     assert c.JupyterHub.spawner_class == xc.SPAWNER  # replaces TLJH's user-creating spawner
     assert c.JupyterHub.cleanup_servers is False
 
 
-def test_tljh_post_install_config_keeps_admin_values():
-    config = {"xsedehub": {"mode": "xsede", "spawner": {"known_hosts": "/mine"}}}
-    tljh.tljh_config_post_install(config)
-    assert config["xsedehub"]["mode"] == "xsede"
-    assert config["xsedehub"]["spawner"]["known_hosts"] == "/mine"
-    assert config["xsedehub"]["spawner"]["tunnel_authorized_keys"].endswith(
-        "tunnelbot_authorized_keys"
-    )
+def test_tljh_post_install_config_sizes_the_culler_and_nothing_else():
     fresh: dict = {}
     tljh.tljh_config_post_install(fresh)
-    assert fresh["xsedehub"]["mode"] == "gateway"
+    assert fresh == {"services": {"cull": {"timeout": 3600, "every": 300}}}
+    assert "xsedehub" not in fresh  # "not configured yet" stays true until the admin acts
+    mine = {"services": {"cull": {"timeout": 7200}}, "users": {"admin": ["me"]}}
+    tljh.tljh_config_post_install(mine)
+    assert mine["services"]["cull"] == {"timeout": 7200, "every": 300}
+    assert mine["users"] == {"admin": ["me"]}
+
+
+def test_tljh_post_install_makes_a_crypt_key_once(tmp_path):
+    key = tmp_path / "crypt_key"
+    assert tljh.ensure_crypt_key(key) is True
+    first = key.read_text()
+    assert len(bytes.fromhex(first.strip())) == 32
+    assert key.stat().st_mode & 0o777 == 0o600
+    key.chmod(0o644)
+    assert tljh.ensure_crypt_key(key) is False  # never replaced: it decrypts auth_state
+    assert key.read_text() == first and key.stat().st_mode & 0o777 == 0o600
 
 
 def test_tljh_pip_packages_leave_jupyterhub_to_tljh():

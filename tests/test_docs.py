@@ -136,3 +136,15 @@ def test_cli_reference_has_every_subcommand(site):
     sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
     for name in sub.choices:
         assert f"xsedehub {name} --help" in cli
+
+
+def test_docs_name_tljhs_config_where_it_is():
+    """TLJH's jupyterhub_config.py lives inside the tljh package (``check --tljh`` finds
+    it); the docs once named a path under share/ where no such file exists."""
+    pages = [*DOCS.rglob("*.md"), DOCS.parent / "README.md"]
+    for page in pages:
+        if "_build" in page.parts:
+            continue
+        assert "share/jupyterhub/jupyterhub_config.py" not in page.read_text(), page
+    tutorial = (DOCS / "tutorial.md").read_text()
+    assert "xsedehub check --tljh" in tutorial and "Ubuntu 22.04/24.04" not in tutorial

@@ -8,6 +8,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 IMPORT = (
     "import xsedehub.auth, xsedehub.spawner, xsedehub.spawner.spawner, xsedehub.auth.github; "
@@ -79,3 +81,29 @@ def test_console_script():
     exe = Path(sys.executable).parent / "xsedehub"
     r = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True)
     assert "cluster" in r.stdout
+
+
+PYENV = Path("/root/.pyenv/versions")
+
+
+@pytest.mark.parametrize("minor", ["3.9", "3.10"])
+def test_an_older_python_is_refused_naming_the_hosts_that_work(minor, tmp_path):
+    """TLJH's hub environment is the host's system Python: on Ubuntu 22.04 (3.10) or
+    Debian 11 (3.9) the install stops with a message that says which hosts work."""
+    found = sorted(PYENV.glob(f"{minor}.*/bin/python"))
+    if not found:
+        pytest.skip(f"no Python {minor} under {PYENV} to try the install with")
+    target = tmp_path / "site"
+    r = subprocess.run(
+        [str(found[-1]), "-m", "pip", "install", "--no-index", "--no-build-isolation"]
+        + ["--no-deps", "--target", str(target), str(ROOT)],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "PIP_CONFIG_FILE": "/dev/null"},
+        check=False,
+    )
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out
+    assert f"xsedehub needs Python 3.11 or newer; this is Python {minor}." in out
+    assert "install it on Debian 12 (Python 3.11) or Ubuntu 24.04 (Python 3.12)" in out
+    assert not target.exists() or not any(target.iterdir())

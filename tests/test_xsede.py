@@ -195,6 +195,7 @@ def test_hub_refuses_to_start_without_crypt_key(cluster, provider, tmp_path):
     import sys
 
     localhub.write_config(tmp_path, cluster, mode="xsede", public_port=18000)
+    (tmp_path / "crypt_key").unlink()  # XSEDEHub.crypt_key_file names a missing file
     env = {k: v for k, v in os.environ.items() if k != "JUPYTERHUB_CRYPT_KEY"}
     r = subprocess.run(
         [sys.executable, "-m", "jupyterhub", "-f", str(tmp_path / "jupyterhub_config.py")],
@@ -205,7 +206,9 @@ def test_hub_refuses_to_start_without_crypt_key(cluster, provider, tmp_path):
         cwd=tmp_path,
     )
     assert r.returncode != 0
-    assert "JUPYTERHUB_CRYPT_KEY" in r.stdout + r.stderr
+    out = r.stdout + r.stderr
+    assert f"XSEDEHub.crypt_key_file: {tmp_path / 'crypt_key'} does not exist" in out
+    assert "openssl rand -hex 32" in out
 
 
 def test_issuer_down_during_login_then_back(hub):

@@ -154,16 +154,25 @@ class Report:
 
 
 def load_config(path: str) -> Config:
-    """Execute a jupyterhub_config.py the way JupyterHub does (``apply`` included), minus
-    the check for the hub's own JUPYTERHUB_CRYPT_KEY, which an admin shell lacks."""
-    import os
-
+    """Execute a jupyterhub_config.py the way JupyterHub does (``apply`` included, so the
+    hub's encryption key is checked too: from XSEDEHub.crypt_key_file, or from
+    JUPYTERHUB_CRYPT_KEY in this command's environment)."""
     loader = PyFileConfigLoader(Path(path).name, str(Path(path).parent))
-    os.environ["XSEDEHUB_CHECKING"] = "1"
-    try:
-        return loader.load_config()
-    finally:
-        os.environ.pop("XSEDEHUB_CHECKING", None)
+    return loader.load_config()
+
+
+def tljh_config_file() -> str:
+    """The jupyterhub_config.py of The Littlest JupyterHub: it lives inside the ``tljh``
+    package of the hub environment (``xsedehub check --tljh``)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("tljh")
+    if spec is None or not spec.origin:
+        raise FileNotFoundError(
+            "the tljh package is not in this Python environment: run the xsedehub of TLJH's "
+            "hub environment (/opt/tljh/hub/bin/xsedehub)"
+        )
+    return str(Path(spec.origin).parent / "jupyterhub_config.py")
 
 
 def _major(version: str) -> str:

@@ -115,12 +115,18 @@ def _tunnel(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from .check import run_check
+    from .check import run_check, tljh_config_file
 
     cert = (args.key, args.certificate) if args.certificate else None
-    report = run_check(
-        args.config, job_timeout=args.job_timeout, certificate=cert, hub_api=args.hub_api
-    )
+    config = args.config
+    if args.tljh:
+        try:
+            config = tljh_config_file()
+        except FileNotFoundError as e:
+            print(f"xsedehub check --tljh: {e}", file=sys.stderr)
+            return 2
+        print(f"checking TLJH's {config}")
+    report = run_check(config, job_timeout=args.job_timeout, certificate=cert, hub_api=args.hub_api)
     print(report.summary())
     return 1 if report.failed else 0
 
@@ -236,6 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("check", help="check a deployment step by step")
     k.add_argument(
         "-f", "--config", default="jupyterhub_config.py", help="the hub's jupyterhub_config.py"
+    )
+    k.add_argument(
+        "--tljh",
+        action="store_true",
+        help="check The Littlest JupyterHub's own jupyterhub_config.py (inside the tljh "
+        "package of this Python environment) with the settings made by tljh-config",
     )
     k.add_argument(
         "--job-timeout", type=float, default=120, help="seconds to wait for the test job's tunnel"

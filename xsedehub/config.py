@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,6 +91,54 @@ def _file_problem(setting: str, path: str | None, *, secret: bool = False) -> Pr
     return None
 
 
+CRYPT_KEY_FIX = (
+    "put a key in a file only root reads: sudo sh -c 'umask 077; openssl rand -hex 32 > "
+    "/etc/xsedehub/crypt_key', and set c.XSEDEHub.crypt_key_file to it (TLJH: the plugin's "
+    "install makes that file; xsedehub.crypt_key_file names another); or export "
+    "JUPYTERHUB_CRYPT_KEY to the hub process and to this command"
+)
+
+
+def read_crypt_key(path: str) -> str:
+    """The key in ``path`` (one line: 32 bytes, hex or base64); ValueError if unusable."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{path} does not exist")
+    if p.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ValueError(f"{path} is readable by others (mode {stat.S_IMODE(p.stat().st_mode):o})")
+    key = p.read_text().strip()
+    from jupyterhub.crypto import _validate_key
+
+    try:
+        _validate_key(key)
+    except ValueError:
+        raise ValueError(f"{path} does not hold a 32-byte key (hex or base64)") from None
+    return key
+
+
+def crypt_key_problems(c: Config, env: Mapping[str, str]) -> list[Problem]:
+    """auth_state is encrypted: without a key JupyterHub refuses to start.  The key comes
+    from ``XSEDEHub.crypt_key_file`` when set, else from JUPYTERHUB_CRYPT_KEY."""
+    path = _get(c.XSEDEHub, "crypt_key_file")
+    if path:
+        try:
+            read_crypt_key(path)
+        except ValueError as e:
+            fix = f"chmod 600 {path}" if "readable by others" in str(e) else CRYPT_KEY_FIX
+            return [Problem("XSEDEHub.crypt_key_file", str(e), fix)]
+        return []
+    if not env.get("JUPYTERHUB_CRYPT_KEY"):
+        return [
+            Problem(
+                "JUPYTERHUB_CRYPT_KEY",
+                "is not in the environment and XSEDEHub.crypt_key_file is not set "
+                "(auth_state keeps the GitHub id / the user's certificate, encrypted)",
+                CRYPT_KEY_FIX,
+            )
+        ]
+    return []
+
+
 def check(c: Config, mode: str, *, environ: dict[str, str] | None = None) -> list[Problem]:
     """Everything missing or contradictory for ``mode`` (empty list: fine)."""
     env = os.environ if environ is None else environ
@@ -157,15 +206,7 @@ def check(c: Config, mode: str, *, environ: dict[str, str] | None = None) -> lis
                     "remove it: the certificate lives in the encrypted auth_state",
                 )
             )
-    if not env.get("JUPYTERHUB_CRYPT_KEY") and not env.get("XSEDEHUB_CHECKING"):
-        problems.append(
-            Problem(
-                "JUPYTERHUB_CRYPT_KEY",
-                "is not in the hub's environment",
-                "export JUPYTERHUB_CRYPT_KEY=$(openssl rand -hex 32) for the hub process "
-                "(auth_state keeps the GitHub id / the user's certificate, encrypted)",
-            )
-        )
+    problems += crypt_key_problems(c, env)
     # values of the right type: let the traits themselves judge
     from xsedehub.spawner.spawner import SlurmSSHSpawner
 
@@ -192,4 +233,7 @@ def apply(c: Config, mode: str | None = None) -> str:
     # batch jobs outlive the hub process: keep them, and the proxy routes to them
     c.JupyterHub.cleanup_servers = False
     c[AUTH_SECTION[mode]].enable_auth_state = True
+    key_file = _get(c.XSEDEHub, "crypt_key_file")
+    if key_file:
+        c.CryptKeeper.keys = [read_crypt_key(key_file)]
     return mode

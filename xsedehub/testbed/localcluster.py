@@ -174,9 +174,10 @@ def _dpkg_installed(pkg: str) -> bool:
     return r.returncode == 0 and "install ok installed" in r.stdout
 
 
-def job_env_problem(path: Path = JOB_ENV) -> str | None:
-    """Why the job environment at ``path`` cannot serve jobs of this hub, or None."""
-    want = metadata.version("jupyterhub")
+def job_env_problem(path: Path = JOB_ENV, jupyterhub: str | None = None) -> str | None:
+    """Why the job environment at ``path`` cannot serve jobs of this hub (or of a hub
+    running ``jupyterhub`` of that version), or None."""
+    want = jupyterhub or metadata.version("jupyterhub")
     py = path / "bin" / "python"
     if not py.exists():
         return f"the job environment {path} does not exist"
@@ -197,11 +198,12 @@ def job_env_problem(path: Path = JOB_ENV) -> str | None:
     return None
 
 
-def ensure_job_env(path: Path = JOB_ENV) -> None:
-    """World-readable venv from the system Python with the same jupyterhub as the hub."""
-    if job_env_problem(path) is None:
+def ensure_job_env(path: Path = JOB_ENV, jupyterhub: str | None = None) -> None:
+    """World-readable venv from the system Python with the same jupyterhub as the hub
+    (or ``jupyterhub``: the version another hub runs, e.g. TLJH's)."""
+    if job_env_problem(path, jupyterhub) is None:
         return
-    want = metadata.version("jupyterhub")
+    want = jupyterhub or metadata.version("jupyterhub")
     _log(f"building the job environment {path} (jupyterhub=={want})")
     path.parent.mkdir(parents=True, exist_ok=True)
     os.chmod(path.parent, 0o755)  # noqa: S103 (jobs of every user run this environment)

@@ -72,6 +72,7 @@ c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{public_port + 1}"
 c.JupyterHub.last_activity_interval = 60
 
 c.XSEDEHub.mode = "{mode}"
+c.XSEDEHub.crypt_key_file = "{workdir}/crypt_key"  # 0600: the hub's auth_state key
 c.SlurmSSHSpawner.login_host = "{info.login_ip}"
 c.SlurmSSHSpawner.login_port = {info.login_port}
 c.SlurmSSHSpawner.known_hosts = "{info.known_hosts}"
@@ -251,7 +252,8 @@ def put_user(provider_url: str, sub: str, claims: dict) -> None:
 def start_hub(
     workdir: Path, *, in_netns: str | None = None, debug: bool = True, public_port: int = 8000
 ) -> subprocess.Popen:
-    env = dict(os.environ, JUPYTERHUB_CRYPT_KEY=(workdir / "crypt_key").read_text().strip())
+    # the encryption key comes from XSEDEHub.crypt_key_file, not from the environment
+    env = {k: v for k, v in os.environ.items() if k != "JUPYTERHUB_CRYPT_KEY"}
     argv = [sys.executable, "-m", "jupyterhub", "-f", str(workdir / "jupyterhub_config.py")]
     if debug:
         argv.append("--debug")
