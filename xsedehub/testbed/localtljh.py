@@ -26,7 +26,7 @@ from pathlib import Path
 from .clusterconf import PREFIX
 from .localcluster import INSTALL_HINT, ensure_job_env, job_env_problem
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # xsedehub/testbed/ -> the repository
 SNAPSHOT_NAME = "the-littlest-jupyterhub-84ed38fd1f7c.tar.gz"
 WHEELHOUSE = PREFIX / "wheels" / "tljh"
 JOB_ENV = PREFIX / "job-env-tljh"
