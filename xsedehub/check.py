@@ -56,8 +56,8 @@ MESSAGES: dict[str, tuple[str, str]] = {
     ),
     "gateway-refused": (
         "The login node refused the hub's key for the account {user}",
-        "Append the public half of gateway_key to ~{user}/.ssh/authorized_keys on the "
-        "cluster, or correct SlurmSSHSpawner.gateway_user.",
+        "Have the cluster's admins put the hub's key in {user}'s root-owned keys file "
+        "(xsedehub gateway setup prints the lines), or correct SlurmSSHSpawner.gateway_user.",
     ),
     "issuer-unreachable": (
         "The certificate issuer at {url} cannot be reached: {detail}",
