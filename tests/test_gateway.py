@@ -219,12 +219,12 @@ print("planted in", home)
         # let the hub's shared squeue run a few times, and JupyterHub poll both servers
         while time.time() - t0 < 4 * POLL:
             time.sleep(1)
-        counts = localcluster.command_counts(Path(cluster.root), since=t0)
-        assert counts["squeue"] >= 2, counts  # the real squeue, by its configured path
         for name in names:
             assert c.user(name)["servers"].get("", {}).get("ready"), f"{name} seen as stopped"
             assert c.server_api(name, c.user_token(name), "/status").status_code == 200
         assert "gone from squeue" not in hub.log[log_at:]
+        counts = localcluster.command_counts(Path(cluster.root), since=t0)
+        assert counts["squeue"] >= 2, counts  # the real squeue, by its configured path
         r = _ssh_login(cluster, key)
         assert r.returncode == 255 and "Permission denied" in r.stderr, (r.returncode, r.stderr)
     finally:
