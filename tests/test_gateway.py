@@ -204,9 +204,11 @@ home = pathlib.Path.home()
 fake = home / "bin" / "squeue"
 fake.write_text("#!/bin/sh\\nexit 0\\n")  # squeue that lists no job: all servers "gone"
 fake.chmod(0o755)
-with open(home / ".bashrc", "a") as f:
-    f.write('export PATH="$HOME/bin:$PATH"\\n')
-    f.write("squeue() {{ :; }}\\nfunction {cluster.slurm_bin}/squeue {{ :; }}\\n")
+rc = home / ".bashrc"  # on top: Debian's own .bashrc returns early when not interactive
+rc.write_text(
+    'export PATH="$HOME/bin:$PATH"\\n'
+    "squeue() {{ :; }}\\nfunction {cluster.slurm_bin}/squeue {{ :; }}\\n" + rc.read_text()
+)
 (home / ".ssh").mkdir(mode=0o700, exist_ok=True)
 with open(home / ".ssh" / "authorized_keys", "a") as f:
     f.write({pub!r})
