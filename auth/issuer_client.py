@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import asyncssh
 import requests
@@ -47,7 +47,7 @@ class IssuerUnavailable(IssuerError):
 class Credential:
     """What lives in the user's encrypted auth_state (and nowhere else on the hub)."""
 
-    private_key: str
+    private_key: str = field(repr=False)  # never printed: reprs end up in logs
     certificate: str
     principal: str
     serial: int

@@ -250,6 +250,16 @@ def parse_sinfo(text: str) -> dict[str, Availability]:
 
 
 # ---------------------------------------------------------------------------- HTML
+
+
+def script_json(value: object) -> str:
+    """JSON for a ``<script type="application/json">`` element: raw JSON (a script's text
+    is not HTML-decoded, so HTML escapes would break ``JSON.parse``) with ``<``, ``>`` and
+    ``&`` as ``\\u`` escapes, so no value can end the element or open a comment."""
+    text = json.dumps(value)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
 def render_form(
     partitions: Sequence[PartitionSpec],
     *,
@@ -327,7 +337,7 @@ def render_form(
 <input class="form-control" type="number" id="xh-gpus" name="gpus" min="0"
  max="{s["max_gpus"]}" value="0"></div>
 {account_field}
-<script type="application/json" id="xh-partitions">{e(json.dumps(specs))}</script>
+<script type="application/json" id="xh-partitions">{script_json(specs)}</script>
 <script>
 (function () {{
   var specs = JSON.parse(document.getElementById("xh-partitions").textContent);

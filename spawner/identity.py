@@ -21,12 +21,14 @@ from .errors import CredentialExpired, SpawnError
 from .ssh import LoginNode, SSHIdentity
 
 
-def login_node(host: str, port: int, known_hosts: str) -> LoginNode:
+def login_node(host: str, port: int, known_hosts: str, slurm_bin: str = "/usr/bin") -> LoginNode:
     if not host:
         raise SpawnError("xsedehub is not configured: SlurmSSHSpawner.login_host is empty")
     if not known_hosts:
         raise SpawnError("xsedehub is not configured: SlurmSSHSpawner.known_hosts is empty")
-    return LoginNode(v.host(host, "login_host"), port, known_hosts)
+    return LoginNode(
+        v.host(host, "login_host"), port, known_hosts, v.absolute_path(slurm_bin, "slurm_bin_dir")
+    )
 
 
 class KeyFiles:

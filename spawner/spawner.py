@@ -21,7 +21,19 @@ from urllib.parse import urlparse
 
 from jupyterhub.spawner import Spawner
 from tornado import web
-from traitlets import Bool, CaselessStrEnum, Dict, Float, Integer, List, Tuple, Unicode, default
+from traitlets import (
+    Bool,
+    CaselessStrEnum,
+    Dict,
+    Float,
+    Integer,
+    List,
+    TraitError,
+    Tuple,
+    Unicode,
+    default,
+    validate,
+)
 
 from . import follow, form, identity, job, slurm
 from . import validate as v
@@ -68,6 +80,13 @@ class SlurmSSHSpawner(Spawner):
         config=True,
         help="""Path on the hub of the private key that logs in as :attr:`gateway_user`
         (gateway mode).""",
+    )
+    slurm_bin_dir = Unicode(
+        "/usr/bin",
+        config=True,
+        help="""Absolute directory of SLURM's commands (sbatch, squeue, scancel, sacct) on
+        the login node.  The hub runs them by this path, never through the account's
+        ``PATH``: in gateway mode every attendee can write the shared account's files.""",
     )
     ssh_max_sessions = Integer(
         8,
@@ -249,6 +268,13 @@ class SlurmSSHSpawner(Spawner):
             self.log.info("no availability for the form: %s", e)
             return {}
 
+    @validate("slurm_bin_dir")
+    def _valid_slurm_bin_dir(self, proposal: dict) -> str:
+        try:
+            return v.absolute_path(proposal["value"], "slurm_bin_dir")
+        except v.InvalidValue as e:
+            raise TraitError(f"SlurmSSHSpawner.{e}") from e
+
     # ----------------------------------------------------------------- jupyterhub defaults
     @default("env_keep")
     def _env_keep_default(self) -> list[str]:
@@ -326,7 +352,9 @@ class SlurmSSHSpawner(Spawner):
 
     # ----------------------------------------------------------------- identity
     def login_node(self) -> LoginNode:
-        return identity.login_node(self.login_host, self.login_port, self.known_hosts)
+        return identity.login_node(
+            self.login_host, self.login_port, self.known_hosts, self.slurm_bin_dir
+        )
 
     async def ssh_identity(self) -> SSHIdentity:
         """The identity this user's jobs are submitted with (override to change how)."""

@@ -42,11 +42,23 @@ class SSHIdentity:
         return hashlib.sha256(data).hexdigest()[:16]
 
 
+#: SLURM's commands: the hub runs them from :attr:`LoginNode.slurm_bin`, never through
+#: the account's ``PATH`` (which a shared gateway account's users could change)
+SLURM_COMMANDS = frozenset({"sbatch", "squeue", "scancel", "sacct", "scontrol", "sinfo"})
+
+
 @dataclass(frozen=True)
 class LoginNode:
     host: str
     port: int
     known_hosts: str  # path to a known_hosts file (may use @cert-authority)
+    slurm_bin: str = "/usr/bin"  # absolute directory of SLURM's commands on the node
+
+    def argv(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` as the node runs it: a SLURM command by its absolute path."""
+        if argv[0] in SLURM_COMMANDS:
+            return [f"{self.slurm_bin.rstrip('/')}/{argv[0]}", *argv[1:]]
+        return list(argv)
 
 
 @dataclass
@@ -137,7 +149,7 @@ class Connection:
         Retries once on a fresh connection if the old one had died; raises
         :class:`ClusterUnreachable` when the node cannot be reached.
         """
-        command = shlex.join(argv)
+        command = shlex.join(self.node.argv(argv))
         self.counters.count(argv[0])
         for attempt in (1, 2):
             conn = await self._connect()

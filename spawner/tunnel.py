@@ -22,7 +22,7 @@ import re
 import socket
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncssh
@@ -42,7 +42,7 @@ SPAWN_ID_FORMAT = re.compile(r"^u\d+-[0-9a-f]{12}$")
 class TunnelGrant:
     spawn_id: str
     port: int
-    private_key: str  # OpenSSH PEM: goes to the job directory (0600), nowhere else
+    private_key: str = field(repr=False)  # to the job directory (0600), nowhere else
     expires: float
 
 

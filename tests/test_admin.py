@@ -118,6 +118,8 @@ def test_check_passes_on_a_good_deployment(cluster, tmp_path):
     assert report.failed == [], text
     assert "opened the tunnel back to the hub" in text
     assert "jupyterhub-singleuser" in text
+    assert "ok    gateway account gateway: login shell /bin/sh reads no start-up file" in text
+    assert "gateway account's SSH sessions carry no variable" in text
 
 
 async def test_check_in_xsede_mode_with_a_certificate(cluster, issuer, tmp_path):
@@ -191,7 +193,7 @@ def test_check_in_xsede_mode_without_a_certificate_says_how_to_get_one(cluster, 
             'c.SlurmSSHSpawner.gateway_user = "bob"',
             "gateway-refused",
             "refused the hub's key",
-            "Append the public half of gateway_key to ~bob/.ssh/authorized_keys",
+            "Have the cluster's admins put the hub's key in bob's root-owned keys file",
         ),
         (
             "tunnel account missing",
@@ -233,6 +235,47 @@ def test_check_names_each_broken_setup(cluster, tmp_path, case, extra, failed, s
     assert report.failed == [failed], text
     assert says in text
     assert f"fix: {fix}" in text.replace("\n", " "), text
+
+
+async def _gateway_step(cfg) -> tuple[list[str], str]:
+    """Only check's gateway-account step (no test job): what it failed, what it said."""
+    from xsedehub.check import Checker, Report, load_config
+
+    lines: list[str] = []
+    checker = Checker(load_config(str(cfg)), Report(out=lines.append))
+    conn = await checker.connect(await checker.identity())
+    try:
+        await checker.gateway_account(conn)
+    finally:
+        conn.close()
+    return checker.r.failed, "\n".join(checker.r.lines)
+
+
+async def test_check_catches_a_gateway_account_attendees_could_steer(cluster, tmp_path):
+    """The shared account's login shell reads ~/.bashrc, or its sessions carry a variable
+    from ~/.pam_environment (Debian's sshd PAM reads it): check fails, naming each."""
+    user = cluster.gateway_user
+    pam_env = Path(f"/home/{user}/.pam_environment")
+    cfg = _config(cluster, tmp_path)
+    try:
+        _usermod_shell(user, "/bin/bash")
+        failed, text = await _gateway_step(cfg)
+        assert failed == ["gateway-shell"], text
+        assert "/bin/bash reads start-up files" in text and "usermod -s /bin/sh" in text
+        _usermod_shell(user, "/bin/sh")
+        pam_env.write_text("BASH_ENV DEFAULT=/tmp/nothing-here\n")
+        failed, text = await _gateway_step(cfg)
+        assert failed == ["gateway-env"], text
+        assert "BASH_ENV" in text and "user_readenv=0" in text
+    finally:
+        _usermod_shell(user, "/bin/sh")
+        pam_env.unlink(missing_ok=True)
+    failed, text = await _gateway_step(cfg)
+    assert failed == [], text
+
+
+def _usermod_shell(user: str, shell: str) -> None:
+    subprocess.run(["usermod", "-s", shell, user], check=True)
 
 
 def test_check_issuer_down(cluster, tmp_path):

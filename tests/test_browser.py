@@ -67,7 +67,13 @@ async def test_whole_path_in_a_browser(mode_hub, cluster):
             # the spawn form: pick the debug partition and a walltime
             await page.wait_for_url(re.compile(r"/hub/spawn"))
             await expect(page.locator("text=cores idle on")).to_have_count(2)
+            # switching partition puts that partition's defaults and limits in the fields
+            # (the form's JSON must reach JSON.parse intact)
+            await expect(page.locator("#xh-walltime")).to_have_value("01:00:00")
             await page.check('input[name="partition"][value="debug"]')
+            await expect(page.locator("#xh-walltime")).to_have_value("00:15:00")
+            await expect(page.locator("#xh-walltime-help")).to_have_text("at most 00:30:00")
+            await expect(page.locator("#xh-cores")).to_have_attribute("max", "2")
             await page.screenshot(path=ARTIFACTS / f"{mode}-form.png")
             await page.fill('input[name="walltime"]', "00:20:00")
             await page.get_by_role("button", name="Start").click()

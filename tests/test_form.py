@@ -101,6 +101,20 @@ def test_render_escapes_everything():
     assert '"><img' not in html
 
 
+def test_partition_data_is_json_the_page_can_parse():
+    import json
+    import re
+
+    html = form.render_form(PARTS, default_partition="compute")
+    text = re.search(r'id="xh-partitions">(.*?)</script>', html, re.S).group(1)
+    data = json.loads(text)  # what JSON.parse sees: the element's raw text
+    assert data["gpu"]["max_gpus"] == 2 and data["compute"]["max_walltime"] == "08:00:00"
+    # no value can close the element or open a comment, whatever it holds
+    hostile = form.script_json({"x": "</script><!--&"})
+    assert "<" not in hostile and ">" not in hostile and "&" not in hostile
+    assert json.loads(hostile) == {"x": "</script><!--&"}
+
+
 @pytest.mark.parametrize("spec", [{"max_cores": "many"}, {"colour": "red"}, {"max_walltime": "x"}])
 def test_bad_partition_config(spec):
     with pytest.raises(v.InvalidValue):

@@ -155,6 +155,89 @@ def test_hostile_github_logins_are_refused(hub, login):
     assert "cannot use the workshop hub" in e.value.body
 
 
+def _keygen(path: Path) -> str:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+    return path.with_suffix(".pub").read_text()
+
+
+def _ssh_login(cluster, key: Path) -> subprocess.CompletedProcess[str]:
+    """Log in to the login node as the gateway account with ``key``, from the hub."""
+    return subprocess.run(
+        [
+            "ssh",
+            *("-i", str(key), "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes"),
+            *("-o", f"UserKnownHostsFile={cluster.known_hosts}", "-F", "/dev/null"),
+            *("-p", str(cluster.login_port), f"{cluster.gateway_user}@{cluster.login_ip}"),
+            "true",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+async def test_an_attendee_cannot_steer_the_hubs_commands(hub, cluster, tmp_path):
+    """Attendees share the gateway account.  One of them plants a fake squeue in ~/bin, a
+    .bashrc that puts it first and shadows SLURM's commands by name and by absolute path,
+    and a key of their own in ~/.ssh/authorized_keys.  None of it reaches the hub's
+    commands: the other attendee's server keeps running and is still seen as running, the
+    real squeue keeps answering, and the planted key logs nobody in."""
+    c = hub.client
+    for sub in ("ada", "grace"):
+        c.login(sub)
+    names = ["ada-l", "grace"]
+    with concurrent.futures.ThreadPoolExecutor(2) as ex:
+        for r in ex.map(c.start, names):
+            assert r.status_code in (201, 202), r.text
+        list(ex.map(c.wait_ready, names))
+    home = Path(f"/home/{cluster.gateway_user}")
+    planted = [home / "bin" / "squeue", home / ".ssh" / "authorized_keys"]
+    bashrc = home / ".bashrc"
+    saved = bashrc.read_bytes() if bashrc.exists() else None
+    key = tmp_path / "attendee_key"
+    pub = _keygen(key)
+    code = f"""
+import pathlib
+home = pathlib.Path.home()
+(home / "bin").mkdir(exist_ok=True)
+fake = home / "bin" / "squeue"
+fake.write_text("#!/bin/sh\\nexit 0\\n")  # squeue that lists no job: all servers "gone"
+fake.chmod(0o755)
+rc = home / ".bashrc"  # on top: Debian's own .bashrc returns early when not interactive
+rc.write_text(
+    'export PATH="$HOME/bin:$PATH"\\n'
+    "squeue() {{ :; }}\\nfunction {cluster.slurm_bin}/squeue {{ :; }}\\n" + rc.read_text()
+)
+(home / ".ssh").mkdir(mode=0o700, exist_ok=True)
+with open(home / ".ssh" / "authorized_keys", "a") as f:
+    f.write({pub!r})
+print("planted in", home)
+"""
+    try:
+        out = await c.execute("ada-l", c.user_token("ada-l"), code)
+        assert f"planted in {home}" in out
+        t0, log_at = time.time(), len(hub.log)
+        # let the hub's shared squeue run a few times, and JupyterHub poll both servers
+        while time.time() - t0 < 4 * POLL:
+            time.sleep(1)
+        for name in names:
+            assert c.user(name)["servers"].get("", {}).get("ready"), f"{name} seen as stopped"
+            assert c.server_api(name, c.user_token(name), "/status").status_code == 200
+        assert "gone from squeue" not in hub.log[log_at:]
+        counts = localcluster.command_counts(Path(cluster.root), since=t0)
+        assert counts["squeue"] >= 2, counts  # the real squeue, by its configured path
+        r = _ssh_login(cluster, key)
+        assert r.returncode == 255 and "Permission denied" in r.stderr, (r.returncode, r.stderr)
+    finally:
+        for f in planted:
+            f.unlink(missing_ok=True)
+        if saved is None:
+            bashrc.unlink(missing_ok=True)
+        else:
+            bashrc.write_bytes(saved)
+
+
 # --------------------------------------------------------------------------- faults
 def test_job_cancelled_outside_is_noticed(hub):
     c = hub.client

@@ -28,6 +28,7 @@ from pathlib import Path
 import asyncssh
 from traitlets.config import Config, PyFileConfigLoader
 
+from . import gatewaysetup
 from .spawner import slurm
 from .spawner import validate as v
 from .spawner.ssh import ClusterUnreachable, Connection, LoginNode, SSHIdentity
@@ -55,8 +56,8 @@ MESSAGES: dict[str, tuple[str, str]] = {
     ),
     "gateway-refused": (
         "The login node refused the hub's key for the account {user}",
-        "Append the public half of gateway_key to ~{user}/.ssh/authorized_keys on the "
-        "cluster, or correct SlurmSSHSpawner.gateway_user.",
+        "Have the cluster's admins put the hub's key in {user}'s root-owned keys file "
+        "(xsedehub gateway setup prints the lines), or correct SlurmSSHSpawner.gateway_user.",
     ),
     "issuer-unreachable": (
         "The certificate issuer at {url} cannot be reached: {detail}",
@@ -70,8 +71,8 @@ MESSAGES: dict[str, tuple[str, str]] = {
     ),
     "slurm-missing": (
         "{commands} not found on the login node",
-        "Install the SLURM client commands on the login node, or put them on the PATH of "
-        "non-interactive SSH sessions.",
+        "Set SlurmSSHSpawner.slurm_bin_dir to the directory of SLURM's client commands on "
+        "the login node (`command -v sbatch` there shows it), or install them.",
     ),
     "singleuser-missing": (
         "{cmd} does not run on the login node: {detail}",
@@ -81,6 +82,22 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "singleuser-version": (
         "The job environment has jupyterhub {remote}; the hub runs {local}",
         "Install jupyterhub=={local} in the job environment (the major versions must match).",
+    ),
+    "gateway-shell": (
+        "The gateway account {user}'s login shell {shell} lets attendees steer the hub: {detail}",
+        "Run the lines of `xsedehub gateway setup` on the login node (usermod -s /bin/sh "
+        "{user}; terminals get bash through SlurmSSHSpawner.environment).",
+    ),
+    "gateway-env": (
+        "The gateway account's SSH sessions carry variables an attendee can set: {names}",
+        "Remove them (~/.pam_environment, ~/.ssh/environment) and stop sshd reading them: "
+        "pam_env user_readenv=0 in /etc/pam.d/sshd, PermitUserEnvironment no "
+        "(see `xsedehub gateway setup`).",
+    ),
+    "tunnel-sshd-version": (
+        "The hub's sshd is {version}; tunnel keys need OpenSSH {minimum} or later "
+        '(expiry-time in UTC, "...Z")',
+        "Upgrade the hub's OpenSSH server (Debian 12 and Ubuntu 24.04 have 9.2 and 9.6).",
     ),
     "tunnel-account": (
         "The tunnel account {user} does not exist on the hub",
@@ -175,6 +192,24 @@ def tljh_config_file() -> str:
     return str(Path(spec.origin).parent / "jupyterhub_config.py")
 
 
+#: the oldest OpenSSH whose sshd reads ``expiry-time="YYYYMMDDHHMMSSZ"`` as UTC (the "Z"
+#: came in 9.1, October 2022; older ones refuse the tunnel keys' lines)
+MIN_OPENSSH = (9, 1)
+
+
+def sshd_version(sshd: str) -> tuple[int, int] | None:
+    """The version of the sshd binary ``sshd`` (None if it cannot be told)."""
+    import re
+    import subprocess
+
+    try:
+        r = subprocess.run([sshd, "-V"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r"OpenSSH_(\d+)\.(\d+)", r.stdout + r.stderr)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
 def _major(version: str) -> str:
     return version.split(".")[0]
 
@@ -189,6 +224,7 @@ class Checker:
         certificate: tuple[str, str] | None = None,
         hub_api: str | None = None,
         config_file: str = "jupyterhub_config.py",
+        sshd: str = "/usr/sbin/sshd",
     ):
         from .spawner.spawner import SlurmSSHSpawner
 
@@ -196,6 +232,7 @@ class Checker:
         self.config_file = config_file
         self.sp = SlurmSSHSpawner(config=cfg)
         self.certificate = certificate
+        self.sshd = sshd
         hub = cfg.JupyterHub
         self.hub_api = (
             hub_api
@@ -236,7 +273,7 @@ class Checker:
 
     async def connect(self, ident: SSHIdentity | None) -> Connection | None:
         sp = self.sp
-        node = LoginNode(sp.login_host, sp.login_port, sp.known_hosts)
+        node = LoginNode(sp.login_host, sp.login_port, sp.known_hosts, sp.slurm_bin_dir)
         kw = dict(known_hosts=sp.known_hosts, agent_path=None, config=None, connect_timeout=15)
         probe_key = asyncssh.generate_private_key("ssh-ed25519")
         user = ident.username if ident else "xsedehub-check"
@@ -280,19 +317,16 @@ class Checker:
         return Connection(node, ident, max_sessions=sp.ssh_max_sessions)
 
     async def commands(self, conn: Connection) -> bool:
+        paths = [conn.node.argv([c])[0] for c in ("sbatch", "squeue", "scancel")]
         r = await conn.run(
-            [
-                "sh",
-                "-c",
-                "for c in sbatch squeue scancel; do command -v $c >/dev/null || echo $c; done",
-            ],
+            ["/bin/sh", "-c", 'for c; do [ -x "$c" ] || echo "$c"; done', "sh", *paths],
             timeout=30,
         )
         missing = str(r.stdout).split()
         if missing:
             self.r.fail("slurm-missing", commands=", ".join(missing))
             return False
-        self.r.ok("sbatch, squeue and scancel found")
+        self.r.ok(f"sbatch, squeue and scancel found in {conn.node.slurm_bin}")
         return True
 
     async def singleuser(self, conn: Connection) -> None:
@@ -312,6 +346,24 @@ class Checker:
             return
         self.r.ok(f"job environment has jupyterhub-singleuser {remote} (hub: {local})")
 
+    async def gateway_account(self, conn: Connection) -> None:
+        """The shared account runs the hub's commands through no file attendees can write."""
+        user = self.sp.gateway_user
+        r = await conn.run(["/usr/bin/getent", "passwd", user], timeout=30)
+        fields = str(r.stdout).strip().split(":")
+        home, shell = (fields[5], fields[6]) if len(fields) >= 7 else ("", "?")
+        problem = gatewaysetup.shell_problem(shell)
+        if problem:
+            self.r.fail("gateway-shell", user=user, shell=shell, detail=problem)
+        else:
+            self.r.ok(f"gateway account {user}: login shell {shell} reads no start-up file")
+        r = await conn.run(["/usr/bin/env"], timeout=30)
+        bad = gatewaysetup.env_problems(str(r.stdout), home)
+        if bad:
+            self.r.fail("gateway-env", names=", ".join(bad))
+        else:
+            self.r.ok("gateway account's SSH sessions carry no variable attendees can set")
+
     def tunnel_account(self) -> bool:
         import pwd
 
@@ -320,6 +372,16 @@ class Checker:
         except KeyError:
             self.r.fail("tunnel-account", user=self.sp.tunnel_user)
             return False
+        version = sshd_version(self.sshd)
+        if version and version < MIN_OPENSSH:
+            self.r.fail(
+                "tunnel-sshd-version",
+                version=".".join(map(str, version)),
+                minimum=".".join(map(str, MIN_OPENSSH)),
+            )
+            return False
+        if version:
+            self.r.ok(f"hub's sshd is OpenSSH {'.'.join(map(str, version))}")
         return True
 
     async def test_job(self, conn: Connection) -> None:
@@ -421,6 +483,8 @@ class Checker:
                 )
             return self.r
         try:
+            if self.sp.mode == "gateway":
+                await self.gateway_account(conn)
             if not await self.commands(conn):
                 return self.r
             await self.singleuser(conn)

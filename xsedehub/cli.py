@@ -87,6 +87,28 @@ def _issuer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gateway(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import asyncssh
+
+    from . import gatewaysetup
+    from .spawner.validate import InvalidValue
+
+    try:
+        if args.key.endswith(".pub"):
+            public = Path(args.key).read_text()
+        else:
+            public = asyncssh.read_private_key(args.key).export_public_key().decode()
+        keys_file = args.keys_file or f"/etc/ssh/xsedehub/{args.user}.keys"
+        text = gatewaysetup.instructions(args.user, public, args.hub_address, keys_file)
+    except (OSError, asyncssh.KeyImportError, InvalidValue) as e:
+        print(f"xsedehub gateway setup: {e}", file=sys.stderr)
+        return 2
+    print(text, end="")
+    return 0
+
+
 def _tunnel(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -238,6 +260,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--sshd", default="/usr/sbin/sshd", help="sshd binary used to test the config")
     t.add_argument("--apply", action="store_true", help="write the changes (default: show them)")
     t.set_defaults(func=_tunnel)
+
+    g = sub.add_parser(
+        "gateway",
+        help="print the login node's settings for the shared gateway account (cluster admins)",
+    )
+    g.add_argument("action", choices=["setup"], help="setup: print the settings (the only action)")
+    g.add_argument("--user", default="gateway", help="the shared account (gateway_user)")
+    g.add_argument(
+        "--key", required=True, help="the hub's key (gateway_key, or its .pub): its public half"
+    )
+    g.add_argument(
+        "--hub-address", required=True, help="the hub's address as the login node sees it"
+    )
+    g.add_argument("--keys-file", help="root-owned keys file (default /etc/ssh/xsedehub/USER.keys)")
+    g.set_defaults(func=_gateway)
 
     k = sub.add_parser("check", help="check a deployment step by step")
     k.add_argument(

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .. import gatewaysetup
 from ..tunnelsetup import match_block
 
 ROOT = Path(os.environ.get("XSEDEHUB_CLUSTER_ROOT", "/var/lib/xsedehub/localcluster"))
@@ -60,6 +61,8 @@ def ensure_users() -> None:
         run(["usermod", "-p", "*", user])  # unlocked, no password
         home = Path(f"/home/{user}")
         home.chmod(0o700)
+    # the shared account's login shell reads no start-up file (xsedehub gateway setup)
+    run(["usermod", "-s", "/bin/sh", GATEWAY_USER])
     if subprocess.run(["id", TUNNEL_USER], capture_output=True, check=False).returncode:
         run(["useradd", "-m", "-s", "/usr/sbin/nologin", TUNNEL_USER])
     run(["usermod", "-p", "*", "-s", "/usr/sbin/nologin", TUNNEL_USER])
@@ -107,16 +110,20 @@ def ensure_keys(root: Path) -> dict[str, Path]:
     kh = root / "known_hosts"
     kh.write_text(f"@cert-authority {LOGIN_IP},{HUB_IP} {host_ca_pub}\n")
     kh.chmod(0o644)
-    # the hub's own key for the shared workshop account
-    ssh_dir = Path(f"/home/{GATEWAY_USER}/.ssh")
-    ssh_dir.mkdir(exist_ok=True)
-    gw_pub = Path(f"{k['gateway']}.pub").read_text().strip()
-    ak = ssh_dir / "authorized_keys"
-    ak.write_text(f'restrict,from="{HUB_IP}" {gw_pub}\n')
-    run(["chown", "-R", f"{GATEWAY_USER}:{GATEWAY_USER}", str(ssh_dir)])
-    ssh_dir.chmod(0o700)
-    ak.chmod(0o600)
+    # the hub's own key for the shared workshop account, set up as `xsedehub gateway
+    # setup` tells a cluster's admins: a root-owned file, the only one sshd reads for
+    # that account (attendees share it and could edit ~/.ssh/authorized_keys)
+    gw_pub = Path(f"{k['gateway']}.pub").read_text()
+    keys_file = gateway_keys_file(root)
+    keys_file.parent.mkdir(mode=0o755, exist_ok=True)
+    keys_file.write_text(gatewaysetup.keys_line(gw_pub, HUB_IP) + "\n")
+    keys_file.chmod(0o644)
+    Path(f"/home/{GATEWAY_USER}/.ssh/authorized_keys").unlink(missing_ok=True)
     return k
+
+
+def gateway_keys_file(root: Path) -> Path:
+    return root / "etc" / f"{GATEWAY_USER}.keys"
 
 
 def write_slurm_conf(root: Path) -> None:
@@ -183,6 +190,8 @@ def sshd_conf(root: Path, keys: dict[str, Path], side: str) -> Path:
                 "Subsystem sftp internal-sftp",
                 "AllowTcpForwarding no",
                 "X11Forwarding no",
+                # last: a Match block runs to the end of the file
+                *gatewaysetup.sshd_block(GATEWAY_USER, str(gateway_keys_file(root))).splitlines(),
             ],
         )
     else:
@@ -222,7 +231,7 @@ def sshd_conf(root: Path, keys: dict[str, Path], side: str) -> Path:
     return conf
 
 
-COUNTED = ("sbatch", "squeue", "scancel", "sinfo")
+COUNTED = ("sbatch", "squeue", "scancel", "sinfo", "sacct", "scontrol")
 
 
 def command_wrappers(root: Path) -> None:

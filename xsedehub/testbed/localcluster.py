@@ -98,6 +98,8 @@ class ClusterInfo:
     partitions: dict[str, dict[str, object]]
     nodes: list[str]
     pid_files: dict[str, str] = field(default_factory=dict)
+    #: SLURM's commands as the hub runs them (the counting wrappers; slurm_bin_dir)
+    slurm_bin: str = "/usr/bin"
 
     @classmethod
     def load(cls, root: Path = ROOT) -> ClusterInfo:
@@ -352,6 +354,7 @@ def _info(root: Path, keys: dict[str, Path], workshop: Path) -> ClusterInfo:
         },
         nodes=list(NODES),
         pid_files={k: str(v) for k, v in _pid_files(root).items()},
+        slurm_bin=str(root / "bin"),
     )
 
 
