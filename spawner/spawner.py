@@ -132,7 +132,9 @@ class SlurmSSHSpawner(Spawner):
         ".xsedehub/jobs",
         config=True,
         help="""Where, relative to the cluster account's home, each job keeps its files
-        (0600 environment and tunnel key, its log, the server's socket).""",
+        (0600 environment and tunnel key, its log, the server's socket).  The folders of
+        it the hub creates are made 0700; a folder that already exists (the account's
+        own, say) keeps its mode.""",
     )
     status_interval = Float(
         0.0,
