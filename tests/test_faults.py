@@ -292,11 +292,29 @@ def test_killed_job_leaves_no_secret_files(hub, cluster):
     st = state(hub, "grace")
     job_dir = Path(f"/home/{cluster.gateway_user}/.xsedehub/jobs/{st['spawn_id']}")
     assert (job_dir / "env").exists() and (job_dir / "tunnel_key").exists()
-    in_cluster_root(["scancel", "--signal=KILL", st["job_id"]])
+    # SIGKILL the batch script itself, as the OOM killer would: its EXIT trap never runs
+    # (scancel, even --signal=KILL, sends SIGTERM first and the trap cleans up)
+    shell = _batch_shell(st["job_id"])
+    os.kill(shell, signal.SIGKILL)
     c.wait_stopped("grace", timeout=3 * POLL + 30)
     left = sorted(p.name for p in job_dir.iterdir())
     print(f"job directory after the kill: {left}")
     assert "env" not in left and "tunnel_key" not in left
+
+
+def _batch_shell(job_id: str) -> int:
+    """The pid of the job's batch script (the nodes share the host's pid namespace)."""
+    mark = f"SLURM_JOB_ID={job_id}".encode()
+    for p in os.listdir("/proc"):
+        if not p.isdigit() or b"slurm_script" not in _cmdline(p):
+            continue
+        try:
+            env = Path(f"/proc/{p}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if mark in env:
+            return int(p)
+    raise AssertionError(f"no batch script process for job {job_id}")
 
 
 def test_a_job_script_that_cannot_be_built_leaves_no_tunnel_key(hub, cluster):
