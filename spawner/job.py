@@ -24,6 +24,7 @@ import asyncssh
 from . import slurm
 from . import validate as v
 from .errors import ClusterUnreachable, SpawnError
+from .remotefile import NotARegularFile, make_private_dirs, read_capped
 from .ssh import Connection
 from .tunnel import TunnelGrant
 
@@ -140,7 +141,9 @@ class JobFiles:
         """Make the directory (``0700``), then write ``contents()`` into it, each file
         ``0600`` from its creation; ``also`` run alongside over the same SFTP session."""
         sftp = await self.conn.sftp()
-        await sftp.makedirs(self.dir, attrs=asyncssh.SFTPAttrs(permissions=0o700), exist_ok=True)
+        # 0700 for the folders made here; a folder that was there (the account's own
+        # folder that job_dir_root may start with) keeps its mode
+        await make_private_dirs(sftp, self.dir)
         files = contents()
 
         async def write(name: str, content: str) -> None:
@@ -151,10 +154,7 @@ class JobFiles:
                 await f.write(content)
 
         # independent requests: SFTP pipelines them over the one connection
-        steps: list[Awaitable[None]] = [
-            sftp.chmod(self.dir.split("/")[0], 0o700),
-            sftp.chmod(self.dir, 0o700),
-        ]
+        steps: list[Awaitable[None]] = [sftp.chmod(self.dir, 0o700)]
         steps += [write(name, content) for name, content in files.items()]
         steps += [step(sftp) for step in also]
         await asyncio.gather(*steps)
@@ -172,11 +172,11 @@ class JobFiles:
             self.log.warning("%s: could not remove job files: %s", self.name, e)
 
     async def log_tail(self, lines: int = 20) -> str:
-        """The last lines of the job's log ("" when it cannot be read)."""
+        """The last lines of the job's log ("" when it cannot be read): read from its
+        last 64 KiB only, never through a symlink, undecodable bytes replaced."""
         try:
             sftp = await self.conn.sftp()
-            async with sftp.open(f"{self.dir}/job.log", "r") as f:
-                text = await f.read()
+            text = await read_capped(sftp, f"{self.dir}/job.log", tail=True)
             return "\n".join(text.splitlines()[-lines:])
         except (ClusterUnreachable, asyncssh.Error, OSError):
             return ""
@@ -210,8 +210,14 @@ async def claim_folder(
             asyncssh.FX_FAILURE,
         ):
             raise
-    async with sftp.open(owner, "r") as f:
-        recorded = (await f.read()).strip()
+    try:
+        recorded = (await read_capped(sftp, owner)).strip()
+    except NotARegularFile:
+        raise SpawnError(
+            f"The folder for GitHub login {user.name!r} has an owner record "
+            f"({owner}) that is not a regular file.  Ask the workshop's organisers to "
+            "remove it."
+        ) from None
     if gh_id and recorded and recorded != gh_id:
         raise SpawnError(
             f"The folder for GitHub login {user.name!r} belongs to another GitHub "

@@ -13,10 +13,12 @@ outlive one spawner lives in the process's one :class:`HubServices`, made on fir
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any, ClassVar
 
 from . import form
+from .errors import ClusterUnreachable
 from .identity import KeyFiles
 from .ssh import Connection, Pool
 from .tunnel import TunnelKeys
@@ -57,19 +59,37 @@ class SpawnRegistry:
 
 
 class AvailabilityCache:
-    """``sinfo`` results per login node and account, reused for 30 s."""
+    """``sinfo`` results per login node and account, reused for 30 s.
+
+    The form waits at most :attr:`timeout` seconds for them (connecting included), so a
+    login node that is down does not hold the spawn page for the SSH connect timeout;
+    after a failure no new attempt is made for :attr:`retry_after` seconds."""
 
     max_age = 30.0
+    timeout = 4.0
+    retry_after = 20.0
 
     def __init__(self) -> None:
         self._results: dict[tuple, tuple[float, dict[str, form.Availability]]] = {}
+        self._failed: dict[tuple, float] = {}
 
     async def get(self, conn: Connection) -> dict[str, form.Availability]:
         key = (conn.node, conn.ident.username)
         cached = self._results.get(key)
         if cached and time.monotonic() - cached[0] < self.max_age:
             return cached[1]
-        r = await conn.run(form.SINFO_ARGV, timeout=15)
+        failed = self._failed.get(key)
+        if failed is not None and time.monotonic() - failed < self.retry_after:
+            return {}
+        try:
+            r = await asyncio.wait_for(conn.run(form.SINFO_ARGV, timeout=15), self.timeout)
+        except (TimeoutError, ClusterUnreachable) as e:
+            self._failed[key] = time.monotonic()
+            why = str(e) or f"no answer within {self.timeout:.0f} s"
+            raise ClusterUnreachable(
+                f"sinfo for the form: {why}; not asked again for {self.retry_after:.0f} s"
+            ) from e
+        self._failed.pop(key, None)
         data = form.parse_sinfo(str(r.stdout)) if r.exit_status == 0 else {}
         self._results[key] = (time.monotonic(), data)
         return data

@@ -130,7 +130,11 @@ class SlurmSSHSpawner(Spawner):
         help="Let users choose the account on the form (default: in xsede mode only).",
     )
     show_availability = Bool(
-        True, config=True, help="Show live idle cores per partition (from sinfo) on the form."
+        True,
+        config=True,
+        help="""Show live idle cores per partition (from sinfo) on the form.  The form waits
+        at most 4 s for them: when the login node does not answer it shows none, and does
+        not ask again for 20 s.""",
     )
     extra_sbatch = Dict(
         config=True,
@@ -147,7 +151,9 @@ class SlurmSSHSpawner(Spawner):
         ".xsedehub/jobs",
         config=True,
         help="""Where, relative to the cluster account's home, each job keeps its files
-        (0600 environment and tunnel key, its log, the server's socket).""",
+        (0600 environment and tunnel key, its log, the server's socket).  The folders of
+        it the hub creates are made 0700; a folder that already exists (the account's
+        own, say) keeps its mode.""",
     )
     status_interval = Float(
         0.0,
@@ -437,8 +443,9 @@ class SlurmSSHSpawner(Spawner):
         grant = await keys.grant(self.spawn_id, lifetime)
         self.services.spawns.started(self.spawn_id)
         self.hub_port = grant.port
-        script = self.job_script(job_dir, grant.port)
         try:
+            # inside: a script that cannot be built must not leave the key granted
+            script = self.job_script(job_dir, grant.port)
             contents = partial(job.file_contents, self, grant)
             await retry("writing job files", files.create, contents, *job.claims(self))
             self.job_id = await retry("submitting", job.submit, conn, script)
@@ -534,6 +541,8 @@ class SlurmSSHSpawner(Spawner):
         )
         await self.tunnel_keys().revoke(self.spawn_id)
         self.services.spawns.ended(self.spawn_id)
+        # a job killed outright (SIGKILL, node failure) never ran its cleanup
+        await self._job_files(conn, f"{self.job_dir_root}/{self.spawn_id}").remove_secrets()
         return 1
 
     async def _reconcile_tunnel_keys(self) -> None:

@@ -7,7 +7,9 @@ expires on its own and is removed when the job stops, so a leaked key cannot bin
 another user's port, nor its own once the job is gone.
 
 The authorized_keys file is also the registry of hub-side ports in use, so it survives
-hub restarts.  Lines look like::
+hub restarts.  Every edit (read, change, atomic replace) holds an exclusive ``flock`` on
+a lock file beside it (``.<name>.lock``), so the hub and ``xsedehub check``, separate
+processes, never overwrite each other's lines nor hand out the same port.  Lines look like::
 
     restrict,port-forwarding,permitlisten="127.0.0.1:PORT",permitopen="HOST:PORT",
     expiry-time="YYYYMMDDHHMMSSZ",command="/bin/false" ssh-ed25519 AAAA... xsedehub:SPAWN_ID
@@ -17,13 +19,17 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import fcntl
 import os
 import re
 import socket
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import asyncssh
 
@@ -36,6 +42,8 @@ _LINE = re.compile(
 _SPAWN_ID = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 #: the ids the spawner gives its spawns (see SlurmSSHSpawner.start)
 SPAWN_ID_FORMAT = re.compile(r"^u\d+-[0-9a-f]{12}$")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -90,7 +98,35 @@ class TunnelKeys:
             inst = cls._instances[path] = cls(path, port_range, api_host, api_port)
         return inst
 
-    # -- file I/O (small file, rewritten atomically under the lock)
+    # -- file I/O (small file, rewritten atomically under both locks)
+    @property
+    def lock_path(self) -> Path:
+        return self.path.with_name(f".{self.path.name}.lock")
+
+    @contextmanager
+    def _file_lock(self) -> Iterator[None]:
+        """The lock every process editing this file takes (blocking until it is free)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # read-only is enough for flock; 0644: whoever may edit the keys may take it
+        fd = os.open(self.lock_path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    async def _edit(self, change: Callable[[], T]) -> T:
+        """Run ``change`` (read, modify, write) holding this process's lock and the file
+        lock.  It runs in a thread: waiting for another process does not stall the hub,
+        and a cancelled caller cannot leave the file lock taken (the thread finishes)."""
+
+        def locked() -> T:
+            with self._file_lock():
+                return change()
+
+        async with self._lock:
+            return await asyncio.to_thread(locked)
+
     def _read(self) -> list[str]:
         try:
             return [ln for ln in self.path.read_text().splitlines() if ln.strip()]
@@ -124,7 +160,10 @@ class TunnelKeys:
             raise v.InvalidValue("spawn id", f"{spawn_id!r}")
         key = asyncssh.generate_private_key("ssh-ed25519", comment=f"xsedehub:{spawn_id}")
         expires = time.time() + lifetime
-        async with self._lock:
+        exp = time.strftime("%Y%m%d%H%M%S", time.gmtime(expires))
+        pub = key.export_public_key("openssh").decode().strip().split()[:2]
+
+        def add() -> int:
             lines = [ln for ln in self._read() if not ln.endswith(f" xsedehub:{spawn_id}")]
             now = time.time()
             used = {e.port for e in self.entries() if e.expires > now and e.spawn_id != spawn_id}
@@ -132,8 +171,6 @@ class TunnelKeys:
             port = next((p for p in range(lo, hi + 1) if p not in used and port_free(p)), None)
             if port is None:
                 raise RuntimeError(f"no free hub-side tunnel port in {lo}-{hi}")
-            exp = time.strftime("%Y%m%d%H%M%S", time.gmtime(expires))
-            pub = key.export_public_key("openssh").decode().strip().split()[:2]
             opts = (
                 f'restrict,port-forwarding,permitlisten="127.0.0.1:{port}",'
                 f'permitopen="{self.api}",expiry-time="{exp}Z",command="/bin/false"'
@@ -142,6 +179,9 @@ class TunnelKeys:
             lines = [ln for ln in lines if not self._expired(ln, now)]
             lines.append(f"{opts} {pub[0]} {pub[1]} xsedehub:{spawn_id}")
             self._write(lines)
+            return port
+
+        port = await self._edit(add)
         return TunnelGrant(spawn_id, port, key.export_private_key("openssh").decode(), expires)
 
     @staticmethod
@@ -153,7 +193,7 @@ class TunnelKeys:
         return exp <= now
 
     async def revoke(self, spawn_id: str) -> bool:
-        async with self._lock:
+        def remove() -> bool:
             lines = self._read()
             keep = [ln for ln in lines if not ln.endswith(f" xsedehub:{spawn_id}")]
             if len(keep) != len(lines):
@@ -161,13 +201,15 @@ class TunnelKeys:
                 return True
             return False
 
+        return await self._edit(remove)
+
     async def retain(self, spawn_ids: set[str]) -> list[str]:
         """Remove every line of a hub spawn (``u<user id>-<12 hex>``) whose id is not in
         ``spawn_ids`` (hub start-up); other lines (``xsedehub check``'s) are left alone."""
-        async with self._lock:
-            lines = self._read()
+
+        def prune() -> list[str]:
             keep, gone = [], []
-            for ln in lines:
+            for ln in self._read():
                 m = _LINE.search(ln)
                 if m and SPAWN_ID_FORMAT.match(m["spawn"]) and m["spawn"] not in spawn_ids:
                     gone.append(m["spawn"])
@@ -176,3 +218,5 @@ class TunnelKeys:
             if gone:
                 self._write(keep)
             return gone
+
+        return await self._edit(prune)

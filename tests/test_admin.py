@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ from xsedehub.auth.issuer_client import obtain_credential
 from xsedehub import tunnelsetup
 from xsedehub.check import MESSAGES, TEST_CERTIFICATE_COMMANDS, run_check
 from xsedehub.orphans import find_orphans
-from xsedehub.testbed import localhub
+from xsedehub.testbed import localcluster, localhub
 
 from .conftest import make_hub, provider_token, stop_hub_and_proxy
 from .test_gateway import in_cluster_root
@@ -329,11 +330,11 @@ def test_orphans_are_found_and_cancelled(hub, cluster):
     cfg = hub.workdir / "jupyterhub_config.py"
     lines: list[str] = []
     ada_job = in_cluster_root(["squeue", "-h", "-n", "jupyter-ada-l", "-o", "%i"]).strip()
-    found = {j.job_id: j for j in find_orphans(str(cfg), c.url, token, out=lines.append)}
+    found = {j.job_id: j for j in find_orphans(str(cfg), c.url, token, min_age=0, out=lines.append)}
     assert orphan in found and ada_job not in found, lines
     assert found[orphan].spawn_id == "u99-lost"
     # no hub URL: the hub's own address from the config (hub_ip:hub_port), not the proxy's
-    find_orphans(str(cfg), None, token, cancel=True, out=lines.append)
+    find_orphans(str(cfg), None, token, cancel=True, min_age=0, out=lines.append)
     time.sleep(1)
     assert in_cluster_root(["squeue", "-h", "-j", orphan, "-o", "%T"]).strip() in (
         "",
@@ -343,3 +344,72 @@ def test_orphans_are_found_and_cancelled(hub, cluster):
     # ada's server is known to the hub: untouched
     assert c.server_api("ada-l", c.user_token("ada-l"), "/status").status_code == 200
     c.stop("ada-l")
+
+
+def _lost_job(spawn_id: str) -> str:
+    """A job of the gateway account with xsedehub's comment that no server holds."""
+    out = in_cluster_root(
+        [
+            "sbatch",
+            "--parsable",
+            "--uid=gateway",
+            "--gid=gateway",
+            f"--comment=xsedehub:{spawn_id}",
+            "--time=5",
+            "--chdir=/tmp",
+            "--output=/dev/null",
+            "--wrap",
+            "sleep 300",
+        ]
+    )
+    assert out.strip().isdigit(), out
+    return out.strip()
+
+
+def _orphans_cli(hub, *args: str, token: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "JUPYTERHUB_API_TOKEN"}
+    if token:
+        env["JUPYTERHUB_API_TOKEN"] = (hub.workdir / "service_token").read_text().strip()
+    cfg = str(hub.workdir / "jupyterhub_config.py")
+    argv = [sys.executable, "-m", "xsedehub.cli", "orphans", "-f", cfg, *args]
+    return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+
+
+def _job_state(job: str) -> str:
+    return in_cluster_root(["squeue", "-h", "--states=all", "-j", job, "-o", "%T"]).strip()
+
+
+def test_orphans_command_leaves_a_job_submitted_a_moment_ago(hub, cluster):
+    """The hub may have submitted a job and not yet recorded its id: ``--cancel`` lists
+    it but leaves it alone; ``--min-age 0`` cancels it.  The token comes from the
+    environment (without one: exit status 2)."""
+    no_token = _orphans_cli(hub, "--cancel", token=False)
+    assert no_token.returncode == 2 and "JUPYTERHUB_API_TOKEN" in no_token.stderr
+    fresh = _lost_job("u98-fresh")
+    try:
+        r = _orphans_cli(hub, "--cancel")
+        print(r.stdout)
+        assert r.returncode == 0, r.stderr
+        line = next(ln for ln in r.stdout.splitlines() if ln.startswith(fresh + "\t"))
+        assert "left alone (younger than 60 s)" in line
+        assert _job_state(fresh) in ("PENDING", "RUNNING")
+        r = _orphans_cli(hub, "--cancel", "--min-age", "0")
+        assert r.returncode == 0, r.stderr
+        assert f"{fresh}\tgateway\t" in r.stdout and "cancelled" in r.stdout
+        assert _job_state(fresh) in ("CANCELLED", "COMPLETING", "")
+    finally:
+        in_cluster_root(["scancel", fresh])
+
+
+def test_orphans_command_fails_when_squeue_fails(hub, cluster):
+    """munge is down, so squeue on the login node cannot authenticate: exit status 1 and
+    what failed, never "no orphaned jobs"."""
+    localcluster.stop_daemon("munged")
+    try:
+        r = _orphans_cli(hub)
+    finally:
+        localcluster.up()
+    print(r.returncode, r.stdout, r.stderr)
+    assert r.returncode == 1
+    assert "squeue failed on the login node" in r.stderr
+    assert "no orphaned jobs" not in r.stdout

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 from xsedehub.spawner.tunnel import TunnelKeys
 
-from xsedehub.testbed import localcluster
+from xsedehub.testbed import localcluster, netns
 
 from .conftest import fill_nodes, listening, make_hub, stop_hub_and_proxy
 from .test_gateway import _tunnel_ssh, in_cluster_root
@@ -279,3 +280,108 @@ def test_slurmctld_restart_loses_nothing(hub, cluster):
     assert reachable(hub, "ada-l", tok)
     c.stop("ada-l")
     assert jobs_named("ada-l") == []
+
+
+# ---------------------------------------------------------------------------- leaks (issue 14)
+def test_killed_job_leaves_no_secret_files(hub, cluster):
+    """A job killed outright (SIGKILL: its cleanup never runs) and noticed by poll: the
+    hub removes the job directory's token and key itself."""
+    c = hub.client
+    c.start("grace")
+    c.wait_ready("grace")
+    st = state(hub, "grace")
+    job_dir = Path(f"/home/{cluster.gateway_user}/.xsedehub/jobs/{st['spawn_id']}")
+    assert (job_dir / "env").exists() and (job_dir / "tunnel_key").exists()
+    # SIGKILL the batch script itself, as the OOM killer would: its EXIT trap never runs
+    # (scancel, even --signal=KILL, sends SIGTERM first and the trap cleans up)
+    shell = _batch_shell(st["job_id"])
+    os.kill(shell, signal.SIGKILL)
+    c.wait_stopped("grace", timeout=3 * POLL + 30)
+    left = sorted(p.name for p in job_dir.iterdir())
+    print(f"job directory after the kill: {left}")
+    assert "env" not in left and "tunnel_key" not in left
+
+
+def _batch_shell(job_id: str) -> int:
+    """The pid of the job's batch script (the nodes share the host's pid namespace)."""
+    mark = f"SLURM_JOB_ID={job_id}".encode()
+    for p in os.listdir("/proc"):
+        if not p.isdigit() or b"slurm_script" not in _cmdline(p):
+            continue
+        try:
+            env = Path(f"/proc/{p}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if mark in env:
+            return int(p)
+    raise AssertionError(f"no batch script process for job {job_id}")
+
+
+def test_a_job_script_that_cannot_be_built_leaves_no_tunnel_key(hub, cluster):
+    """A user the admin made through the API, whose name is no GitHub login: building the
+    job script fails, after the tunnel key was granted; the key must go with the spawn."""
+    c = hub.client
+    name = "no--login"  # a hub user name, but never a GitHub login (double hyphen)
+    assert c.post(f"/users/{name}").status_code in (201, 409)
+    before = set(keys_text(cluster).splitlines())
+    r = c.start(name)
+    assert r.status_code in (201, 202, 500), r.text
+    wait_for(lambda: not c.user(name).get("pending"), 60, "the spawn to fail")
+    assert not c.user(name)["servers"]
+    assert "GitHub login" in hub.log
+    leaked = set(keys_text(cluster).splitlines()) - before
+    assert not leaked, leaked
+
+
+MUTE = """
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(16)
+with open(sys.argv[3], "a") as f:
+    f.write("listening\\n")
+held = []
+while True:
+    conn, _ = s.accept()  # accepted, never answered: a login node that hangs
+    held.append(conn)
+    with open(sys.argv[3], "a") as f:
+        f.write("connection\\n")
+"""
+
+
+def test_form_does_not_wait_on_a_login_node_that_does_not_answer(hub, cluster, tmp_path):
+    """The login node accepts connections and never answers: the spawn form renders
+    without the live availability, and the next render does not try again at once."""
+    c = hub.client
+    session = c.login("ada")
+    accepted = tmp_path / "accepted"
+    accepted.touch()
+    localcluster.stop_daemon("sshd_login")
+    mute = subprocess.Popen(
+        [
+            *netns.nsenter_argv(cluster.cluster_netns),
+            "python3",
+            "-c",
+            MUTE,
+            cluster.login_ip,
+            str(cluster.login_port),
+            str(accepted),
+        ]
+    )
+    try:
+        wait_for(lambda: "listening" in accepted.read_text(), 30, "the silent listener")
+        times = []
+        for _ in range(2):
+            t0 = time.monotonic()
+            r = session.get(f"{c.url}/hub/spawn", timeout=60)
+            times.append(time.monotonic() - t0)
+            assert r.status_code == 200 and 'name="partition"' in r.text, r.text[-2000:]
+        attempts = accepted.read_text().count("connection")
+        print(f"form rendered in {times[0]:.1f} s, then {times[1]:.1f} s; {attempts} connect(s)")
+        assert attempts == 1, "the second render tried the silent login node again"
+        assert "no availability for the form" in hub.log
+    finally:
+        mute.kill()
+        mute.wait(10)
+        localcluster.up()

@@ -156,7 +156,10 @@ def _check(args: argparse.Namespace) -> int:
 def _orphans(args: argparse.Namespace) -> int:
     import os
 
-    from .orphans import find_orphans
+    import requests
+
+    from .orphans import OrphansError, find_orphans
+    from .spawner.errors import ClusterUnreachable
 
     token = os.environ.get("JUPYTERHUB_API_TOKEN", "")
     if not token:
@@ -165,8 +168,25 @@ def _orphans(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.min_age < 0:
+        print("--min-age must be 0 or more seconds", file=sys.stderr)
+        return 2
     cert = (args.key, args.certificate) if args.certificate else None
-    find_orphans(args.config, args.hub_url, token, cancel=args.cancel, certificate=cert)
+    try:
+        find_orphans(
+            args.config,
+            args.hub_url,
+            token,
+            cancel=args.cancel,
+            min_age=args.min_age,
+            certificate=cert,
+        )
+    except (OrphansError, ClusterUnreachable, PermissionError) as e:
+        print(f"xsedehub orphans: {e}", file=sys.stderr)
+        return 1
+    except requests.RequestException as e:
+        print(f"xsedehub orphans: the hub could not be asked: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -303,7 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="list (and cancel) jobs the hub no longer knows about; needs JUPYTERHUB_API_TOKEN",
         description="List (and cancel) SLURM jobs xsedehub submitted that no server in the "
         "hub's database holds.  Reads the hub's REST API with the token in "
-        "JUPYTERHUB_API_TOKEN (scopes admin:server_state and read:users).",
+        "JUPYTERHUB_API_TOKEN (scopes admin:server_state and read:users).  SLURM is "
+        "asked before the hub, and jobs younger than --min-age are listed but left alone.  "
+        "Exit status: 0 done (orphans or not), 1 squeue, the login, the hub or a scancel "
+        "failed, 2 usage.",
     )
     o.add_argument(
         "-f", "--config", default="jupyterhub_config.py", help="the hub's jupyterhub_config.py"
@@ -315,6 +338,14 @@ def build_parser() -> argparse.ArgumentParser:
         "default, 127.0.0.1:15001 with TLJH)",
     )
     o.add_argument("--cancel", action="store_true", help="scancel the jobs it lists")
+    o.add_argument(
+        "--min-age",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="leave alone jobs submitted less than this long ago, which the hub may not "
+        "have recorded yet (default: 60)",
+    )
     o.add_argument(
         "--certificate", help="xsede mode: a user certificate whose account's jobs to list"
     )

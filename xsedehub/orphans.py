@@ -6,12 +6,18 @@ with the token in ``JUPYTERHUB_API_TOKEN`` (scopes ``admin:server_state`` and
 ``read:users``).  The hub's URL defaults to the hub's own address in its configuration
 (:func:`hub_url_from_config`), which serves ``/hub/api`` whatever proxy is in front:
 ``http://127.0.0.1:8081`` for JupyterHub's defaults, ``http://127.0.0.1:15001`` with TLJH.
+
+It never cancels a job the hub may have submitted a moment ago: SLURM is asked before
+the hub (a job submitted after that ``squeue`` is not in it), and a job younger than
+:data:`MIN_AGE` seconds is listed but left alone.  A failed ``squeue``, login, hub query
+or ``scancel`` is an error (exit status 1), never "no orphaned jobs".
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 import requests
@@ -19,6 +25,7 @@ from traitlets.config import Config
 
 from .check import Checker, Report, load_config
 from .spawner import slurm
+from .spawner.ssh import Connection
 
 
 def hub_url_from_config(cfg: Config) -> str:
@@ -56,26 +63,96 @@ def hub_job_ids(hub_url: str, token: str) -> set[str]:
     return ids
 
 
-async def _orphans(checker: Checker, known: set[str], cancel: bool) -> list[slurm.JobStatus]:
+class OrphansError(RuntimeError):
+    """The sweep could not be done (or not completely): the message says what failed."""
+
+
+#: jobs younger than this (seconds since submission, by the login node's clock) are left
+#: alone: the hub may have submitted them a moment ago and not have saved their id yet
+MIN_AGE = 60.0
+
+#: squeue's submission times as seconds since the epoch (SLURM's own command by its
+#: absolute path, as Connection.run runs it: never through the account's PATH)
+_AGE_ARGV = ["--noheader", "--format=%i|%V"]
+
+
+def pending_cancels() -> set[str]:
+    """Job ids whose ``scancel`` the hub could not get through and keeps for a retry.
+
+    HOOK: the hub's durable list of failed cancels (issue 14, ``spawner/pending_cancel``)
+    plugs in here; until it exists there are none.  :func:`find_orphans` cancels these
+    jobs along with the orphans (when they are still alive) and reports each."""
+    return set()
+
+
+@dataclass
+class Sweep:
+    """What one run found: orphans (old enough to act on), jobs left alone because they
+    are younger than the minimum age, and the ids whose scancel failed."""
+
+    orphans: list[slurm.JobStatus] = field(default_factory=list)
+    young: list[tuple[slurm.JobStatus, float | None]] = field(default_factory=list)
+    cancel_failed: dict[str, str] = field(default_factory=dict)
+
+
+async def _run(conn: Connection, argv: list[str], what: str) -> str:
+    r = await conn.run(argv, timeout=60)
+    if r.exit_status != 0:
+        err = str(r.stderr).strip()[:300] or f"exit status {r.exit_status}"
+        raise OrphansError(f"{what} failed on the login node: {err}")
+    return str(r.stdout)
+
+
+async def _ages(conn: Connection, user: str) -> dict[str, float]:
+    """Seconds since each job's submission, by the login node's clock."""
+    squeue = conn.node.argv(["squeue"])[0]
+    argv = ["/usr/bin/env", "SLURM_TIME_FORMAT=%s", squeue, *_AGE_ARGV, f"--user={user}"]
+    text = await _run(conn, argv, "squeue (submission times)")
+    now = float((await _run(conn, ["/bin/date", "+%s"], "date")).strip())
+    ages = {}
+    for line in text.splitlines():
+        job_id, _, submitted = line.strip().partition("|")
+        if job_id.isdigit() and submitted.isdigit():
+            ages[job_id] = now - float(submitted)
+    return ages
+
+
+async def _sweep(
+    checker: Checker,
+    known_job_ids: Callable[[], set[str]],
+    *,
+    cancel: bool,
+    min_age: float,
+    pending: set[str],
+) -> Sweep:
     ident = await checker.identity()
-    conn = await checker.connect(ident)
-    if conn is None:
-        raise RuntimeError("cannot log in to the login node: " + "; ".join(checker.r.failed))
+    conn = await checker.connect(ident) if ident is not None else None
+    if conn is None or ident is None:
+        raise OrphansError("cannot log in to the login node: " + "; ".join(checker.r.failed))
     try:
-        r = await conn.run(slurm.squeue_argv(ident.username), timeout=60)
-        jobs = slurm.parse_squeue(str(r.stdout))
-        orphans = [
-            j
-            for j in jobs.values()
-            if j.spawn_id
-            and j.alive
-            and j.job_id not in known
-            and not j.spawn_id.startswith("check-")
-        ]
+        # SLURM first, the hub after: a job submitted after this squeue is not in it, and
+        # a job in it was submitted before the hub is asked (and its age is checked too)
+        jobs = slurm.parse_squeue(await _run(conn, slurm.squeue_argv(ident.username), "squeue"))
+        ages = await _ages(conn, ident.username)
+        known = await asyncio.to_thread(known_job_ids)
+        sweep = Sweep()
+        for j in jobs.values():
+            if not (j.spawn_id and j.alive) or j.spawn_id.startswith("check-"):
+                continue
+            if j.job_id in known and j.job_id not in pending:
+                continue
+            age = ages.get(j.job_id)
+            if j.job_id not in pending and (age is None or age < min_age):
+                sweep.young.append((j, age))
+            else:
+                sweep.orphans.append(j)
         if cancel:
-            for j in orphans:
-                await conn.run(slurm.scancel_argv(j.job_id), timeout=30)
-        return orphans
+            for j in sweep.orphans:
+                r = await conn.run(slurm.scancel_argv(j.job_id), timeout=30)
+                err = str(r.stderr).strip()
+                if r.exit_status != 0 and "Invalid job id" not in err:
+                    sweep.cancel_failed[j.job_id] = err[:300] or f"exit status {r.exit_status}"
+        return sweep
     finally:
         conn.close()
 
@@ -86,18 +163,44 @@ def find_orphans(
     token: str,
     *,
     cancel: bool = False,
+    min_age: float = MIN_AGE,
     certificate: tuple[str, str] | None = None,
     out: Callable[[str], None] = print,
 ) -> list[slurm.JobStatus]:
+    """The orphaned jobs (cancelled with ``cancel``), one line each on ``out``.
+
+    Raises :class:`OrphansError` when squeue, the login or a scancel failed, and the
+    errors of :func:`hub_job_ids` when the hub could not be asked: never "no orphaned
+    jobs" on a failure."""
     cfg = load_config(config_file)
-    known = hub_job_ids(hub_url or hub_url_from_config(cfg), token)
+    url = hub_url or hub_url_from_config(cfg)
     checker = Checker(cfg, Report(out=lambda s: None), certificate=certificate)
-    orphans = asyncio.run(_orphans(checker, known, cancel))
-    for j in orphans:
-        out(
-            f"{j.job_id}\t{j.user}\t{j.state}\t{j.nodes or '-'}\t{j.spawn_id}"
-            + ("\tcancelled" if cancel else "")
+    sweep = asyncio.run(
+        _sweep(
+            checker,
+            lambda: hub_job_ids(url, token),
+            cancel=cancel,
+            min_age=min_age,
+            pending=pending_cancels(),
         )
-    if not orphans:
+    )
+    for j in sweep.orphans:
+        status = ""
+        if cancel:
+            failed = sweep.cancel_failed.get(j.job_id)
+            status = f"\tscancel failed: {failed}" if failed else "\tcancelled"
+        out(f"{j.job_id}\t{j.user}\t{j.state}\t{j.nodes or '-'}\t{j.spawn_id}{status}")
+    for j, age in sweep.young:
+        when = f"submitted {age:.0f} s ago" if age is not None else "just submitted"
+        out(
+            f"{j.job_id}\t{j.user}\t{j.state}\t{j.nodes or '-'}\t{j.spawn_id}\t"
+            f"{when}: left alone (younger than {min_age:.0f} s)"
+        )
+    if not sweep.orphans:
         out("no orphaned jobs")
-    return orphans
+    if sweep.cancel_failed:
+        raise OrphansError(
+            f"scancel failed for {len(sweep.cancel_failed)} job(s): "
+            + ", ".join(sorted(sweep.cancel_failed))
+        )
+    return sweep.orphans
