@@ -45,7 +45,11 @@ class Expand(str):
     written between double quotes.  Any other word is shell-quoted."""
 
 
+DEFAULT_HIDE = ("/home", "/tmp", "/var/tmp", "/run/munge")
+
 HOME = Expand("$HOME")
+#: the ``--tmpfs PATH`` pairs of the hidden paths that exist on the node (see hide_line)
+HIDDEN = Expand("${XH_HIDE[@]}")
 WORK = Expand("$XH_WORK")
 JOB_DIR = Expand("$XH_DIR")
 SOCK_DIR = Expand("$XH_DIR/sock")
@@ -58,7 +62,9 @@ class Sandbox:
     runtime: str = "bubblewrap"
     command: str = ""  # the runtime's executable; default: bwrap / apptainer
     image: str = ""  # apptainer: the image (a .sif file or a directory) the server runs in
-    hide: tuple[str, ...] = ("/home", "/tmp", "/var/tmp")  # bubblewrap: empty, private
+    #: bubblewrap: made empty, private folders (those that exist on the node); munge's
+    #: socket folder too: no SLURM command from inside, so no scancel of another's job
+    hide: tuple[str, ...] = DEFAULT_HIDE
     ro_binds: tuple[str, ...] = ()  # bound read-only at the same path
     binds: tuple[str, ...] = ()  # bound read-write at the same path (shared by all!)
     devices: tuple[str, ...] = ()  # device nodes bound in (GPUs: /dev/nvidia0 ...)
@@ -114,8 +120,7 @@ def bwrap_argv(sb: Sandbox) -> list[str]:
         "--proc",
         "/proc",
     ]
-    for path in sb.hide:
-        argv += ["--tmpfs", path]
+    argv.append(HIDDEN)  # --tmpfs for each path of sb.hide that exists (hide_line)
     argv += ["--tmpfs", HOME]  # the account's home, wherever it is: dotfiles, .ssh, jobs
     for path in sb.ro_binds:
         argv += ["--ro-bind", path, path]
@@ -185,6 +190,15 @@ _APPTAINER_ENV = (
 )
 
 
+def hide_line(sb: Sandbox) -> str:
+    """Shell line that sets ``XH_HIDE`` to ``--tmpfs PATH`` for each hidden path that
+    exists on this node (bwrap cannot make a mount point in the read-only root)."""
+    if not sb.hide:
+        return "XH_HIDE=()"
+    paths = " ".join(shlex.quote(p) for p in sb.hide)
+    return f'XH_HIDE=(); for _p in {paths}; do [ -d "$_p" ] && XH_HIDE+=(--tmpfs "$_p"); done'
+
+
 def setup_lines(sb: Sandbox) -> list[str]:
     """Job-script lines run before the server starts (in the attendee's folder): the
     socket folder and its link, the environment for apptainer, and a trial run of the
@@ -198,6 +212,8 @@ def setup_lines(sb: Sandbox) -> list[str]:
     ]
     if sb.runtime == "apptainer":
         lines.append(_APPTAINER_ENV)
+    else:
+        lines.append(hide_line(sb))
     lines += [
         f"if ! XH_SANDBOX_ERR=$({prefix} true 2>&1 </dev/null); then",
         f'    log {shlex.quote(why + ":")} "$XH_SANDBOX_ERR"',

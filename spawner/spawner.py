@@ -247,12 +247,15 @@ class SlurmSSHSpawner(Spawner):
     )
     sandbox_hide = List(
         Unicode(),
-        default_value=["/home", "/tmp", "/var/tmp"],
+        default_value=list(sandbox_mod.DEFAULT_HIDE),
         config=True,
         help="""``sandbox = "bubblewrap"``: absolute paths that are empty, private folders
-        inside the sandbox (the account's home always is).  Add the shared account's other
-        folders, e.g. its scratch or project space, which would otherwise be readable by
-        every attendee.""",
+        inside the sandbox (those that exist on the node; the account's home always is).
+        ``/run/munge`` (munge's socket) keeps SLURM commands from working inside, so that
+        no attendee can ``scancel`` or signal another's job; with SLURM's own
+        authentication (``auth/slurm``), add ``/run/slurm``.  Add the shared account's
+        other folders, e.g. its scratch or project space, which would otherwise be
+        readable by every attendee.""",
     )
     sandbox_ro_binds = List(
         Unicode(),

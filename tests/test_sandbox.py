@@ -231,7 +231,7 @@ async def test_two_attendees_cannot_reach_each_other(hub, cluster):
         tok_a,
         f"tty; ls -a /home/gateway/workshop; cat {b_folder}/secret.txt; "
         f"cat /home/gateway/.bashrc; ls /home/gateway/.ssh; ls {dirs[B]}; "
-        f"kill -9 {b_pid}; ps -e -o pid=,args= | wc -l; id -un",
+        f"kill -9 {b_pid}; scancel {jobs[B]}; echo scancel=$?; id -un",
     )
     print(out)
     assert "/dev/pts/" in out  # terminals work: a tty of the sandbox's own devpts
@@ -240,6 +240,8 @@ async def test_two_attendees_cannot_reach_each_other(hub, cluster):
     assert "ls: cannot access '/home/gateway/.ssh': No such file or directory" in out
     assert f"ls: cannot access '{dirs[B]}': No such file or directory" in out
     assert f"kill: ({b_pid}) - No such process" in out
+    # no SLURM command from inside (munge's socket is hidden): no scancel of B's job
+    assert "scancel=0" not in out and "scancel=" in out
     assert B not in out.replace(f"{b_folder}/secret.txt", "").replace(str(dirs[B]), "")
     assert "gateway" in out  # still the one shared account, only walled off
     os.kill(b_pid, 0)

@@ -45,7 +45,9 @@ def test_bwrap_command_hides_home_and_binds_only_the_attendee_folder():
     assert "--unshare-net" not in argv and "--unshare-all" not in argv  # hub API on loopback
     assert "--share-net" not in argv
     assert pairs(argv, "--proc", 1) == [("/proc",)] and pairs(argv, "--dev", 1) == [("/dev",)]
-    assert pairs(argv, "--tmpfs", 1) == [("/home",), ("/tmp",), ("/var/tmp",), ("$HOME",)]
+    # the hidden paths that exist on the node (XH_HIDE, see below), then the home
+    assert argv[argv.index("--proc") + 2] == "${XH_HIDE[@]}"
+    assert pairs(argv, "--tmpfs", 1) == [("$HOME",)]
     assert ("/", "/") in pairs(argv, "--ro-bind") and ("/opt/data", "/opt/data") in pairs(
         argv, "--ro-bind"
     )
@@ -102,6 +104,18 @@ def test_apptainer_env_names_come_from_the_env_file(tmp_path):
     )
     out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True)
     assert out.stdout == "t0ken|x y|"
+
+
+def test_hidden_paths_are_those_that_exist(tmp_path):
+    (tmp_path / "there").mkdir()
+    s = sb.Sandbox(hide=("/home", str(tmp_path / "there"), str(tmp_path / "not-there")))
+    script = sb.hide_line(s) + '\nprintf "%s|" "${XH_HIDE[@]}"'
+    out = subprocess.run(["bash", "-uc", script], capture_output=True, text=True, check=True)
+    assert out.stdout == f"--tmpfs|/home|--tmpfs|{tmp_path}/there|"
+    assert sb.Sandbox().hide == ("/home", "/tmp", "/var/tmp", "/run/munge")
+    empty = sb.hide_line(sb.Sandbox(hide=())) + '\nprintf "%s|" "${XH_HIDE[@]}"'
+    assert subprocess.run(["bash", "-uc", empty], capture_output=True, text=True).stdout == "|"
+    assert '"${XH_HIDE[@]}"' in sb.words(sb.argv(s))
 
 
 def test_job_script_wraps_only_the_server_and_tries_the_sandbox_first():

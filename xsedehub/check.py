@@ -340,6 +340,7 @@ class Checker:
             'd=$(mktemp -d "$HOME/.xsedehub-check.XXXXXX") || exit 1\n'
             'mkdir -p "$d/work" "$d/sock"\n'
             'XH_WORK="$d/work" XH_DIR="$d"\n'
+            f"{sandbox_mod.hide_line(sb)}\n"
             f"{sandbox_mod.words(sandbox_mod.argv(sb))} true </dev/null\n"
             'rc=$?; rm -rf "$d"; exit $rc\n'
         )
