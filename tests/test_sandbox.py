@@ -9,8 +9,9 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import shutil
+import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urljoin
 
@@ -281,48 +282,58 @@ async def test_two_attendees_cannot_reach_each_other(hub, cluster):
     Path(a_folder, "mine.txt").unlink()
 
 
-@contextmanager
-def no_user_namespaces():
-    """The whole machine (so every node) without unprivileged user namespaces, for as
-    long as the block runs; the value is restored afterwards, whatever happens."""
-    knob = Path("/proc/sys/user/max_user_namespaces")
-    before = knob.read_text().strip()
-    knob.write_text("0\n")
-    try:
-        yield
-    finally:
-        knob.write_text(before + "\n")
+#: stands in for bwrap on a node whose kernel allows no unprivileged user namespaces:
+#: the kernel's own per-namespace limit (user.max_user_namespaces) set to 0, then the real
+#: bwrap.  Root on this machine cannot write the initial namespace's limit (EACCES), so
+#: the limit is set in a user namespace around bwrap; the kernel refuses bwrap's
+#: namespace exactly as on such a node.
+NO_USERNS_BWRAP = """#!/bin/sh
+exec unshare --user --map-root-user sh -c \\
+    'echo 0 > /proc/sys/user/max_user_namespaces && exec bwrap "$@"' bwrap "$@"
+"""
 
 
-def test_node_without_user_namespaces_fails_the_spawn_clearly(hub, cluster, tmp_path):
+def test_node_without_user_namespaces_fails_the_spawn_clearly(hub, cluster, provider):
     """A node that cannot make the sandbox: the spawn fails with a message that says so,
-    no server runs unsandboxed; `xsedehub check` names it too."""
-    c = hub.client
-    c.login("ada")
-    with no_user_namespaces():
+    no server runs unsandboxed; `xsedehub check` names it too.  (Last in the module: it
+    restarts the module's hub with the stand-in runtime.)"""
+    where = Path(tempfile.mkdtemp(prefix="xh-nouserns-", dir="/tmp"))
+    try:
+        where.chmod(0o755)
+        runtime = where / "bwrap"
+        runtime.write_text(NO_USERNS_BWRAP)
+        runtime.chmod(0o755)
+        extra = f'c.SlurmSSHSpawner.sandbox_command = "{runtime}"\n'
+        cfg = localhub.write_config(
+            hub.workdir, cluster, provider_url=provider, poll_interval=5, extra=extra
+        )
+        token = (hub.workdir / "service_token").read_text().strip()
+        hub.client.api.headers["Authorization"] = f"token {token}"
+        hub.restart()
+        c = hub.client
+        c.login("ada")
         r = c.start(A)
         assert r.status_code in (201, 202), r.text
         deadline = time.monotonic() + 120
         while c.user(A).get("pending") and time.monotonic() < deadline:
             time.sleep(0.5)
-        cfg = localhub.write_config(tmp_path, cluster, mode="gateway")
+        assert not c.user(A)["servers"], "a server started without its sandbox"
+        log = hub.log
+        assert "the attendee sandbox (bubblewrap) cannot start on this node" in log
+        assert "max_*_namespaces exceeded" in log  # the kernel's own refusal, passed on
+        assert "xsedehub will not start the server without its sandbox" in log
+        # the job stopped before its server: its log says so, and no server line follows
+        job_logs = sorted(
+            Path(GW_HOME, ".xsedehub/jobs").glob("u*/job.log"), key=lambda p: p.stat().st_mtime
+        )
+        failed = [p.read_text() for p in job_logs if "cannot start on this node" in p.read_text()]
+        assert failed and "starting the single-user server" not in failed[-1], failed[-1:]
+
         lines: list[str] = []
         report = run_check(str(cfg), out=lines.append, job_timeout=30)
-    text = "\n".join(lines)
-    print(text)
-    assert not c.user(A)["servers"], "a server started without its sandbox"
-    log = hub.log
-    assert "the attendee sandbox (bubblewrap) cannot start on this node" in log
-    assert "xsedehub will not start the server without its sandbox" in log
-    # the job stopped before its server: its log says so, and no server line follows
-    job_logs = sorted(
-        Path(GW_HOME, ".xsedehub/jobs").glob("u*/job.log"), key=lambda p: p.stat().st_mtime
-    )
-    failed = [p.read_text() for p in job_logs if "cannot start on this node" in p.read_text()]
-    assert failed and "starting the single-user server" not in failed[-1], failed[-1:]
-    assert report.failed == ["sandbox-login", "sandbox-compute"], text
-    assert "does not start on the login node" in text and "user.max_user_namespaces" in text
-    # and with user namespaces back, the same attendee starts
-    c.start(A)
-    c.wait_ready(A)
-    c.stop(A)
+        text = "\n".join(lines)
+        print(text)
+        assert report.failed == ["sandbox-login", "sandbox-compute"], text
+        assert "does not start on the login node" in text and "max_user_namespaces" in text
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
