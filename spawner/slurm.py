@@ -113,8 +113,12 @@ class JobScript:
             v.relative_path(self.work_dir, "work directory", hidden=True)
         if not self.singleuser:
             raise v.InvalidValue("singleuser command", "must not be empty")
-        if self.sandbox is not None and self.work_dir == ".":
-            raise v.InvalidValue("sandbox", "needs a work directory below the home folder")
+        if self.sandbox is not None:
+            if self.work_dir == ".":
+                raise v.InvalidValue("sandbox", "needs a work directory below the home folder")
+            if f"{self.work_dir}/".startswith(f"{self.job_dir}/"):
+                # the socket folder is bound over the job directory's path: it would hide it
+                raise v.InvalidValue("sandbox", "the work directory is inside the job directory")
         for key, val in self.extra_directives.items():
             if not key.replace("-", "").isalnum():
                 raise v.InvalidValue("extra directive", f"{key!r} is not an sbatch option name")

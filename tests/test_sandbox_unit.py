@@ -144,9 +144,13 @@ def test_job_script_wraps_only_the_server_and_tries_the_sandbox_first():
     assert subprocess.run(["bash", "-n"], input=boxed, text=True).returncode == 0
 
 
-def test_sandbox_needs_a_folder_below_home():
+def test_sandbox_needs_a_folder_below_home_and_beside_the_job_directory():
     with pytest.raises(v.InvalidValue, match="work directory"):
         job(work_dir=".", sandbox=sb.Sandbox())
+    for inside in (".xsedehub/jobs/u1-abc", ".xsedehub/jobs/u1-abc/work"):
+        with pytest.raises(v.InvalidValue, match="inside the job directory"):
+            job(work_dir=inside, sandbox=sb.Sandbox())
+    job(work_dir=".xsedehub/jobs/u1-abc-work", sandbox=sb.Sandbox())  # beside it: fine
 
 
 @pytest.mark.parametrize(

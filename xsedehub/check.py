@@ -338,8 +338,8 @@ class Checker:
             return
         script = (
             'd=$(mktemp -d "$HOME/.xsedehub-check.XXXXXX") || exit 1\n'
-            'mkdir -p "$d/work" "$d/sock"\n'
-            'XH_WORK="$d/work" XH_DIR="$d"\n'
+            'mkdir -p "$d/work" "$d/job/sock"\n'
+            'XH_WORK="$d/work" XH_DIR="$d/job"\n'
             f"{sandbox_mod.hide_line(sb)}\n"
             f"{sandbox_mod.words(sandbox_mod.argv(sb))} true </dev/null\n"
             'rc=$?; rm -rf "$d"; exit $rc\n'
@@ -382,8 +382,9 @@ class Checker:
                     account=sp.account or None,
                 ),
                 job_dir=job_dir,
-                # in the sandbox, the stand-in server sees a folder of its own
-                work_dir=f"{job_dir}/work" if sandbox else ".",
+                # in the sandbox, the stand-in server sees a folder of its own (beside the
+                # job directory: the socket folder is bound over the job directory's path)
+                work_dir=f"{job_dir}-work" if sandbox else ".",
                 singleuser=[sp.job_python, "-c", _STAND_IN_SERVER],
                 tunnel=slurm.Tunnel(
                     host=sp.tunnel_host,
