@@ -10,6 +10,7 @@ import concurrent.futures
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import time
@@ -135,7 +136,7 @@ def write_own():
         f.write("A was here")
     return open(os.path.expanduser("~/mine.txt")).read()
 attempt("write_own", write_own)
-attempt("write_tmp", lambda: open("/tmp/shared-by-a", "w").write("x"))
+attempt("write_tmp", lambda: open(TMP_FILE, "w").write("x"))
 attempt("tmp_listing", lambda: sorted(os.listdir("/tmp")))
 def pool():
     import multiprocessing
@@ -191,9 +192,10 @@ async def test_two_attendees_cannot_reach_each_other(hub, cluster):
     ).status_code in (200, 201)
 
     # ---- from A's kernel
+    tmp_file = f"/tmp/xh-sandbox-{secrets.token_hex(4)}"  # written in A's private /tmp
     code = (
         f"B_FOLDER={b_folder!r}; GW_HOME={GW_HOME!r}; A_JOB={str(dirs[A])!r}; "
-        f"B_JOB={str(dirs[B])!r}; B_PID={b_pid}\n" + PROBE
+        f"B_JOB={str(dirs[B])!r}; B_PID={b_pid}; TMP_FILE={tmp_file!r}\n" + PROBE
     )
     res = json.loads((await c.execute(A, tok_a, code)).strip().splitlines()[-1])
     print(json.dumps(res, indent=1)[:3000])
@@ -219,8 +221,8 @@ async def test_two_attendees_cannot_reach_each_other(hub, cluster):
     assert {"01-where-am-i.ipynb", "02-cores.ipynb"} <= set(res["checkout"][1])
     assert res["write_own"] == ["ok", "A was here"]
     assert Path(a_folder, "mine.txt").read_text() == "A was here"
-    assert res["write_tmp"][0] == "ok" and "shared-by-a" in res["tmp_listing"][1]
-    assert not Path("/tmp/shared-by-a").exists()  # A's /tmp is its own
+    assert res["write_tmp"][0] == "ok" and Path(tmp_file).name in res["tmp_listing"][1]
+    assert not Path(tmp_file).exists()  # A's /tmp is its own
     assert res["workload"] == ["ok", sum(range(1, 1001))]
     # B is unharmed
     assert c.server_api(B, tok_b, "/status").status_code == 200
