@@ -106,9 +106,9 @@ MESSAGES: dict[str, tuple[str, str]] = {
         "The attendee sandbox ({runtime}) does not start on the login node: {detail}",
         "Install the runtime (Debian/Ubuntu/RHEL package bubblewrap, or Apptainer) and "
         "allow unprivileged user namespaces (sysctl user.max_user_namespaces > 0; on Ubuntu "
-        "24.04 also an AppArmor profile for bwrap); or set SlurmSSHSpawner.sandbox to the "
-        "runtime the site has.  Setting it to 'none' runs attendees unsandboxed: they can "
-        "then read each other's folders.",
+        "23.10 and newer also an AppArmor profile for bwrap); or set "
+        "SlurmSSHSpawner.sandbox to the runtime the site has.  Setting it to 'none' runs "
+        "attendees unsandboxed: they can then read each other's folders.",
     ),
     "sandbox-compute": (
         "The attendee sandbox ({runtime}) does not start on the compute node {node}; the "
