@@ -4,7 +4,8 @@
 # Runs in the host's network namespace, where the package registries are reachable;
 # nothing is downloaded later (the demo and the tests run inside namespaces with no
 # route out, and stop at once, naming the missing piece, if something is not here).
-#   Debian packages     python3-venv, git, iproute2, chromium, nodejs/npm, SLURM, munge, OpenSSH
+#   Debian packages     python3-venv, git, iproute2, chromium, nodejs/npm, SLURM, munge, OpenSSH,
+#                       bubblewrap
 #   $PREFIX/hub-env     the hub's Python environment (system Python, world-readable),
 #                       with this package editable and its test and docs extras
 #   $PREFIX/chp         configurable-http-proxy (npm, pinned)
@@ -39,6 +40,7 @@ command -v npm >/dev/null || pkgs+=(nodejs npm)
 pkgs+=(chromium)   # the browser tests drive Debian's chromium (no browser download)
 # the local cluster (xsedehub/localcluster.py APT_PACKAGES checks the same list)
 pkgs+=(slurm-wlm munge openssh-server openssh-client)
+pkgs+=(bubblewrap)  # the attendee sandbox of gateway-mode jobs (SlurmSSHSpawner.sandbox)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

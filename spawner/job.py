@@ -95,6 +95,7 @@ def script(sp: SlurmSSHSpawner, job_dir: str, hub_port: int) -> str:
         prologue=prologue,
         extra_directives=sp.extra_sbatch,
         spawn_id=sp.spawn_id,
+        sandbox=sp.sandbox_settings(),
     )
     return slurm.build_job_script(job)
 

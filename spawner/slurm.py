@@ -18,6 +18,7 @@ from importlib import resources
 
 import jinja2
 
+from . import sandbox as sb
 from . import validate as v
 
 #: states in which a job is still (or about to be) alive
@@ -101,6 +102,7 @@ class JobScript:
     prologue: list[list[str]] = field(default_factory=list)  # argv lists run before the server
     extra_directives: Mapping[str, str] = field(default_factory=dict)
     spawn_id: str = ""  # goes into --comment=xsedehub:<spawn_id> (finds orphans)
+    sandbox: sb.Sandbox | None = None  # gateway mode: the attendee's sandbox (sandbox.py)
 
     def __post_init__(self) -> None:
         v.slurm_name(self.job_name, "job name")
@@ -111,6 +113,12 @@ class JobScript:
             v.relative_path(self.work_dir, "work directory", hidden=True)
         if not self.singleuser:
             raise v.InvalidValue("singleuser command", "must not be empty")
+        if self.sandbox is not None:
+            if self.work_dir == ".":
+                raise v.InvalidValue("sandbox", "needs a work directory below the home folder")
+            if f"{self.work_dir}/".startswith(f"{self.job_dir}/"):
+                # the socket folder is bound over the job directory's path: it would hide it
+                raise v.InvalidValue("sandbox", "the work directory is inside the job directory")
         for key, val in self.extra_directives.items():
             if not key.replace("-", "").isalnum():
                 raise v.InvalidValue("extra directive", f"{key!r} is not an sbatch option name")
@@ -220,6 +228,14 @@ def build_job_script(job: JobScript) -> str:
     def words(argv: list[str]) -> str:
         return " ".join(q(a) for a in argv)
 
+    prologue = [words(argv) for argv in job.prologue]
+    singleuser = words(job.singleuser)
+    if job.sandbox is not None:
+        # the sandbox's folders and trial run come after the prologue (the checkout is
+        # outside the sandbox: our command, in the attendee's folder); the server runs in it
+        prologue += sb.setup_lines(job.sandbox)
+        singleuser = sb.words(sb.argv(job.sandbox)) + " " + singleuser
+
     return render_job_script(
         directives=Verbatim("\n".join(sbatch_directives(job))),
         job_dir=job.job_dir,
@@ -227,8 +243,8 @@ def build_job_script(job: JobScript) -> str:
         python=job.python,
         free_port=_FREE_PORT,
         api_forward=ssh_cmd("-L", f"127.0.0.1:$XH_API_PORT:{t.api_host}:{t.api_port}"),
-        prologue=Verbatim("\n".join(words(argv) for argv in job.prologue)),
-        singleuser=Verbatim(words(job.singleuser)),
+        prologue=Verbatim("\n".join(prologue)),
+        singleuser=Verbatim(singleuser),
         reverse=ssh_cmd("-R", f"127.0.0.1:{t.hub_port}:$XH_DIR/server.sock"),
         hub_port=t.hub_port,
     )

@@ -36,6 +36,7 @@ from traitlets import (
 )
 
 from . import follow, form, identity, job, slurm
+from . import sandbox as sandbox_mod
 from . import validate as v
 from .errors import ClusterUnreachable, CredentialExpired, SpawnError
 from .progress import Progress
@@ -240,6 +241,83 @@ class SlurmSSHSpawner(Spawner):
         help="xsede mode: the folder JupyterLab starts in, relative to the user's home.",
     )
 
+    # ----------------------------------------------------------------- sandbox
+    sandbox = CaselessStrEnum(
+        ["bubblewrap", "apptainer", "none"],
+        default_value="bubblewrap",
+        config=True,
+        help="""Gateway mode: the runtime that walls each attendee's server (and its
+        kernels and terminals) off from the others inside the shared account, with
+        unprivileged user namespaces.  Inside, only the attendee's own folder is visible
+        (as their home); the account's home, the other folders, the job directories and the
+        other jobs' processes are not.  ``bubblewrap``: the ``bwrap`` command on the compute
+        nodes.  ``apptainer``: ``apptainer exec --containall`` with
+        :attr:`sandbox_image`.  ``none``: no sandbox; attendees can then read each other's
+        folders and signal each other's processes.  Where the sandbox cannot start, the
+        spawn fails with a message saying so, never an unsandboxed server;
+        ``xsedehub check`` tries it on the login node and on a compute node.  xsede mode
+        (each user's own account) never uses it.""",
+    )
+    sandbox_command = Unicode(
+        "",
+        config=True,
+        help="""The sandbox runtime's executable on the compute nodes (a name on the job's
+        PATH or an absolute path).  Empty: ``bwrap`` or ``apptainer``.""",
+    )
+    sandbox_image = Unicode(
+        "",
+        config=True,
+        help="""``sandbox = "apptainer"``: absolute path on the compute nodes of the image
+        the server runs in (a ``.sif`` file or a sandbox directory).""",
+    )
+    sandbox_hide = List(
+        Unicode(),
+        default_value=list(sandbox_mod.DEFAULT_HIDE),
+        config=True,
+        help="""``sandbox = "bubblewrap"``: absolute paths that are empty, private folders
+        inside the sandbox (those that exist on the node; the account's home always is).
+        ``/run/munge`` (munge's socket) keeps SLURM commands from working inside, so that
+        no attendee can ``scancel`` or signal another's job; with SLURM's own
+        authentication (``auth/slurm``), add ``/run/slurm``.  Add the shared account's
+        other folders, e.g. its scratch or project space, which would otherwise be
+        readable by every attendee.""",
+    )
+    sandbox_ro_binds = List(
+        Unicode(),
+        config=True,
+        help="""Absolute paths bound read-only into the sandbox at the same path: the job
+        environment if it lives under a hidden path (apptainer: the job environment and
+        everything else the server needs from the host), shared data sets.""",
+    )
+    sandbox_binds = List(
+        Unicode(),
+        config=True,
+        help="""Absolute paths bound writable into the sandbox at the same path, e.g. a
+        scratch space the site lists.  Every attendee's sandbox sees the same folder:
+        what one writes there, all can read.""",
+    )
+    sandbox_devices = List(
+        Unicode(),
+        config=True,
+        help="""Device nodes bound into the sandbox (its ``/dev`` is private otherwise),
+        e.g. ``["/dev/nvidia0", "/dev/nvidiactl", "/dev/nvidia-uvm"]`` for GPU jobs.""",
+    )
+
+    def sandbox_settings(self) -> sandbox_mod.Sandbox | None:
+        """The attendee sandbox of this spawner's jobs (validated), or None: xsede mode,
+        or ``sandbox = "none"``."""
+        if self.mode != "gateway" or self.sandbox == "none":
+            return None
+        return sandbox_mod.Sandbox(
+            runtime=self.sandbox,
+            command=self.sandbox_command,
+            image=self.sandbox_image,
+            hide=tuple(self.sandbox_hide),
+            ro_binds=tuple(self.sandbox_ro_binds),
+            binds=tuple(self.sandbox_binds),
+            devices=tuple(self.sandbox_devices),
+        )
+
     # ----------------------------------------------------------------- the form
     def partition_specs(self) -> list[form.PartitionSpec]:
         return form.partition_specs(self)
@@ -429,6 +507,10 @@ class SlurmSSHSpawner(Spawner):
         except v.InvalidValue as e:
             self._forget_rejected_options()
             raise web.HTTPError(400, f"Invalid {e.field}: {e.message}") from None
+        try:
+            self.sandbox_settings()
+        except v.InvalidValue as e:
+            raise SpawnError(f"xsedehub is misconfigured: {e.field}: {e.message}") from None
         self._progress("Preparing the batch job", 5)
         await self._reconcile_tunnel_keys()
         retry = partial(follow.retrying, within=self.cluster_retry_seconds, report=self._progress)

@@ -71,7 +71,8 @@ def cluster_out(argv: list[str]) -> str:
 
 
 def server_env(job_id: str) -> dict[str, str]:
-    """The environment of a job's single-user server, read as root from /proc."""
+    """The environment of a job's single-user server, read as root from /proc (in
+    gateway mode its HOME is the attendee's folder: the sandbox sets it so)."""
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -88,8 +89,10 @@ def server_env(job_id: str) -> dict[str, str]:
 
 
 def job_dir(job_id: str) -> Path:
+    import pwd
+
     env = server_env(job_id)
-    user_home = Path(env["HOME"])
+    user_home = Path(pwd.getpwnam(env["SLURM_JOB_USER"]).pw_dir)
     comment = cluster_out(["squeue", "-h", "-j", job_id, "-o", "%k"]).strip()
     assert comment.startswith("xsedehub:"), comment
     return user_home / ".xsedehub" / "jobs" / comment.split(":", 1)[1]

@@ -25,7 +25,15 @@ POLL = 5  # the hub's poll interval in these tests (seconds)
 
 @pytest.fixture(scope="module")
 def hub(cluster, provider, tmp_path_factory):
-    h = make_hub(tmp_path_factory.mktemp("gwhub"), cluster, provider, poll_interval=POLL)
+    # the attendee sandbox off, as on a site without user namespaces that chose so: these
+    # tests show what holds without it (tests/test_sandbox.py runs the same flow in it)
+    h = make_hub(
+        tmp_path_factory.mktemp("gwhub"),
+        cluster,
+        provider,
+        poll_interval=POLL,
+        extra='c.SlurmSSHSpawner.sandbox = "none"',
+    )
     yield h
     stop_hub_and_proxy(h)
 

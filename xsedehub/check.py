@@ -29,6 +29,7 @@ import asyncssh
 from traitlets.config import Config, PyFileConfigLoader
 
 from . import gatewaysetup
+from .spawner import sandbox as sandbox_mod
 from .spawner import slurm
 from .spawner import validate as v
 from .spawner.ssh import ClusterUnreachable, Connection, LoginNode, SSHIdentity
@@ -117,6 +118,22 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "test-job-queued": (
         "The test job {job} was still queued after {seconds} s ({reason})",
         "The cluster is busy: run the check again later or with a longer --job-timeout.",
+    ),
+    "sandbox-login": (
+        "The attendee sandbox ({runtime}) does not start on the login node: {detail}",
+        "Install the runtime (Debian/Ubuntu/RHEL package bubblewrap, or Apptainer) and "
+        "allow unprivileged user namespaces (sysctl user.max_user_namespaces > 0; on Ubuntu "
+        "23.10 and newer also an AppArmor profile for bwrap); or set "
+        "SlurmSSHSpawner.sandbox to the runtime the site has.  Setting it to 'none' runs "
+        "attendees unsandboxed: they can then read each other's folders.",
+    ),
+    "sandbox-compute": (
+        "The attendee sandbox ({runtime}) does not start on the compute node {node}; the "
+        "test job's log says:\n{log}",
+        "The compute nodes need what the login node needs for the sandbox: the runtime on "
+        "the job's PATH (or SlurmSSHSpawner.sandbox_command) and unprivileged user "
+        "namespaces (sysctl user.max_user_namespaces > 0).  Until they have it, every "
+        "spawn fails with this message.",
     ),
     # a skip, not a failure: printed as SKIP, with "how:" instead of "fix:"
     "certificate-needed": (
@@ -364,6 +381,28 @@ class Checker:
         else:
             self.r.ok("gateway account's SSH sessions carry no variable attendees can set")
 
+    async def sandbox(self, conn: Connection) -> None:
+        """Gateway mode with a sandbox: a trivial command in it, as the shared account on
+        the login node (the test job then runs its stand-in server in it on a compute
+        node)."""
+        sb = self.sp.sandbox_settings()
+        if sb is None:
+            return
+        script = (
+            'd=$(mktemp -d "$HOME/.xsedehub-check.XXXXXX") || exit 1\n'
+            'mkdir -p "$d/work" "$d/job/sock"\n'
+            'XH_WORK="$d/work" XH_DIR="$d/job"\n'
+            f"{sandbox_mod.hide_line(sb)}\n"
+            f"{sandbox_mod.words(sandbox_mod.argv(sb))} true </dev/null\n"
+            'rc=$?; rm -rf "$d"; exit $rc\n'
+        )
+        r = await conn.run(["/bin/bash", "-c", script], timeout=60)
+        if r.exit_status != 0:
+            detail = (str(r.stderr).strip() or f"exit {r.exit_status}")[-300:]
+            self.r.fail("sandbox-login", runtime=sb.runtime, detail=detail)
+            return
+        self.r.ok(f"attendee sandbox ({sb.runtime}) starts on the login node")
+
     def tunnel_account(self) -> bool:
         import pwd
 
@@ -393,6 +432,7 @@ class Checker:
         spawn_id = f"check-{secrets.token_hex(4)}"
         grant = await keys.grant(spawn_id, self.job_timeout + 600)
         job_dir = f"{v.relative_path(sp.job_dir_root, 'job_dir_root', hidden=True)}/{spawn_id}"
+        sandbox = sp.sandbox_settings()
         script = slurm.build_job_script(
             slurm.JobScript(
                 job_name="xsedehub-check",
@@ -404,7 +444,9 @@ class Checker:
                     account=sp.account or None,
                 ),
                 job_dir=job_dir,
-                work_dir=".",
+                # in the sandbox, the stand-in server sees a folder of its own (beside the
+                # job directory: the socket folder is bound over the job directory's path)
+                work_dir=f"{job_dir}-work" if sandbox else ".",
                 singleuser=[sp.job_python, "-c", _STAND_IN_SERVER],
                 tunnel=slurm.Tunnel(
                     host=sp.tunnel_host,
@@ -416,6 +458,7 @@ class Checker:
                 ),
                 python=sp.job_python,
                 spawn_id=spawn_id,
+                sandbox=sandbox,
             )
         )
         job_id = ""
@@ -444,7 +487,10 @@ class Checker:
             while time.monotonic() < deadline:
                 st = await conn.status.get(job_id, max_age=1)
                 if st and st.running and _listening(grant.port):
-                    self.r.ok(f"test job {job_id} on {st.nodes} opened the tunnel back to the hub")
+                    where = " (its server in the attendee sandbox)" if sandbox else ""
+                    self.r.ok(
+                        f"test job {job_id} on {st.nodes} opened the tunnel back to the hub{where}"
+                    )
                     return
                 if st is None or not st.alive:
                     break
@@ -460,6 +506,14 @@ class Checker:
                     log = "\n".join((await f.read()).splitlines()[-8:])
             except (asyncssh.SFTPError, OSError):
                 pass
+            if sandbox and "cannot start on this node" in log:
+                self.r.fail(
+                    "sandbox-compute",
+                    runtime=sandbox.runtime,
+                    node=st.nodes if st else "?",
+                    log=log,
+                )
+                return
             self.r.fail(
                 "tunnel-failed",
                 node=st.nodes if st else "?",
@@ -488,6 +542,7 @@ class Checker:
             if not await self.commands(conn):
                 return self.r
             await self.singleuser(conn)
+            await self.sandbox(conn)
             if self.tunnel_account():
                 await self.test_job(conn)
         except ClusterUnreachable as e:

@@ -211,9 +211,24 @@ def check(c: Config, mode: str, *, environ: dict[str, str] | None = None) -> lis
     from xsedehub.spawner.spawner import SlurmSSHSpawner
 
     try:
-        SlurmSSHSpawner(config=c)
+        spawner = SlurmSSHSpawner(config=c)
     except TraitError as e:
         problems.append(Problem("SlurmSSHSpawner", str(e), "correct the value's type"))
+        return problems
+    if mode == "gateway":
+        from xsedehub.spawner.validate import InvalidValue
+
+        spawner.mode = mode
+        try:
+            spawner.sandbox_settings()
+        except InvalidValue as e:
+            problems.append(
+                Problem(
+                    f"SlurmSSHSpawner.{e.field}",
+                    e.message,
+                    "correct it (docs/howto/gateway.md, the attendee sandbox)",
+                )
+            )
     return problems
 
 

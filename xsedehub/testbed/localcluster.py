@@ -69,6 +69,7 @@ APT_PACKAGES = [
     "util-linux",
     "git",
     "python3-venv",
+    "bubblewrap",  # the attendee sandbox of gateway-mode jobs
 ]
 JOB_PACKAGES = ["jupyterlab>=4,<5", "nbgitpuller>=1.2"]
 
