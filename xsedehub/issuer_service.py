@@ -47,7 +47,7 @@ from .spawner.validate import InvalidValue, posix_username
 log = logging.getLogger("xsedehub.issuer")
 audit = logging.getLogger("xsedehub.issuer.audit")
 
-MAX_BODY = 16 * 1024
+MAX_BODY = 8 * 1024  # an ID token is 1-3 kB, a public key 100 bytes
 ALLOWED_KEY_TYPES = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384")
 #: signature algorithms accepted on ID tokens (asymmetric only: never "none" or HS*)
 ID_TOKEN_ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384"]
