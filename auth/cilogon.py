@@ -98,6 +98,10 @@ class XSEDECILogonAuthenticator(CILogonOAuthenticator):
     async def _issue(self, id_token: str) -> Credential:
         if not self.issuer_url:
             raise web.HTTPError(500, "xsedehub: XSEDECILogonAuthenticator.issuer_url is not set")
+        if not id_token:
+            raise IssuerRefused(
+                "the identity provider sent no ID token (the hub must ask for the openid scope)"
+            )
         problems = issuer_url_problems(self.issuer_url, self.issuer_verify)
         if problems:
             raise web.HTTPError(500, f"xsedehub: {'; '.join(problems)}")
