@@ -236,3 +236,12 @@ def test_the_command_needs_an_allowed_idp(tmp_path):
 )
 def test_hub_side_issuer_url_rules(url, verify, ok):
     assert (issuer_url_problems(url, verify) == []) == ok
+
+
+async def test_the_hub_sends_nothing_without_an_id_token():
+    from xsedehub.auth.cilogon import XSEDECILogonAuthenticator
+    from xsedehub.auth.issuer_client import IssuerRefused
+
+    a = XSEDECILogonAuthenticator(issuer_url="http://127.0.0.1:9/v1/certificate")
+    with pytest.raises(IssuerRefused, match="no ID token"):
+        await a._issue(a._id_token({"access_token": "a", "token_response": {}}))
