@@ -5,11 +5,13 @@ derivation (``idps``) and the allow rules.  This class adds one step after a log
 has been accepted, and one on refresh:
 
 * **login** (:meth:`run_post_auth_hook`): generate a key pair on the hub, send the public
-  half and the user's access token to the certificate issuer, keep key and certificate
-  in the encrypted auth_state (nowhere else);
+  half and the user's ID token (the proof that the login happened at this hub) to the
+  certificate issuer, authenticated with the hub's secret (:attr:`issuer_secret_file`);
+  keep key and certificate in the encrypted auth_state (nowhere else);
 * **refresh** (:meth:`refresh_user`, forced before every spawn and stop): if the
-  certificate expires within :attr:`certificate_renew_margin`, refresh the access token
-  (refresh token) and get a new certificate; when that is impossible, ask the user to
+  certificate expires within :attr:`certificate_renew_margin`, refresh the tokens
+  (refresh token) and get a new certificate with the newest ID token; when that is
+  impossible (the ID token expired and the provider issued no new one), ask the user to
   log in again.
 """
 
@@ -19,7 +21,14 @@ from oauthenticator.cilogon import CILogonOAuthenticator
 from tornado import web
 from traitlets import Bool, Float, Unicode, Union, default
 
-from .issuer_client import Credential, IssuerError, IssuerRefused, obtain_credential
+from .issuer_client import (
+    Credential,
+    IssuerError,
+    IssuerRefused,
+    issuer_url_problems,
+    obtain_credential,
+    read_hub_secret,
+)
 
 STATE_KEY = "xsedehub_credential"
 
@@ -51,14 +60,24 @@ class XSEDECILogonAuthenticator(CILogonOAuthenticator):
     issuer_url = Unicode(
         config=True,
         help="""URL of the certificate issuer's ``/v1/certificate`` endpoint (the site's
-        "XSEDE API"; ``xsedehub issuer`` is the reference implementation).""",
+        "XSEDE API"; ``xsedehub issuer`` is the reference implementation).  Must be https,
+        except on this machine's loopback (127.0.0.1, ::1, localhost).""",
+    )
+    issuer_secret_file = Unicode(
+        config=True,
+        help="""File (mode 0600) holding the secret the hub authenticates to the issuer
+        with, sent as ``Authorization: Bearer``; the issuer's ``--hub-secret-file`` holds
+        the same secret.  Make it with ``openssl rand -hex 32``.  Read at every request,
+        so it can be rotated without a restart.""",
     )
     issuer_timeout = Float(15.0, config=True, help="Seconds to wait for the issuer.")
     issuer_verify = Union(
         [Bool(), Unicode()],
         default_value=True,
         config=True,
-        help="Verify the issuer's TLS certificate: True, False, or a CA bundle path.",
+        help="""Verify the issuer's TLS certificate: True, or a CA bundle path.  False is
+        accepted only when issuer_url is on loopback (a test set-up or a TLS proxy on the
+        hub itself); the hub refuses to start otherwise.""",
     )
     certificate_renew_margin = Float(
         900.0,
@@ -76,24 +95,36 @@ class XSEDECILogonAuthenticator(CILogonOAuthenticator):
         return True
 
     # ------------------------------------------------------------------ issuing
-    async def _issue(self, access_token: str) -> Credential:
+    async def _issue(self, id_token: str) -> Credential:
         if not self.issuer_url:
             raise web.HTTPError(500, "xsedehub: XSEDECILogonAuthenticator.issuer_url is not set")
+        if not id_token:
+            raise IssuerRefused(
+                "the identity provider sent no ID token (the hub must ask for the openid scope)"
+            )
+        problems = issuer_url_problems(self.issuer_url, self.issuer_verify)
+        if problems:
+            raise web.HTTPError(500, f"xsedehub: {'; '.join(problems)}")
         return await obtain_credential(
-            self.issuer_url, access_token, timeout=self.issuer_timeout, verify=self.issuer_verify
+            self.issuer_url,
+            id_token,
+            hub_secret=read_hub_secret(self.issuer_secret_file),
+            timeout=self.issuer_timeout,
+            verify=self.issuer_verify,
         )
 
     @staticmethod
-    def _access_token(auth_state: dict) -> str:
-        return (auth_state.get("token_response") or {}).get("access_token") or auth_state.get(
-            "access_token", ""
+    def _id_token(auth_state: dict) -> str:
+        """The newest ID token: a refresh may have brought a new one."""
+        return (auth_state.get("token_response") or {}).get("id_token") or auth_state.get(
+            "id_token", ""
         )
 
     async def run_post_auth_hook(self, handler, auth_model):
         """After the allow checks: attach a fresh credential to the login."""
         state = auth_model.get("auth_state") or {}
         try:
-            cred = await self._issue(self._access_token(state))
+            cred = await self._issue(self._id_token(state))
         except IssuerRefused as e:
             self.log.warning("issuer refused %s: %s", auth_model.get("name"), e.message)
             raise web.HTTPError(403, f"No cluster account for this identity: {e.message}") from None
@@ -123,7 +154,7 @@ class XSEDECILogonAuthenticator(CILogonOAuthenticator):
             refreshed = {"name": user.name, "auth_state": state}
         new_state = refreshed.get("auth_state") or state
         try:
-            new = await self._issue(self._access_token(new_state))
+            new = await self._issue(self._id_token(new_state))
         except IssuerRefused as e:
             self.log.warning("issuer refused renewal for %s: %s", user.name, e.message)
             return False

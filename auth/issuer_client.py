@@ -4,23 +4,29 @@ certificate for the holder of an identity provider's access token.
 The protocol (served by ``xsedehub issuer``, see :mod:`xsedehub.issuer_service`)::
 
     POST /v1/certificate
-    Authorization: Bearer <the user's access token from the identity provider>
+    Authorization: Bearer <the hub's secret, shared with the issuer through a 0600 file>
     Content-Type: application/json
-    {"public_key": "ssh-ed25519 AAAA..."}
+    {"public_key": "ssh-ed25519 AAAA...", "id_token": "<the user's OpenID Connect ID token>"}
 
     200 {"certificate": "ssh-ed25519-cert-v01@openssh.com AAAA...", "principal": "alice",
          "serial": 123, "valid_after": 1764151200, "valid_before": 1764165600}
     4xx {"error": "unmapped_identity", "message": "..."}
 
 The private key never leaves the hub: only its public half is sent.  The principal
-(the cluster account) is decided by the issuer, never by the hub.
+(the cluster account) is decided by the issuer, never by the hub.  The ID token is the
+proof that the user logged in at this hub (its audience is the hub's client id); the
+secret proves the request comes from the hub.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import stat
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
 
 import asyncssh
 import requests
@@ -70,20 +76,66 @@ class Credential:
             return None
 
 
+def _loopback(host: str) -> bool:
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def issuer_url_problems(url: str, verify: bool | str = True) -> list[str]:
+    """Why the hub must not talk to the issuer at ``url`` this way (empty: it may).
+
+    The issuer gets the hub's secret and the user's ID token: ``url`` must be https unless
+    it is on this machine's loopback, and TLS verification may be off only for a loopback
+    issuer (a test set-up, or a TLS proxy on the same host): a real deployment cannot
+    switch it off by accident."""
+    u = urlparse(url or "")
+    if u.scheme not in ("http", "https") or not u.hostname:
+        return [f"{url!r} is not an http(s) URL"]
+    problems = []
+    loop = _loopback(u.hostname)
+    if u.scheme == "http" and not loop:
+        problems.append(f"{url} is plain http: use https (http only on loopback)")
+    if verify is False and not loop:
+        problems.append("issuer_verify = False is allowed only for a loopback issuer_url")
+    return problems
+
+
+def read_hub_secret(path: str) -> str:
+    """The hub's issuer secret from ``path`` (a 0600 file); IssuerError if unusable."""
+    p = Path(path or "")
+    if not path or not p.is_file():
+        raise IssuerUnavailable(f"the hub's issuer secret file {path!r} does not exist")
+    if p.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise IssuerUnavailable(f"the hub's issuer secret file {path} is readable by others")
+    secret = p.read_text().strip()
+    if not secret:
+        raise IssuerUnavailable(f"the hub's issuer secret file {path} is empty")
+    return secret
+
+
 def request_certificate(
     url: str,
-    access_token: str,
+    hub_secret: str,
+    id_token: str,
     public_key: str,
     *,
     timeout: float = 15,
     verify: bool | str = True,
 ) -> dict:
     """One blocking HTTP call to the issuer (run it off the event loop)."""
+    problems = issuer_url_problems(url, verify)
+    if problems:
+        raise IssuerUnavailable("; ".join(problems))
     try:
         r = requests.post(
             url,
-            json={"public_key": public_key},
-            headers={"Authorization": f"Bearer {access_token}"},
+            json={"public_key": public_key, "id_token": id_token},
+            headers={"Authorization": f"Bearer {hub_secret}"},
             timeout=timeout,
             verify=verify,
             allow_redirects=False,
@@ -111,14 +163,22 @@ def request_certificate(
 
 
 async def obtain_credential(
-    url: str, access_token: str, *, timeout: float = 15, verify: bool | str = True
+    url: str,
+    id_token: str,
+    *,
+    hub_secret: str,
+    timeout: float = 15,
+    verify: bool | str = True,
 ) -> Credential:
     """Generate a key pair on the hub, have its public half signed, check the result."""
     key = asyncssh.generate_private_key("ssh-ed25519")
     public = key.export_public_key("openssh").decode().strip()
     loop = asyncio.get_running_loop()
     body = await loop.run_in_executor(
-        None, lambda: request_certificate(url, access_token, public, timeout=timeout, verify=verify)
+        None,
+        lambda: request_certificate(
+            url, hub_secret, id_token, public, timeout=timeout, verify=verify
+        ),
     )
     try:
         cert = asyncssh.import_certificate(body["certificate"])

@@ -242,6 +242,7 @@ def _apply_sets() -> list[tuple[str, str, str]]:
                 sp.gateway_key = str(key)
                 c.XSEDECILogonAuthenticator.issuer_url = "https://issuer.example/v1/certificate"
                 c.XSEDECILogonAuthenticator.idps = {"https://idp.example": {}}
+                c.XSEDECILogonAuthenticator.issuer_secret_file = str(key)
                 before = {(s, k): repr(v) for s in c for k, v in c[s].items()}
                 apply(c)
                 for section in c:

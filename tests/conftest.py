@@ -221,8 +221,9 @@ def issuer(cluster, provider, tmp_path_factory):
 ISSUER: dict = {}  # the session issuer's process (fault tests pause it)
 
 
-def provider_token(sub: str) -> str:
-    """An access token for ``sub`` straight from the provider (authorization code flow)."""
+def provider_tokens(sub: str, client_id: str = "t") -> dict:
+    """The provider's token response (access, refresh and ID token) for ``sub`` logging
+    in at the client ``client_id`` (authorization code flow)."""
     import re
     from urllib.parse import parse_qs, urlparse
 
@@ -231,7 +232,12 @@ def provider_token(sub: str) -> str:
     cb = "http://127.0.0.1:1/cb"
     r = requests.post(
         f"{PROVIDER}/oauth2/authorize",
-        params={"client_id": "t", "redirect_uri": cb, "response_type": "code", "scope": "openid"},
+        params={
+            "client_id": client_id,
+            "redirect_uri": cb,
+            "response_type": "code",
+            "scope": "openid email org.cilogon.userinfo",
+        },
         data={"sub": sub},
         allow_redirects=False,
         timeout=10,
@@ -244,15 +250,31 @@ def provider_token(sub: str) -> str:
             "grant_type": "authorization_code",
             "code": code,
             "redirect_uri": cb,
-            "client_id": "t",
+            "client_id": client_id,
             "client_secret": "s",
         },
         timeout=10,
     )
     r.raise_for_status()
-    token = r.json()["access_token"]
-    assert re.match(r"^[\w.~+/=-]+$", token)
-    return token
+    tokens = r.json()
+    assert re.match(r"^[\w.~+/=-]+$", tokens["access_token"])
+    return tokens
+
+
+def provider_token(sub: str) -> str:
+    """An access token for ``sub`` straight from the provider (authorization code flow)."""
+    return provider_tokens(sub)["access_token"]
+
+
+def hub_id_token(sub: str) -> str:
+    """An ID token for ``sub`` as the local hub gets it at login (audience: the hub's
+    client id): what the hub hands the issuer."""
+    return provider_tokens(sub, localhub.HUB_CLIENT_ID)["id_token"]
+
+
+def hub_secret(info: ClusterInfo) -> str:
+    """The secret the local hubs authenticate to the local issuers with."""
+    return Path(localhub.hub_secret_file(info)).read_text().strip()
 
 
 class RunningHub:

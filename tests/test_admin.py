@@ -17,7 +17,7 @@ from xsedehub.check import MESSAGES, TEST_CERTIFICATE_COMMANDS, run_check
 from xsedehub.orphans import find_orphans
 from xsedehub.testbed import localcluster, localhub
 
-from .conftest import make_hub, provider_token, stop_hub_and_proxy
+from .conftest import hub_id_token, hub_secret, make_hub, stop_hub_and_proxy
 from .test_gateway import in_cluster_root
 
 pytestmark = pytest.mark.cluster
@@ -129,7 +129,9 @@ async def test_check_in_xsede_mode_with_a_certificate(cluster, issuer, tmp_path)
 
     shutil.rmtree("/home/alice/.xsedehub", ignore_errors=True)
     cred = await obtain_credential(
-        "http://127.0.0.1:8700/v1/certificate", provider_token("cilogon-alice")
+        "http://127.0.0.1:8700/v1/certificate",
+        hub_id_token("cilogon-alice"),
+        hub_secret=hub_secret(cluster),
     )
     (tmp_path / "k").write_text(cred.private_key)
     (tmp_path / "k").chmod(0o600)

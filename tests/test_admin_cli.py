@@ -82,6 +82,9 @@ def test_check_goes_on_after_a_failed_step_and_names_the_skip(tmp_path, monkeypa
     monkeypatch.setenv("JUPYTERHUB_CRYPT_KEY", "ab" * 32)
     kh = tmp_path / "known_hosts"
     kh.write_text("@cert-authority * ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIE5vdEFSZWFsS2V5\n")
+    secret = tmp_path / "issuer_secret"
+    secret.write_text("ab" * 32 + "\n")
+    secret.chmod(0o600)
     port = _free_port()
     cfg = tmp_path / "jupyterhub_config.py"
     cfg.write_text(
@@ -93,6 +96,7 @@ c.SlurmSSHSpawner.known_hosts = "{kh}"
 c.SlurmSSHSpawner.tunnel_host = "127.0.0.1"
 c.SlurmSSHSpawner.tunnel_known_hosts = "{kh}"
 c.XSEDECILogonAuthenticator.issuer_url = "http://127.0.0.1:{port}/v1/certificate"
+c.XSEDECILogonAuthenticator.issuer_secret_file = "{secret}"
 c.XSEDECILogonAuthenticator.idps = {{"https://idp.example": {{"username_derivation": {{}}}}}}
 from xsedehub.config import apply
 apply(c)

@@ -24,6 +24,9 @@ def files(tmp_path):
     key = tmp_path / "gateway_key"
     key.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
     key.chmod(0o600)
+    secret = tmp_path / "issuer_secret"
+    secret.write_text("ab" * 32 + "\n")
+    secret.chmod(0o600)
     return tmp_path
 
 
@@ -38,6 +41,7 @@ def good(files, mode="gateway") -> Config:
     sp.gateway_key = str(files / "gateway_key")
     c.XSEDECILogonAuthenticator.issuer_url = "https://issuer.example.org/v1/certificate"
     c.XSEDECILogonAuthenticator.idps = {"https://idp": {"username_derivation": {}}}
+    c.XSEDECILogonAuthenticator.issuer_secret_file = str(files / "issuer_secret")
     return c
 
 
@@ -97,6 +101,30 @@ def test_apply_wires_the_mode(files, mode, monkeypatch):
         ),
         (
             "xsede",
+            lambda c, f: c.XSEDECILogonAuthenticator.pop("issuer_secret_file"),
+            "XSEDECILogonAuthenticator.issuer_secret_file",
+        ),
+        (
+            "xsede",
+            lambda c, f: (f / "issuer_secret").chmod(0o640),
+            "XSEDECILogonAuthenticator.issuer_secret_file",
+        ),
+        (
+            "xsede",
+            lambda c, f: setattr(
+                c.XSEDECILogonAuthenticator,
+                "issuer_url",
+                "http://issuer.example.org/v1/certificate",
+            ),
+            "XSEDECILogonAuthenticator.issuer_url",
+        ),
+        (
+            "xsede",
+            lambda c, f: setattr(c.XSEDECILogonAuthenticator, "issuer_verify", False),
+            "XSEDECILogonAuthenticator.issuer_url",
+        ),
+        (
+            "xsede",
             lambda c, f: c.XSEDECILogonAuthenticator.pop("idps"),
             "XSEDECILogonAuthenticator.idps",
         ),
@@ -114,6 +142,22 @@ def test_problems_name_the_setting_and_the_fix(files, mode, breakage, setting):
     problems = xc.check(c, mode, environ=ENV)
     assert [p.setting for p in problems] == [setting]
     assert problems[0].fix
+
+
+@pytest.mark.parametrize(
+    "url,verify",
+    [
+        ("http://127.0.0.1:8700/v1/certificate", True),
+        ("http://localhost:8700/v1/certificate", False),
+        ("https://[::1]:8443/v1/certificate", False),
+        ("https://issuer.example.org/v1/certificate", "/etc/ssl/site-ca.pem"),
+    ],
+)
+def test_issuer_url_plain_http_and_unverified_only_on_loopback(files, url, verify):
+    c = good(files, "xsede")
+    c.XSEDECILogonAuthenticator.issuer_url = url
+    c.XSEDECILogonAuthenticator.issuer_verify = verify
+    assert xc.check(c, "xsede", environ=ENV) == []
 
 
 def test_missing_crypt_key_and_mode(files):

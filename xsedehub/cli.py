@@ -71,19 +71,32 @@ def _issuer(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     host, _, port = args.listen.rpartition(":")
-    cfg = issuer_service.IssuerConfig(
-        ca_key=args.ca_key,
-        userinfo_url=args.userinfo_url,
-        lifetime=_duration(args.lifetime),
-        claim=args.claim,
-        strip_domains=args.strip_domain,
-        mapping=issuer_service.load_mapping(args.map),
-        allowed_idps=args.allowed_idp,
-        source_addresses=args.source_address,
-    )
-    issuer_service.serve(
-        cfg, host or "127.0.0.1", int(port), certfile=args.certfile, keyfile=args.keyfile
-    )
+    host = host or "127.0.0.1"
+    try:
+        # refuse an unprotected listen address before reading any key or secret
+        problem = issuer_service.listen_problem(host, args.certfile)
+        if problem:
+            raise issuer_service.ConfigProblem(problem)
+        cfg = issuer_service.IssuerConfig(
+            ca_key=args.ca_key,
+            oidc_issuer=args.oidc_issuer,
+            jwks_url=args.jwks_url or "",
+            client_id=args.client_id,
+            hub_secret=issuer_service.read_secret_file(args.hub_secret_file),
+            lifetime=_duration(args.lifetime),
+            claim=args.claim,
+            strip_domain=tuple(args.strip_domain) if args.strip_domain else None,
+            mapping=issuer_service.load_mapping(args.map),
+            allowed_idps=args.allowed_idp,
+            deny_accounts=[*issuer_service.DEFAULT_DENY, *args.deny_account],
+            min_uid=args.min_uid,
+            source_addresses=args.source_address,
+        )
+        cfg.check()
+        issuer_service.serve(cfg, host, int(port), certfile=args.certfile, keyfile=args.keyfile)
+    except issuer_service.ConfigProblem as e:
+        print(f"xsedehub issuer: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -228,22 +241,57 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("issuer", help="run the reference SSH certificate issuer")
     i.add_argument("--ca-key", required=True, help="the user CA's private key (sshd trusts it)")
-    i.add_argument("--userinfo-url", required=True, help="the identity provider's userinfo URL")
+    i.add_argument(
+        "--oidc-issuer",
+        required=True,
+        help="the OpenID provider's issuer URL, the 'iss' of its ID tokens "
+        "(https://cilogon.org); its signing keys come from its discovery document",
+    )
+    i.add_argument("--jwks-url", help="the provider's JWKS URL (default: from discovery)")
+    i.add_argument(
+        "--client-id",
+        required=True,
+        help="the hub's OAuth client id at the provider: ID tokens must be issued to it",
+    )
+    i.add_argument(
+        "--hub-secret-file",
+        required=True,
+        help="0600 file with the secret the hub sends (XSEDECILogonAuthenticator."
+        "issuer_secret_file holds the same); openssl rand -hex 32",
+    )
     i.add_argument("--listen", default="127.0.0.1:8700", help="host:port to serve on")
     i.add_argument("--lifetime", default="4h", help="certificate lifetime (e.g. 4h, 90m)")
-    i.add_argument("--claim", default="eppn", help="userinfo claim that names the user")
-    i.add_argument(
-        "--strip-domain",
-        action="append",
-        default=[],
-        help="accept <name>@DOMAIN in --claim as account <name> (repeatable)",
-    )
-    i.add_argument("--map", help="JSON file {claim value: account}, checked first")
+    i.add_argument("--claim", default="eppn", help="ID-token claim that names the user")
     i.add_argument(
         "--allowed-idp",
         action="append",
         default=[],
-        help="accept only identities from this IdP (userinfo 'idp' claim; repeatable)",
+        required=True,
+        help="accept identities from this identity provider (the ID token's 'idp' claim; "
+        "repeatable, at least one)",
+    )
+    i.add_argument(
+        "--strip-domain",
+        nargs=2,
+        metavar=("IDP", "DOMAIN"),
+        help="accept <name>@DOMAIN in --claim as account <name>, from identity provider IDP only",
+    )
+    i.add_argument(
+        "--map",
+        help="JSON file {identity provider: {claim value: account}}, checked first",
+    )
+    i.add_argument(
+        "--deny-account",
+        action="append",
+        default=[],
+        help="never issue for this account (repeatable; root and other system accounts "
+        "are always refused)",
+    )
+    i.add_argument(
+        "--min-uid",
+        type=int,
+        default=1000,
+        help="refuse accounts that exist here with a uid below this",
     )
     i.add_argument(
         "--source-address",
@@ -251,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="restrict certificates to these client addresses/CIDRs (the hub)",
     )
-    i.add_argument("--certfile", help="TLS certificate (serve HTTPS)")
+    i.add_argument("--certfile", help="TLS certificate (serve HTTPS; needed off loopback)")
     i.add_argument("--keyfile", help="TLS key")
     i.set_defaults(func=_issuer)
 

@@ -190,6 +190,24 @@ def check(c: Config, mode: str, *, environ: dict[str, str] | None = None) -> lis
                     "set it to the certificate issuer's /v1/certificate URL",
                 )
             )
+        else:
+            from xsedehub.auth.issuer_client import issuer_url_problems
+
+            for why in issuer_url_problems(_get(a, "issuer_url"), _get(a, "issuer_verify", True)):
+                problems.append(
+                    Problem(
+                        "XSEDECILogonAuthenticator.issuer_url",
+                        why,
+                        "serve the issuer over https with a certificate the hub verifies",
+                    )
+                )
+        p = _file_problem(
+            "XSEDECILogonAuthenticator.issuer_secret_file",
+            _get(a, "issuer_secret_file"),
+            secret=True,
+        )
+        if p:
+            problems.append(p)
         if not _get(a, "idps"):
             problems.append(
                 Problem(

@@ -48,6 +48,7 @@ def write_config(
     allowed_users: list[str] | None = None,
     poll_interval: int = 30,
     issuer_url: str = "http://127.0.0.1:8700/v1/certificate",
+    issuer_secret_file: str | None = None,
     extra: str = "",
     post: str = "",
 ) -> Path:
@@ -106,11 +107,11 @@ c.SlurmSSHSpawner.poll_interval = {poll_interval}
 c.SlurmSSHSpawner.start_timeout = 300
 c.SlurmSSHSpawner.http_timeout = 90
 
-{_auth_config(mode, provider_url, issuer_url)}
+{_auth_config(mode, provider_url, issuer_url, issuer_secret_file or hub_secret_file(info))}
 _a.authorize_url = "{provider_url}/oauth2/authorize"
 _a.token_url = "{provider_url}/oauth2/token"
 _a.userdata_url = "{provider_url}/userinfo"
-_a.client_id = "xsedehub-local"
+_a.client_id = "{HUB_CLIENT_ID}"
 _a.client_secret = "local-secret"
 _a.oauth_callback_url = "http://127.0.0.1:{callback_port or public_port}/hub/oauth_callback"
 _a.enable_auth_state = True
@@ -143,9 +144,22 @@ apply(c)  # picks the authenticator and spawner for the mode, or stops with the 
 
 #: the identity provider the local provider plays in xsede mode (CILogon's ACCESS IdP)
 ACCESS_IDP = "https://access-ci.org/idp"
+#: the hub's OAuth client id at the local provider: the audience of its users' ID tokens
+HUB_CLIENT_ID = "xsedehub-local"
 
 
-def _auth_config(mode: str, provider_url: str, issuer_url: str) -> str:
+def hub_secret_file(info: ClusterInfo) -> str:
+    """The secret the local hubs and issuers share (0600, made on first use): the same
+    secret a site puts in ``--hub-secret-file`` and ``issuer_secret_file``."""
+    path = Path(info.root) / "issuer-hub-secret"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32) + "\n")
+    return str(path)
+
+
+def _auth_config(mode: str, provider_url: str, issuer_url: str, secret_file: str) -> str:
     if mode == "gateway":
         return """_a = c.GatewayGitHubAuthenticator
 _a.scope = ["openid", "email"]"""
@@ -160,6 +174,7 @@ _a.idps = {{
     }},
 }}
 _a.issuer_url = "{issuer_url}"
+_a.issuer_secret_file = "{secret_file}"
 _a.certificate_renew_margin = 300
 _a.issuer_timeout = 5"""
 
@@ -172,8 +187,11 @@ def start_issuer(
     provider_url: str = "http://127.0.0.1:9400",
     lifetime: str = "1h",
     in_netns: str | None = None,
+    extra_args: tuple[str, ...] = (),
 ) -> subprocess.Popen:
-    """The reference certificate issuer, signing with the local cluster's user CA."""
+    """The reference certificate issuer, signing with the local cluster's user CA, for
+    the local hub (:data:`HUB_CLIENT_ID`, :func:`hub_secret_file`); ``extra_args`` go to
+    ``xsedehub issuer`` as they are (another --allowed-idp, a --map)."""
     argv = [
         sys.executable,
         "-m",
@@ -181,24 +199,36 @@ def start_issuer(
         "issuer",
         "--ca-key",
         info.user_ca_key,
-        "--userinfo-url",
-        f"{provider_url}/userinfo",
+        "--oidc-issuer",
+        provider_url,
+        "--client-id",
+        HUB_CLIENT_ID,
+        "--hub-secret-file",
+        hub_secret_file(info),
         "--listen",
         f"127.0.0.1:{port}",
         "--lifetime",
         lifetime,
         "--claim",
         "eppn",
-        "--strip-domain",
-        "access-ci.org",
         "--allowed-idp",
         ACCESS_IDP,
+        "--strip-domain",
+        ACCESS_IDP,
+        "access-ci.org",
+        *extra_args,
     ]
     if in_netns:
         argv = nsenter_argv(in_netns) + argv
     log = open(workdir / "issuer.log", "ab")
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    wait_http(f"http://127.0.0.1:{port}/health")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", process=proc)
+    except (TimeoutError, ClusterError):
+        proc.kill()
+        raise ClusterError(
+            f"the issuer did not start: {(workdir / 'issuer.log').read_text()[-2000:]}"
+        ) from None
     return proc
 
 
@@ -209,14 +239,17 @@ def stop_proxy(workdir: Path) -> None:
         subprocess.run(["kill", pid_file.read_text().strip()], check=False)
 
 
-def wait_http(url: str, timeout: float = 60) -> None:
-    """Wait until ``url`` answers 2xx/3xx (a 404 from a proxy without routes is not up)."""
+def wait_http(url: str, timeout: float = 60, process: subprocess.Popen | None = None) -> None:
+    """Wait until ``url`` answers 2xx/3xx (a 404 from a proxy without routes is not up);
+    stop early when ``process``, which should answer, has exited."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             with urllib.request.urlopen(url, timeout=2):
                 return
         except OSError:
+            if process is not None and process.poll() is not None:
+                raise ClusterError(f"{url}: the process exited ({process.returncode})") from None
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{url} did not answer within {timeout}s") from None
             time.sleep(0.2)
