@@ -124,7 +124,12 @@ async def wait_server(
                 pass
         if time.monotonic() >= next_job_check:
             next_job_check = time.monotonic() + 5
-            st = await conn.status.get(job_id, max_age=2.0)
+            try:
+                st = await conn.status.get(job_id, max_age=2.0)
+            except ClusterUnreachable as e:
+                # a blip of the login node is not the job's end: ask again later
+                report(f"Login node unreachable while the server starts ({e}); retrying")
+                continue
             if st is None or not st.alive:
                 raise await _ended(
                     files, f"Batch job {job_id} ended while the server was starting."

@@ -52,6 +52,12 @@ def gateway_identity(keys: KeyFiles, key_path: str, user: str) -> SSHIdentity:
     return SSHIdentity(v.posix_username(user, "gateway_user"), key, label="gateway")
 
 
+def site_identity(keys: KeyFiles, key_path: str, user: str) -> SSHIdentity:
+    """The optional site account (xsede mode) that watches and cancels jobs whose
+    owner's certificate has expired."""
+    return SSHIdentity(v.posix_username(user, "site_user"), keys.read(key_path), label="site")
+
+
 async def certificate_identity(user: Any) -> SSHIdentity:
     """The identity in ``user``'s auth_state (a JupyterHub ``User``)."""
     from xsedehub.auth.cilogon import STATE_KEY

@@ -227,12 +227,38 @@ async def claim_folder(
         )
 
 
-async def submit(conn: Connection, script: str) -> str:
-    """``sbatch`` the script (on standard input); the job id."""
-    r = await conn.run(slurm.sbatch_argv(), input=script, timeout=60)
+async def submit(conn: Connection, script: str, *, timeout: float = 60) -> str:
+    """``sbatch`` the script (on standard input), once; the job id.  Never retried
+    blindly: when the outcome is unknown (connection lost, timeout), this raises
+    :class:`ClusterUnreachable` and :class:`Submission` looks the job up first."""
+    r = await conn.run(slurm.sbatch_argv(), input=script, timeout=timeout, retry=False)
     if r.exit_status != 0:
         raise SpawnError(f"The cluster refused the job: {str(r.stderr).strip()[:500]}")
     return slurm.parse_sbatch(str(r.stdout))
+
+
+class Submission:
+    """The submission of one spawn's job, safe to call again after a failure.
+
+    The first call runs ``sbatch``.  A call after one that failed with an unknown outcome
+    (the login node unreachable, the connection lost, a timeout: ``sbatch`` may have
+    succeeded) first looks the spawn up in ``squeue`` by its comment
+    (``xsedehub:<spawn id>``) and returns that job if SLURM has it; only when squeue
+    answers without it is the job submitted again.  If squeue cannot be asked, the call
+    fails again (:class:`ClusterUnreachable`), for the caller's retry.
+    """
+
+    def __init__(self, conn: Connection, script: str, spawn_id: str, *, timeout: float = 60):
+        self.conn, self.script, self.spawn_id, self.timeout = conn, script, spawn_id, timeout
+        self.attempts = 0
+
+    async def __call__(self) -> str:
+        if self.attempts:
+            found = await self.conn.status.lookup(self.spawn_id)
+            if found is not None:
+                return found.job_id
+        self.attempts += 1
+        return await submit(self.conn, self.script, timeout=self.timeout)
 
 
 async def cancel(conn: Connection, job_id: str) -> None:
@@ -240,3 +266,19 @@ async def cancel(conn: Connection, job_id: str) -> None:
     r = await conn.run(slurm.scancel_argv(job_id), timeout=30)
     if r.exit_status != 0 and "Invalid job id" not in str(r.stderr):
         raise ClusterUnreachable(f"scancel {job_id}: {str(r.stderr).strip()[:300]}")
+
+
+async def cancel_if_ours(conn: Connection, job_id: str, spawn_id: str) -> None:
+    """``scancel`` ``job_id`` if SLURM still runs it as the job of ``spawn_id`` (its comment
+    ``xsedehub:<spawn id>``): a recorded id never cancels another job that got the same id
+    (after the cluster's job ids were reset, say).  Returns once nothing is left to cancel;
+    raises :class:`ClusterUnreachable` when SLURM cannot be asked."""
+    r = await conn.run(slurm.squeue_argv(conn.ident.username, [job_id]), timeout=30)
+    if r.exit_status != 0:
+        if "Invalid job id" in str(r.stderr):
+            return  # SLURM no longer knows it: ended and purged
+        raise ClusterUnreachable(f"squeue --jobs={job_id}: {str(r.stderr).strip()[:300]}")
+    st = slurm.parse_squeue(str(r.stdout)).get(job_id)
+    if st is None or not st.alive or (spawn_id and st.spawn_id != spawn_id):
+        return
+    await cancel(conn, job_id)

@@ -8,7 +8,9 @@ outlive one spawner lives in the process's one :class:`HubServices`, made on fir
 * ``spawns``: the spawns in flight here, and the tunnel-key files already reconciled
   with the hub's database;
 * ``key_files``: the gateway's private key, read again only when its file changes;
-* ``availability``: the form's live partition availability, at most 30 s old.
+* ``availability``: the form's live partition availability, at most 30 s old;
+* ``pending_checked``: when the durable list of jobs still to cancel was last retried,
+  per account (see :mod:`.pending_cancel`).
 """
 
 from __future__ import annotations
@@ -105,6 +107,8 @@ class HubServices:
         self.spawns = SpawnRegistry()
         self.key_files = KeyFiles()
         self.availability = AvailabilityCache()
+        #: when each (pending-cancel file, login node, account) was last retried
+        self.pending_checked: dict[tuple, float] = {}
 
     @classmethod
     def shared(cls) -> HubServices:

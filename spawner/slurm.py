@@ -332,3 +332,36 @@ def scancel_argv(job_id: str) -> list[str]:
     if not job_id.isdigit():
         raise v.InvalidValue("job id", f"{job_id!r} is not a job id")
     return ["scancel", job_id]
+
+
+def sacct_argv(job_id: str) -> list[str]:
+    """``sacct`` for one job's allocation (state, nodes, owner), as ``|``-separated lines."""
+    if not job_id.isdigit():
+        raise v.InvalidValue("job id", f"{job_id!r} is not a job id")
+    return [
+        "sacct",
+        "--noheader",
+        "--parsable2",
+        "--allocations",
+        f"--jobs={job_id}",
+        "--format=JobID,State,NodeList,User",
+    ]
+
+
+def parse_sacct(text: str) -> dict[str, JobStatus]:
+    """``sacct --parsable2 --format=JobID,State,NodeList,User`` lines, by job id."""
+    out: dict[str, JobStatus] = {}
+    for line in text.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) != 4 or not parts[0].isdigit() or not parts[1].strip():
+            continue
+        job_id, state, nodes, user = parts
+        state = state.split()[0].rstrip("+")  # "CANCELLED by 1001" -> CANCELLED
+        out[job_id] = JobStatus(job_id, state, nodes, "", "", user)
+    return out
+
+
+def sacct_disabled(stderr: str) -> bool:
+    """``sacct`` says the cluster keeps no accounting (no slurmdbd): ask squeue instead."""
+    text = stderr.lower()
+    return "accounting storage is disabled" in text or "accounting_storage/none" in text

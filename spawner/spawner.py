@@ -15,6 +15,7 @@ import asyncio
 import secrets
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from functools import partial
 from typing import Any
 from urllib.parse import urlparse
@@ -35,7 +36,7 @@ from traitlets import (
     validate,
 )
 
-from . import follow, form, identity, job, slurm
+from . import follow, form, identity, job, pending_cancel, slurm
 from . import sandbox as sandbox_mod
 from . import validate as v
 from .errors import ClusterUnreachable, CredentialExpired, SpawnError
@@ -94,6 +95,37 @@ class SlurmSSHSpawner(Spawner):
         config=True,
         help="""Channels open at once on one SSH connection.  Keep it below the login node's
         sshd ``MaxSessions`` (OpenSSH default 10).""",
+    )
+
+    ssh_idle_timeout = Float(
+        600.0,
+        config=True,
+        help="""Seconds after which a connection that ran no command is closed (it is
+        opened again on the next use).  A connection that watches running servers is
+        never idle.  0 keeps connections open for as long as the hub runs.""",
+    )
+    site_user = Unicode(
+        "",
+        config=True,
+        help="""xsede mode, optional: a site account the hub may use to watch and cancel
+        a user's jobs once their certificate has expired with no live connection left
+        (after a hub restart, say), so that such servers are still seen to end and can
+        be stopped.  It runs only ``squeue``/``sacct``/``scancel`` for those jobs, so
+        ``scancel`` needs it to be a SLURM operator (or coordinator of the users'
+        accounts).  Empty: no such account.""",
+    )
+    site_key = Unicode(
+        "",
+        config=True,
+        help="Path on the hub of the private key that logs in as :attr:`site_user`.",
+    )
+    pending_cancel_file = Unicode(
+        "xsedehub_pending_cancels.json",
+        config=True,
+        help="""Where the hub records jobs it could not cancel at stop (the cluster
+        unreachable, or a certificate expired); later polls and starts over the same
+        account, and ``xsedehub orphans``, cancel them.  Relative paths are from the hub's
+        working directory, like ``jupyterhub.sqlite``.""",
     )
 
     # ----------------------------------------------------------------- batch job
@@ -450,6 +482,7 @@ class SlurmSSHSpawner(Spawner):
 
     async def connection(self) -> Connection:
         pool = self.services.pool
+        pool.idle_timeout = self.ssh_idle_timeout
         try:
             ident = await self.ssh_identity()
         except CredentialExpired:
@@ -458,9 +491,24 @@ class SlurmSSHSpawner(Spawner):
             live = pool.live(self.login_node(), self.ssh_user) if self.ssh_user else None
             if live is not None:
                 return live
+            site = self._site_connection()
+            if site is not None:
+                return site
             raise
         self.ssh_user = ident.username
         return pool.get(self.login_node(), ident, max_sessions=self.ssh_max_sessions)
+
+    def _site_connection(self) -> Connection | None:
+        """The site account's connection (xsede mode, when configured), for a job whose
+        owner's certificate has expired."""
+        if self.mode != "xsede" or not (self.site_user and self.site_key and self.job_id):
+            return None
+        ident = identity.site_identity(self.services.key_files, self.site_key, self.site_user)
+        return self.services.pool.get(self.login_node(), ident, max_sessions=self.ssh_max_sessions)
+
+    def _is_own(self, conn: Connection) -> bool:
+        """``conn`` logs in as the job's owner (not as the site account)."""
+        return not self.ssh_user or conn.ident.username == self.ssh_user
 
     def tunnel_keys(self) -> TunnelKeys:
         api = urlparse(self.hub.api_url)
@@ -528,9 +576,12 @@ class SlurmSSHSpawner(Spawner):
         try:
             # inside: a script that cannot be built must not leave the key granted
             script = self.job_script(job_dir, grant.port)
+            await self._retry_pending_cancels(conn, force=True)
             contents = partial(job.file_contents, self, grant)
             await retry("writing job files", files.create, contents, *job.claims(self))
-            self.job_id = await retry("submitting", job.submit, conn, script)
+            # never sbatch twice: a retry first looks the spawn up by its comment
+            submission = job.Submission(conn, script, self.spawn_id)
+            self.job_id = await retry("submitting", submission)
         except BaseException:
             await keys.revoke(self.spawn_id)
             self.services.spawns.ended(self.spawn_id)
@@ -558,7 +609,7 @@ class SlurmSSHSpawner(Spawner):
             # survive, and the restarted hub re-attaches to them.
             raise
         except BaseException:
-            await self._cleanup(conn, job_dir)
+            await self._end_job(conn, job_dir)
             raise
         return ("127.0.0.1", self.hub_port)
 
@@ -575,57 +626,177 @@ class SlurmSSHSpawner(Spawner):
         orm.state = self.get_state()
         self.db.commit()
 
-    async def _cleanup(self, conn: Connection | None, job_dir: str | None = None) -> None:
-        if conn is not None and self.job_id:
+    async def _end_job(
+        self, conn: Connection | None, job_dir: str | None = None, *, attempts: int = 4
+    ) -> bool:
+        """End the job: first what the hub holds (its watch, its tunnel key), which needs
+        no cluster; then ``scancel`` (tried ``attempts`` times).  A job that could not be
+        cancelled goes on the durable pending-cancel list, for a later poll, start or
+        ``xsedehub orphans``.  True if SLURM took the cancel."""
+        if self.job_id:
+            self.services.pool.unwatch(self.job_id)
+        if self.spawn_id:
+            try:
+                await self.tunnel_keys().revoke(self.spawn_id)
+            except (OSError, ValueError) as e:
+                self.log.error("%s: could not revoke the tunnel key: %s", self._log_name, e)
+            self.services.spawns.ended(self.spawn_id)
+        if not self.job_id:
+            return True
+        error = ""
+        if conn is None:
+            try:
+                conn = await self.connection()
+            except Exception as e:  # an expired certificate, no cluster, a bad key file
+                error = str(e)
+        delay = 1.0
+        for attempt in range(attempts if conn is not None else 0):
             try:
                 await job.cancel(conn, self.job_id)
-            except ClusterUnreachable as e:
-                self.log.error("%s: could not cancel job %s: %s", self._log_name, self.job_id, e)
-                raise
-        if conn is not None and self.job_id:
-            conn.status.unwatch(self.job_id)
-        if self.spawn_id:
-            await self.tunnel_keys().revoke(self.spawn_id)
-            self.services.spawns.ended(self.spawn_id)
-            if conn is not None:
-                files_dir = job_dir or f"{self.job_dir_root}/{self.spawn_id}"
-                await self._job_files(conn, files_dir).remove_secrets()
+                break
+            except (ClusterUnreachable, OSError) as e:
+                error = str(e)
+                if attempt + 1 < attempts:
+                    await asyncio.sleep(delay)
+                    delay *= 2
+        else:
+            self._record_pending_cancel(error, attempts if conn is not None else 0)
+            return False
+        if conn is not None and self.spawn_id and self._is_own(conn):
+            files_dir = job_dir or f"{self.job_dir_root}/{self.spawn_id}"
+            await self._job_files(conn, files_dir).remove_secrets()
+        return True
+
+    def _record_pending_cancel(self, error: str, attempts: int) -> None:
+        entry = pending_cancel.PendingCancel(
+            job_id=self.job_id,
+            login_host=self.login_host,
+            login_port=self.login_port,
+            ssh_user=self.ssh_user,
+            spawn_id=self.spawn_id,
+            user=self.user.name,
+            attempts=attempts,
+            error=error[:300],
+        )
+        try:
+            pending_cancel.add(self.pending_cancel_file, entry)
+        except OSError as e:
+            self.log.error(
+                "%s: could not cancel job %s (%s) nor record it in %s (%s): cancel it by hand",
+                self._log_name,
+                self.job_id,
+                error,
+                self.pending_cancel_file,
+                e,
+            )
+            return
+        self.log.error(
+            "%s: could not cancel job %s (%s); its tunnel key is revoked, and the cancel "
+            "will be retried (recorded in %s)",
+            self._log_name,
+            self.job_id,
+            error,
+            self.pending_cancel_file,
+        )
+
+    async def _retry_pending_cancels(self, conn: Connection, *, force: bool = False) -> None:
+        """Cancel the recorded jobs of ``conn``'s account on its login node (at most once
+        per status interval unless ``force``); never raises."""
+        key = (self.pending_cancel_file, conn.node, conn.ident.username)
+        now = time.monotonic()
+        checked = self.services.pending_checked
+        if not force and now - checked.get(key, -1e9) < self._status_interval:
+            return
+        checked[key] = now
+        try:
+            pending = [
+                j
+                for j in pending_cancel.read(self.pending_cancel_file)
+                if (j.login_host, j.login_port, j.ssh_user)
+                == (self.login_host, self.login_port, conn.ident.username)
+            ]
+        except OSError as e:
+            self.log.warning("%s", e)
+            return
+        done, failed = [], []
+        for j in pending:
+            try:
+                await job.cancel_if_ours(conn, j.job_id, j.spawn_id)
+                done.append(j)
+                self.log.info(
+                    "cancelled job %s of %s (a stop had failed to: %s)", j.job_id, j.user, j.error
+                )
+            except (ClusterUnreachable, OSError) as e:
+                failed.append(replace(j, attempts=1, error=str(e)[:300]))
+                self.log.warning("job %s of %s: cancel failed again: %s", j.job_id, j.user, e)
+        try:
+            pending_cancel.remove(self.pending_cancel_file, done)
+            for j in failed:
+                pending_cancel.add(self.pending_cancel_file, j)
+        except OSError as e:
+            self.log.warning("could not update %s: %s", self.pending_cancel_file, e)
 
     @property
     def _status_interval(self) -> float:
         return self.status_interval or float(self.poll_interval) or 30.0
 
     async def poll(self) -> int | None:
-        await self._reconcile_tunnel_keys()
+        """None while the job may run; 1 only once SLURM says it has ended.  Anything else
+        that fails (the cluster unreachable, an unreadable key, an expired certificate,
+        a write error) is logged and answered "still running": at the hub's start-up, a
+        "gone" would stop a healthy server."""
+        try:
+            await self._reconcile_tunnel_keys()
+        except Exception as e:
+            self.log.warning("%s: could not reconcile tunnel keys: %s", self._log_name, e)
         if not self.job_id:
             return 0
         try:
             conn = await self.connection()
-            # the refresher keeps the shared result fresh (and wakes us if the job
-            # ends); a poll only queries itself if the refresher has stalled
-            st = await conn.status.get(
-                self.job_id, max_age=1.5 * self._status_interval, not_before=self._submitted_at
-            )
-        except (ClusterUnreachable, SpawnError) as e:
+            await self._retry_pending_cancels(conn)
+            st = await self._job_status(conn)
+        except Exception as e:
             # not "job gone": keep the server and ask again at the next poll
-            self.log.warning("%s: poll could not reach the cluster: %s", self._log_name, e)
+            self.log.warning(
+                "%s: poll could not reach the cluster (%s: %s); keeping the server",
+                self._log_name,
+                type(e).__name__,
+                e,
+            )
             return None
         if st is not None and st.alive:
             if not st.running:
                 # still queued (e.g. the hub restarted while it waited): give the hub's
                 # "is it up?" check the time the queue may take
                 self.http_timeout = max(self.http_timeout, self.start_timeout)
-            elif not self._start_pending:
+            elif not self._start_pending and self._is_own(conn):
                 conn.status.watch(self.job_id, self, self._status_interval)
             return None
         self.log.info(
-            "%s: job %s is %s", self._log_name, self.job_id, st.state if st else "gone from squeue"
+            "%s: job %s is %s", self._log_name, self.job_id, st.state if st else "gone from SLURM"
         )
-        await self.tunnel_keys().revoke(self.spawn_id)
+        try:
+            await self.tunnel_keys().revoke(self.spawn_id)
+        except (OSError, ValueError) as e:
+            self.log.error("%s: could not revoke the tunnel key: %s", self._log_name, e)
         self.services.spawns.ended(self.spawn_id)
         # a job killed outright (SIGKILL, node failure) never ran its cleanup
         await self._job_files(conn, f"{self.job_dir_root}/{self.spawn_id}").remove_secrets()
         return 1
+
+    async def _job_status(self, conn: Connection) -> slurm.JobStatus | None:
+        """The job's status; None only when SLURM confirms it knows no such job."""
+        if not self._is_own(conn):  # the site account: its squeue is not the owner's
+            return await conn.status.confirm(self.job_id)
+        # the refresher keeps the shared result fresh (and wakes us if the job
+        # ends); a poll only queries itself if the refresher has stalled
+        st = await conn.status.get(
+            self.job_id, max_age=1.5 * self._status_interval, not_before=self._submitted_at
+        )
+        if st is None:
+            # missing from the account's squeue: a hiccup must not read as "job gone"
+            st = await conn.status.confirm(self.job_id)
+        return st
 
     async def _reconcile_tunnel_keys(self) -> None:
         """Once per hub process: drop tunnel keys of spawns the hub no longer knows (a job
@@ -638,20 +809,13 @@ class SlurmSSHSpawner(Spawner):
             self.log.info("removed tunnel keys of %d spawns the hub no longer knows", len(gone))
 
     async def stop(self, now: bool = False) -> None:
+        """Revoke the job's tunnel key, then cancel the job.  JupyterHub forgets the
+        server whatever happens here, so a cancel that fails is not raised: the job goes
+        on the durable pending-cancel list (:attr:`pending_cancel_file`) and is retried."""
         if not self.job_id:
             return
-        conn = await self.connection()
-        delay = 1.0
-        for attempt in range(4):
-            try:
-                await self._cleanup(conn)
-                break
-            except ClusterUnreachable:
-                if attempt == 3:
-                    raise
-                await asyncio.sleep(delay)
-                delay *= 2
-        self.log.info("%s: cancelled job %s", self._log_name, self.job_id)
+        if await self._end_job(None):
+            self.log.info("%s: cancelled job %s", self._log_name, self.job_id)
         self.clear_state()
 
 

@@ -51,6 +51,7 @@ class SqueueCache:
         self._wakeups: set[asyncio.Task] = set()
         self.interval = 30.0
         self.failures = 0  # refreshes failed in a row (logged when squeue answers again)
+        self.sacct_available: bool | None = None  # None: not asked yet
 
     def watch(self, job_id: str, spawner: Watcher, interval: float) -> None:
         self._watched[job_id] = spawner
@@ -60,6 +61,31 @@ class SqueueCache:
 
     def unwatch(self, job_id: str) -> None:
         self._watched.pop(job_id, None)
+
+    @property
+    def watching(self) -> bool:
+        """Some job is watched (its connection is in use, never idle)."""
+        return bool(self._watched)
+
+    def adopt(self, old: SqueueCache) -> None:
+        """Take over the watched jobs of ``old`` (the cache of a connection this one
+        replaces, e.g. after a certificate renewal) and end its refresher."""
+        moved, old._watched = old._watched, {}
+        if old._refresher is not None:
+            old._refresher.cancel()
+            old._refresher = None
+        if moved:
+            self._watched.update(moved)
+            self.interval = old.interval
+            if self._refresher is None or self._refresher.done():
+                self._refresher = asyncio.ensure_future(self._refresh())
+
+    def close(self) -> None:
+        """Watch nothing more, and end the refresher."""
+        self._watched.clear()
+        if self._refresher is not None:
+            self._refresher.cancel()
+            self._refresher = None
 
     async def _refresh(self) -> None:
         while self._watched:
@@ -135,6 +161,46 @@ class SqueueCache:
         else:
             jobs = self.jobs
         return jobs.get(job_id)
+
+    async def lookup(self, spawn_id: str) -> slurm.JobStatus | None:
+        """The job of ``spawn_id`` (by its ``--comment``) in a squeue started now."""
+        jobs = await self._shared_query(time.monotonic())
+        for st in jobs.values():
+            if st.spawn_id == spawn_id:
+                return st
+        return None
+
+    async def confirm(self, job_id: str) -> slurm.JobStatus | None:
+        """Ask SLURM about ``job_id`` alone, for a job missing from the shared squeue
+        (a hiccup must not read as "job gone"): ``sacct`` where accounting is on, else
+        ``squeue --jobs``.  ``None`` means SLURM says it knows no such job (it ended
+        and was purged); raises :class:`ClusterUnreachable` when neither can tell."""
+        if self.sacct_available is not False:
+            r = await self.conn.run(slurm.sacct_argv(job_id), timeout=30)
+            err = f"{r.stderr}{r.stdout}"
+            if r.exit_status == 0:
+                self.sacct_available = True
+                st = slurm.parse_sacct(str(r.stdout)).get(job_id)
+                if st is not None:
+                    return st
+            elif slurm.sacct_disabled(err):
+                self.sacct_available = False
+                log.info(
+                    "sacct on %s: accounting is off (%s); jobs missing from squeue are "
+                    "confirmed with squeue --jobs",
+                    self.conn.node.host,
+                    err.strip()[:200],
+                )
+            else:
+                log.warning("sacct -j %s failed (%s): %s", job_id, r.exit_status, err[:300])
+        r = await self.conn.run(slurm.squeue_argv(self.conn.ident.username, [job_id]), timeout=30)
+        if r.exit_status == 0:
+            return slurm.parse_squeue(str(r.stdout)).get(job_id)
+        if "Invalid job id" in str(r.stderr):
+            return None
+        raise ClusterUnreachable(
+            f"squeue --jobs={job_id} failed ({r.exit_status}): {str(r.stderr).strip()[:300]}"
+        )
 
     def _clear(self, fut: asyncio.Future) -> None:
         if self._inflight is fut:

@@ -9,9 +9,11 @@ carries the shared ``squeue`` of its account (:class:`~xsedehub.spawner.squeue.S
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import shlex
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -84,6 +86,7 @@ class Connection:
         max_sessions: int = 8,
         connect_timeout: float = 15,
         keepalive: float = 30,
+        idle_timeout: float = 0,
         counters: Counters | None = None,
     ):
         self.node, self.ident = node, ident
@@ -96,6 +99,11 @@ class Connection:
         # keeps one of them open
         self._sessions = asyncio.Semaphore(max(1, max_sessions - 1))
         self.connect_timeout, self.keepalive = connect_timeout, keepalive
+        # closed after this many seconds without a command (0: kept open); reopened on use
+        self.idle_timeout = idle_timeout
+        self._busy = 0
+        self._last_used = 0.0
+        self._idle_timer: asyncio.TimerHandle | None = None
         self.status = SqueueCache(self)
 
     async def _connect(self) -> asyncssh.SSHClientConnection:
@@ -143,35 +151,90 @@ class Connection:
         *,
         input: str | None = None,
         timeout: float = 60,
+        retry: bool = True,
     ) -> asyncssh.SSHCompletedProcess:
         """Run ``argv`` (quoted, never a shell string of user input) on the login node.
 
-        Retries once on a fresh connection if the old one had died; raises
-        :class:`ClusterUnreachable` when the node cannot be reached.
+        A command that never reached the node (the channel could not be opened) is tried
+        again once; one that may have run (the connection died under it) is tried again
+        on a fresh connection only if ``retry`` (leave it False for what must not run
+        twice, like ``sbatch``).  A command that times out has its channel closed, so
+        timed-out commands never pile up to sshd's ``MaxSessions``.  Raises
+        :class:`ClusterUnreachable` when the node cannot be reached or did not answer.
         """
         command = shlex.join(self.node.argv(argv))
         self.counters.count(argv[0])
-        for attempt in (1, 2):
-            conn = await self._connect()
-            try:
-                async with self._sessions:
-                    return await conn.run(command, input=input, check=False, timeout=timeout)
-            except (
-                asyncssh.ChannelOpenError,
-                asyncssh.ConnectionLost,
-                OSError,
-                asyncssh.DisconnectError,
-            ) as e:
-                self._drop(conn)
-                if attempt == 2:
-                    raise ClusterUnreachable(f"{argv[0]} on {self.node.host}: {e}") from e
-            except asyncssh.TimeoutError as e:
-                raise ClusterUnreachable(f"{argv[0]} on {self.node.host} timed out") from e
-        raise AssertionError("unreachable")
+        self._busy += 1
+        try:
+            for attempt in (1, 2):
+                conn = await self._connect()
+                try:
+                    async with self._sessions:
+                        return await self._run_on(conn, command, input, timeout)
+                except asyncssh.ChannelOpenError as e:
+                    # the command did not start; the connection may be fine (too many
+                    # sessions): closing it would break every other command on it
+                    if conn.is_closed():
+                        self._drop(conn)
+                    if attempt == 2:
+                        raise ClusterUnreachable(f"{argv[0]} on {self.node.host}: {e}") from e
+                    await asyncio.sleep(0.5)
+                except (asyncssh.ConnectionLost, OSError, asyncssh.DisconnectError) as e:
+                    self._drop(conn)
+                    if attempt == 2 or not retry:
+                        raise ClusterUnreachable(f"{argv[0]} on {self.node.host}: {e}") from e
+            raise AssertionError("unreachable")
+        finally:
+            self._busy -= 1
+            self._touch()
+
+    @staticmethod
+    async def _run_on(
+        conn: asyncssh.SSHClientConnection, command: str, input: str | None, timeout: float
+    ) -> asyncssh.SSHCompletedProcess:
+        process = await conn.create_process(command, input=input)
+        try:
+            return await process.wait(check=False, timeout=timeout)
+        except asyncssh.TimeoutError as e:
+            name = command.split(" ", 1)[0]
+            raise ClusterUnreachable(f"{name} timed out after {timeout:g} s") from e
+        finally:
+            if process.exit_status is None and process.exit_signal is None:
+                # sshd counts the session towards MaxSessions until its command exits,
+                # even once the channel is closed: end the command, then the channel
+                with contextlib.suppress(asyncssh.Error, OSError):
+                    process.send_signal("KILL")
+            process.close()
+
+    def _touch(self) -> None:
+        """Note a use; a connection unused for :attr:`idle_timeout` is closed."""
+        self._last_used = time.monotonic()
+        if self.idle_timeout > 0 and self._idle_timer is None:
+            loop = asyncio.get_running_loop()
+            self._idle_timer = loop.call_later(self.idle_timeout, self._close_if_idle)
+
+    def _close_if_idle(self) -> None:
+        self._idle_timer = None
+        if not self.is_open:
+            return
+        idle = time.monotonic() - self._last_used
+        if self._busy or self.status.watching or idle < self.idle_timeout:
+            # in use: look again when it may have become idle
+            wait = max(self.idle_timeout - idle, 1.0)
+            self._idle_timer = asyncio.get_running_loop().call_later(wait, self._close_if_idle)
+            return
+        log.info(
+            "closing the idle connection to %s@%s (%.0f s unused)",
+            self.ident.username,
+            self.node.host,
+            idle,
+        )
+        self.close()
 
     async def sftp(self) -> asyncssh.SFTPClient:
         """The connection's one SFTP session (opened on first use, shared)."""
         conn = await self._connect()
+        self._touch()
         async with self._sftp_lock:
             if self._sftp is None:
                 try:
@@ -189,14 +252,18 @@ class Connection:
         if self._conn is not None:
             self._conn.close()
         self._conn = self._sftp = None
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
 
 
 class Pool:
     """Connections keyed by (login node, account, credential), counted together."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, idle_timeout: float = 0) -> None:
         self._conns: dict[tuple[LoginNode, str, str], Connection] = {}
         self.counters = Counters()
+        self.idle_timeout = idle_timeout
 
     def get(self, node: LoginNode, ident: SSHIdentity, *, max_sessions: int = 8) -> Connection:
         """The connection for ``ident`` (made on first use; its channels are capped at
@@ -204,12 +271,20 @@ class Pool:
         key = (node, ident.username, ident.fingerprint)
         conn = self._conns.get(key)
         if conn is None:
-            # a renewed certificate replaces the user's old connection
-            for old_key in [k for k in self._conns if k[:2] == key[:2]]:
-                self._conns.pop(old_key).close()
             conn = self._conns[key] = Connection(
-                node, ident, max_sessions=max_sessions, counters=self.counters
+                node,
+                ident,
+                max_sessions=max_sessions,
+                idle_timeout=self.idle_timeout,
+                counters=self.counters,
             )
+            # a renewed certificate replaces the user's old connection: its watched jobs
+            # move to the new one, and its refresher ends (it would log in again with
+            # the old, soon expired, certificate every interval, forever)
+            for old_key in [k for k in self._conns if k[:2] == key[:2] and k != key]:
+                old = self._conns.pop(old_key)
+                conn.status.adopt(old.status)
+                old.close()
         return conn
 
     def live(self, node: LoginNode, username: str) -> Connection | None:
@@ -218,3 +293,9 @@ class Pool:
             if key[:2] == (node, username) and conn.is_open:
                 return conn
         return None
+
+    def unwatch(self, job_id: str, node: LoginNode | None = None) -> None:
+        """Stop watching ``job_id`` on every connection (to ``node``, if given)."""
+        for key, conn in self._conns.items():
+            if node is None or key[0] == node:
+                conn.status.unwatch(job_id)

@@ -348,6 +348,47 @@ def test_orphans_are_found_and_cancelled(hub, cluster):
     c.stop("ada-l")
 
 
+def test_orphans_cancels_the_jobs_a_failed_stop_left(hub, cluster, monkeypatch):
+    """The hub's list of jobs it could not cancel at stop: `orphans --cancel` cancels
+    them however young, drops them from the list, and leaves a job that now carries a
+    listed id but another spawn's comment (job ids are reused) alone."""
+    from xsedehub.spawner import pending_cancel
+
+    monkeypatch.chdir(hub.workdir)  # the hub's working directory: the list's relative path
+    path = "xsedehub_pending_cancels.json"
+    mine, reused = _lost_job("u98-failedstop"), _lost_job("u97-someone")
+    where = dict(
+        login_host=cluster.login_ip, login_port=cluster.login_port, ssh_user=cluster.gateway_user
+    )
+    pending_cancel.add(path, pending_cancel.PendingCancel(mine, spawn_id="u98-failedstop", **where))
+    pending_cancel.add(path, pending_cancel.PendingCancel(reused, spawn_id="u1-gone", **where))
+    token = (hub.workdir / "service_token").read_text().strip()
+    lines: list[str] = []
+    try:
+        found = find_orphans(
+            str(hub.workdir / "jupyterhub_config.py"),
+            hub.client.url,
+            token,
+            cancel=True,
+            out=lines.append,
+        )
+        assert [j.job_id for j in found] == [mine], lines
+        assert f"{mine}\tgateway" in "\n".join(lines) and "cancelled" in "\n".join(lines)
+        assert in_cluster_root(["squeue", "-h", "-j", mine, "-o", "%T"]).strip() in (
+            "",
+            "CANCELLED",
+            "COMPLETING",
+        )
+        assert in_cluster_root(["squeue", "-h", "-j", reused, "-o", "%T"]).strip() in (
+            "RUNNING",
+            "PENDING",
+        )
+        assert pending_cancel.read(path) == []  # both settled: one cancelled, one not ours
+    finally:
+        in_cluster_root(["scancel", mine, reused])
+        Path(path).unlink(missing_ok=True)
+
+
 def _lost_job(spawn_id: str) -> str:
     """A job of the gateway account with xsedehub's comment that no server holds."""
     out = in_cluster_root(

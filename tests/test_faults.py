@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -385,3 +386,67 @@ def test_form_does_not_wait_on_a_login_node_that_does_not_answer(hub, cluster, t
         mute.kill()
         mute.wait(10)
         localcluster.up()
+
+
+# ---------------------------------------------------------------------------- stop & poll
+def _kill_login_sessions(user: str) -> None:
+    """End the login node's sshd sessions of ``user`` (the hub's live connection)."""
+    for p in os.listdir("/proc"):
+        if p.isdigit() and _cmdline(p).startswith(f"sshd: {user}".encode()):
+            try:
+                os.kill(int(p), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def pending_cancels(hub) -> list[str]:
+    path = hub.workdir / "xsedehub_pending_cancels.json"
+    return [j["job_id"] for j in json.loads(path.read_text())["jobs"]] if path.exists() else []
+
+
+def test_a_failed_stop_revokes_the_key_and_a_later_start_cancels_the_job(hub, cluster):
+    """The login node is gone at stop: the job's key is revoked at once, the job is
+    recorded, and the next start over the same account cancels it."""
+    c = hub.client
+    c.start("grace")
+    c.wait_ready("grace")
+    job, spawn = jobs_named("grace")[0], state(hub, "grace")["spawn_id"]
+    localcluster.stop_daemon("sshd_login")
+    try:
+        _kill_login_sessions("gateway")
+        c.stop("grace")
+        assert f"xsedehub:{spawn}" not in keys_text(cluster), "the tunnel key outlived the stop"
+        assert jobs_named("grace") == [job]  # the cluster was unreachable: it still runs
+        assert pending_cancels(hub) == [job]
+        assert f"could not cancel job {job}" in hub.log
+    finally:
+        localcluster.up()
+    c.start("ada-l")  # the next start over the gateway account retries the cancel
+    c.wait_ready("ada-l")
+    assert jobs_named("grace") == []
+    assert pending_cancels(hub) == []
+    c.stop("ada-l")
+
+
+def test_a_broken_key_file_at_hub_start_keeps_the_running_server(hub, cluster):
+    """Only SLURM saying the job ended may end a server: a key file that cannot be read
+    when the restarted hub polls its servers is logged, and the server stays."""
+    c = hub.client
+    c.start("grace")
+    c.wait_ready("grace")
+    tok = c.user_token("grace")
+    job = jobs_named("grace")[0]
+    key = Path(cluster.gateway_key)
+    original = key.read_bytes()
+    hub.stop()
+    try:
+        key.write_text("not a private key\n")
+        hub.restart()
+        assert c.user("grace")["servers"].get(""), "the hub dropped a running server"
+        assert "poll could not reach the cluster" in hub.log
+    finally:
+        key.write_bytes(original)
+    assert jobs_named("grace") == [job]
+    assert reachable(hub, "grace", tok)
+    c.stop("grace")
+    assert jobs_named("grace") == []

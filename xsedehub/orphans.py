@@ -24,7 +24,7 @@ import requests
 from traitlets.config import Config
 
 from .check import Checker, Report, load_config
-from .spawner import slurm
+from .spawner import pending_cancel, slurm
 from .spawner.ssh import Connection
 
 
@@ -76,13 +76,20 @@ MIN_AGE = 60.0
 _AGE_ARGV = ["--noheader", "--format=%i|%V"]
 
 
-def pending_cancels() -> set[str]:
-    """Job ids whose ``scancel`` the hub could not get through and keeps for a retry.
-
-    HOOK: the hub's durable list of failed cancels (issue 14, ``spawner/pending_cancel``)
-    plugs in here; until it exists there are none.  :func:`find_orphans` cancels these
-    jobs along with the orphans (when they are still alive) and reports each."""
-    return set()
+def pending_cancels(checker: Checker) -> list[pending_cancel.PendingCancel]:
+    """The jobs the hub could not cancel at stop and keeps for a retry
+    (``SlurmSSHSpawner.pending_cancel_file``; a relative path is from the current
+    directory, so run the command where the hub runs), those of this login node and
+    account.  :func:`find_orphans` cancels them along with the orphans, whatever their
+    age, and drops them from the list once SLURM has them."""
+    sp = checker.sp
+    user = sp.gateway_user if sp.mode == "gateway" else None
+    return [
+        j
+        for j in pending_cancel.read(sp.pending_cancel_file)
+        if (j.login_host, j.login_port) == (sp.login_host, sp.login_port)
+        and (user is None or j.ssh_user == user)
+    ]
 
 
 @dataclass
@@ -123,7 +130,7 @@ async def _sweep(
     *,
     cancel: bool,
     min_age: float,
-    pending: set[str],
+    pending: dict[str, str],
 ) -> Sweep:
     ident = await checker.identity()
     conn = await checker.connect(ident) if ident is not None else None
@@ -139,10 +146,12 @@ async def _sweep(
         for j in jobs.values():
             if not (j.spawn_id and j.alive) or j.spawn_id.startswith("check-"):
                 continue
-            if j.job_id in known and j.job_id not in pending:
+            # a job the hub failed to cancel, if it is still that spawn's (ids are reused)
+            listed = pending.get(j.job_id) == j.spawn_id
+            if j.job_id in known and not listed:
                 continue
             age = ages.get(j.job_id)
-            if j.job_id not in pending and (age is None or age < min_age):
+            if not listed and (age is None or age < min_age):
                 sweep.young.append((j, age))
             else:
                 sweep.orphans.append(j)
@@ -175,15 +184,20 @@ def find_orphans(
     cfg = load_config(config_file)
     url = hub_url or hub_url_from_config(cfg)
     checker = Checker(cfg, Report(out=lambda s: None), certificate=certificate)
+    listed = pending_cancels(checker)
     sweep = asyncio.run(
         _sweep(
             checker,
             lambda: hub_job_ids(url, token),
             cancel=cancel,
             min_age=min_age,
-            pending=pending_cancels(),
+            pending={j.job_id: j.spawn_id for j in listed},
         )
     )
+    if cancel and listed:
+        # gone from the queue or cancelled now: the hub need not try again
+        done = [j for j in listed if j.job_id not in sweep.cancel_failed]
+        pending_cancel.remove(checker.sp.pending_cancel_file, done)
     for j in sweep.orphans:
         status = ""
         if cancel:
