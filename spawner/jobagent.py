@@ -146,13 +146,21 @@ def remove_secrets(job_dir: str) -> None:
             log(f"could not remove {name}: {e}")
 
 
-async def accepts(path: str) -> bool:
-    """Something listens on the unix socket ``path``."""
+def accepts(path: str) -> bool:
+    """Something listens on the unix socket ``path`` (a few microseconds: no process,
+    no wait; a missing file is not even a socket call)."""
+    if not os.path.exists(path):
+        return False
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.setblocking(False)
     try:
-        _, writer = await asyncio.open_unix_connection(path)
+        s.connect(path)
+    except BlockingIOError:  # listening, its backlog full
+        return True
     except OSError:
         return False
-    writer.close()
+    finally:
+        s.close()
     return True
 
 
@@ -163,6 +171,68 @@ async def _sleep_or(event: asyncio.Event, seconds: float) -> None:
         await asyncio.wait([waiter], timeout=seconds)
     finally:
         waiter.cancel()
+
+
+IN_MOVED_TO, IN_CREATE = 0x80, 0x100
+
+
+class Created:
+    """Wakes its waiters when a file is created in a directory (Linux's inotify, through
+    ctypes), so that waiting for a socket to appear costs nothing until it does."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.event = asyncio.Event()
+        asyncio.get_running_loop().add_reader(fd, self._readable)
+
+    @classmethod
+    def watch(cls, directory: str) -> Created | None:
+        """A watch on ``directory``, or None where inotify is not to be had."""
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+            if fd < 0:
+                return None
+            if libc.inotify_add_watch(fd, os.fsencode(directory), IN_CREATE | IN_MOVED_TO) < 0:
+                os.close(fd)
+                return None
+        except Exception:  # no ctypes, no libc, not Linux: look every CHECK_INTERVAL
+            return None
+        return cls(fd)
+
+    def _readable(self) -> None:
+        try:
+            while os.read(self.fd, 4096):
+                pass
+        except OSError:  # drained (EAGAIN)
+            pass
+        self.event.set()
+
+    async def wait(self, timeout: float) -> None:
+        await _sleep_or(self.event, timeout)
+        self.event.clear()
+
+    def close(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.fd)
+        os.close(self.fd)
+
+
+async def wait_accepting(path: str, created: Created | None, waiting) -> bool:
+    """Wait, in this process, until the unix socket ``path`` accepts connections (True),
+    or ``waiting()`` turns false (False, looked at least once a second).  Until the file
+    exists, a directory watch wakes this up when it is created; a socket that exists but
+    does not accept yet (bound, not listening; or a stale one) is looked at every
+    :data:`CHECK_INTERVAL`."""
+    while waiting():
+        if accepts(path):
+            return True
+        if created is not None and not os.path.exists(path):  # noqa: ASYNC240 (one stat)
+            await created.wait(1.0)
+        else:
+            await asyncio.sleep(CHECK_INTERVAL)
+    return False
 
 
 def _find_prctl():
@@ -189,8 +259,10 @@ class Connection:
     ``ready``, if given, is a unix socket that answers once the connection is usable:
     :attr:`opened` is set the first time it does."""
 
-    def __init__(self, name: str, argv: list[str], ready: str | None = None) -> None:
-        self.name, self.argv, self.ready = name, argv, ready
+    def __init__(
+        self, name: str, argv: list[str], ready: str | None = None, created: Created | None = None
+    ) -> None:
+        self.name, self.argv, self.ready, self.created = name, argv, ready, created
         self.proc: asyncio.subprocess.Process | None = None
         self.opened = asyncio.Event()
         self.reopen = True  # cleared on SIGTERM: the key is gone, do not try again
@@ -215,11 +287,10 @@ class Connection:
             return None
 
     async def _watch_ready(self, proc: asyncio.subprocess.Process) -> None:
-        while proc.returncode is None and self.ready:
-            if await accepts(self.ready):
-                self.opened.set()
-                return
-            await asyncio.sleep(CHECK_INTERVAL)
+        if self.ready and await wait_accepting(
+            self.ready, self.created, lambda: proc.returncode is None
+        ):
+            self.opened.set()
 
     async def _run(self) -> None:
         delay = BACKOFF_FIRST
@@ -318,6 +389,7 @@ class Agent:
         self.forward = Connection("hub API forward", forward_argv(opts), ready=self.api_path)
         self.reverse = Connection(f"tunnel to hub port {opts.hub_port}", reverse_argv(opts))
         self.server: Process | None = None
+        self.created: Created | None = None
         self.ending = False
         self.finished = asyncio.Event()
         self.listener: socket.socket | None = None
@@ -340,15 +412,20 @@ class Agent:
         self._relay = await asyncio.start_server(self._client, sock=self.listener)
 
     async def _upstream(self):
+        """A connection to the forward's socket; while the forward is down, wait for it
+        (up to :data:`HOLD_SECONDS`); None if it did not come back."""
         deadline = time.monotonic() + HOLD_SECONDS
         while True:
             try:
                 return await asyncio.open_unix_connection(self.api_path)
             except OSError:
                 pass
-            if self.ending or time.monotonic() > deadline:
+            if not await wait_accepting(
+                self.api_path,
+                self.created,
+                lambda: not self.ending and time.monotonic() < deadline,
+            ):
                 return None
-            await asyncio.sleep(2 * CHECK_INTERVAL)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._clients.add(writer)
@@ -373,12 +450,12 @@ class Agent:
             self._tasks.add(asyncio.ensure_future(self._open_reverse_when_listening()))
 
     async def _open_reverse_when_listening(self) -> None:
-        while not self.ending and self.server is not None and self.server.alive():
-            if await accepts(self.server_path):
-                log(f"server listening; tunnel to hub port {self.opts.hub_port} opening")
-                self.reverse.start()
-                return
-            await asyncio.sleep(CHECK_INTERVAL)
+        server = self.server
+        if await wait_accepting(
+            self.server_path, self.created, lambda: not self.ending and server.alive()
+        ):
+            log(f"server listening; tunnel to hub port {self.opts.hub_port} opening")
+            self.reverse.start()
 
     # ------------------------------------------------------------------ control
     async def control(self, fd: int) -> None:
@@ -428,6 +505,7 @@ class Agent:
                 log(f"the job directory's path is too long for a unix socket: {path}")
                 emit("failed")
                 return 2
+        self.created = self.forward.created = Created.watch(self.opts.dir)
         self.bind()
         await self.serve()
         emit(f"port {self.port}")
@@ -469,6 +547,8 @@ class Agent:
                 os.unlink(path)
             except OSError:
                 pass
+        if self.created is not None:
+            self.created.close()
 
 
 async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -224,3 +224,22 @@ def test_a_job_directory_too_deep_for_a_unix_socket_is_said(tmp_path):
     assert proc.stdout.readline() == "failed\n"
     assert proc.wait(30) == 2
     assert "too long for a unix socket" in proc.stderr.read()
+
+
+async def test_a_wait_for_a_socket_wakes_when_it_is_created(tmp_path):
+    created = jobagent.Created.watch(str(tmp_path))
+    assert created is not None  # Linux: inotify through ctypes
+    path = str(tmp_path / "server.sock")
+    try:
+        waiting = asyncio.ensure_future(jobagent.wait_accepting(path, created, lambda: True))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()
+        server = await asyncio.start_unix_server(lambda r, w: w.close(), path)
+        assert await asyncio.wait_for(waiting, 10) is True
+        server.close()
+        # and it gives up when told to
+        assert (
+            await jobagent.wait_accepting(str(tmp_path / "none"), created, lambda: False) is False
+        )
+    finally:
+        created.close()
