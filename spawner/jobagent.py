@@ -290,11 +290,15 @@ class Connection:
         if self.ready and await wait_accepting(
             self.ready, self.created, lambda: proc.returncode is None
         ):
+            if self.opened.is_set():
+                log(f"{self.name} open again")
             self.opened.set()
 
     async def _run(self) -> None:
         delay = BACKOFF_FIRST
         while not self._stopping.is_set():
+            if self.starts and not self.reopen:  # SIGTERM came during the pause
+                return
             began = time.monotonic()
             self.starts += 1
             self.proc = proc = await self._spawn()
