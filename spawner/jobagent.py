@@ -553,6 +553,7 @@ class Agent:
                 pass
         if self.created is not None:
             self.created.close()
+        log(f"job agent ended (ssh closed, port {self.port} released)")
 
 
 async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
