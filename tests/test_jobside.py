@@ -62,6 +62,13 @@ def cmdlines() -> dict[int, str]:
     return out
 
 
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def job_processes(job_dir: Path) -> dict[int, str]:
     """Processes that name the job's directory: its ssh children, agent and server."""
     return {pid: cmd for pid, cmd in cmdlines().items() if str(job_dir) in cmd}
@@ -102,10 +109,12 @@ class Job:
         )
 
     def batch_shell(self) -> int:
+        """The batch script's bash (not a subshell of it, which has the same argv)."""
         marker = f"job{int(self.id):05d}/slurm_script"
-        (pid,) = [
+        shells = [
             p for p, cmd in cmdlines().items() if cmd.startswith("/bin/bash ") and marker in cmd
         ]
+        (pid,) = [p for p in shells if _parent(p) not in shells]
         return pid
 
 
