@@ -2,7 +2,8 @@
 
 The job script is assembled from validated values only; every value that is not a
 fixed string of ours goes through :func:`shlex.quote`.  Its text is the template
-``templates/job.sh.j2``, which :func:`render_job_script` fills in.  Secrets never appear in it:
+``templates/job.sh.j2``, which :func:`render_job_script` fills in; it carries the text of
+the job agent (:mod:`.jobagent`) for the job's own Python.  Secrets never appear in it:
 SLURM stores job scripts, and anyone with ``scontrol write batch_script`` rights can
 read them.  The hub delivers the environment and the tunnel key as 0600 files over
 SFTP instead, and the script reads them at run time.
@@ -98,11 +99,12 @@ class JobScript:
     work_dir: str  # where JupyterLab starts
     singleuser: list[str]  # argv of jupyterhub-singleuser on the compute node
     tunnel: Tunnel
-    python: str  # a python3 on the compute node (picks the node-side API port)
+    python: str  # a python3 (3.8 or newer) on the compute node: runs the job agent
     prologue: list[list[str]] = field(default_factory=list)  # argv lists run before the server
     extra_directives: Mapping[str, str] = field(default_factory=dict)
     spawn_id: str = ""  # goes into --comment=xsedehub:<spawn_id> (finds orphans)
     sandbox: sb.Sandbox | None = None  # gateway mode: the attendee's sandbox (sandbox.py)
+    api_timeout: int = 120  # seconds the hub API forward may take to open, else the job fails
 
     def __post_init__(self) -> None:
         v.slurm_name(self.job_name, "job name")
@@ -119,6 +121,7 @@ class JobScript:
             if f"{self.work_dir}/".startswith(f"{self.job_dir}/"):
                 # the socket folder is bound over the job directory's path: it would hide it
                 raise v.InvalidValue("sandbox", "the work directory is inside the job directory")
+        v.positive_int(self.api_timeout, "hub API forward timeout", high=3600)
         for key, val in self.extra_directives.items():
             if not key.replace("-", "").isalnum():
                 raise v.InvalidValue("extra directive", f"{key!r} is not an sbatch option name")
@@ -154,9 +157,6 @@ def sbatch_directives(job: JobScript) -> list[str]:
     return ["#SBATCH " + line for line in lines]
 
 
-_FREE_PORT = "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"
-
-
 class Verbatim(str):
     """Shell text the job script template inserts as it is: built here from quoted parts
     and validated values.  Any other value is shell-quoted as it is inserted."""
@@ -184,46 +184,41 @@ def render_job_script(**values: object) -> str:
     return _job_template().render(**values)
 
 
+#: the line that ends the job agent's text in the script (a quoted here-document)
+AGENT_END = "XH_JOBAGENT"
+
+
+@functools.cache
+def agent_program() -> str:
+    """The job agent's program text (:mod:`.jobagent`, which the job's Python runs)."""
+    text = resources.files(__package__).joinpath("jobagent.py").read_text("utf-8").rstrip()
+    if AGENT_END in text.splitlines():
+        raise ValueError(f"the job agent's text holds the line {AGENT_END!r}")
+    return text
+
+
 def build_job_script(job: JobScript) -> str:
     """The batch script.  No secret and no user-chosen text except validated values."""
     q = shlex.quote
     t = job.tunnel
-    ssh = [
-        "ssh",
-        "-N",
-        "-F",
-        "/dev/null",
-        "-o",
-        "BatchMode=yes",
-        "-o",
-        "IdentitiesOnly=yes",
-        "-o",
-        "StrictHostKeyChecking=yes",
-        "-o",
-        "UserKnownHostsFile=$XH_DIR/known_hosts",
-        "-o",
-        "GlobalKnownHostsFile=/dev/null",
-        "-o",
-        "ExitOnForwardFailure=yes",
-        "-o",
-        "ServerAliveInterval=5",
-        "-o",
-        "ServerAliveCountMax=3",
-        "-o",
-        "ConnectTimeout=10",
-        "-i",
-        "$XH_DIR/tunnel_key",
-        "-p",
+    agent_args = [
+        "--dir",
+        "$XH_DIR",
+        "--ctl-fd",
+        "3",
+        "--ssh-target",
+        f"{t.user}@{t.host}",
+        "--ssh-port",
         str(t.port),
+        "--api-host",
+        t.api_host,
+        "--api-port",
+        str(t.api_port),
+        "--hub-port",
+        str(t.hub_port),
+        "--api-timeout",
+        str(job.api_timeout),
     ]
-    target = f"{t.user}@{t.host}"
-
-    def ssh_cmd(*forward: str) -> Verbatim:
-        # $XH_DIR and $XH_API_PORT are ours (set in the script from quoted constants):
-        # keep them expandable, quote everything else
-        return Verbatim(
-            " ".join(f'"{a}"' if "$XH_" in a else q(a) for a in [*ssh, *forward, target])
-        )
 
     def words(argv: list[str]) -> str:
         return " ".join(q(a) for a in argv)
@@ -241,18 +236,18 @@ def build_job_script(job: JobScript) -> str:
         job_dir=job.job_dir,
         work_dir=job.work_dir,
         python=job.python,
-        free_port=_FREE_PORT,
-        api_forward=ssh_cmd("-L", f"127.0.0.1:$XH_API_PORT:{t.api_host}:{t.api_port}"),
+        # $XH_DIR is ours (set in the script from a quoted constant): keep it expandable
+        agent_args=Verbatim(" ".join('"$XH_DIR"' if a == "$XH_DIR" else q(a) for a in agent_args)),
+        agent=Verbatim(agent_program()),
         prologue=Verbatim("\n".join(prologue)),
         singleuser=Verbatim(singleuser),
-        reverse=ssh_cmd("-R", f"127.0.0.1:{t.hub_port}:$XH_DIR/server.sock"),
-        hub_port=t.hub_port,
     )
 
 
 def env_file(env: Mapping[str, str], api_origin: str) -> str:
     """Shell-sourceable ``export`` lines; the hub API origin is rewritten to the node's
-    local forward (``$XH_API_PORT``), every value shell-quoted."""
+    end of the forward (``$XH_API_PORT``: the port the job agent holds), every value
+    shell-quoted."""
     lines = []
     for key, value in sorted(env.items()):
         if not key.replace("_", "").isalnum() or key[0].isdigit():

@@ -177,8 +177,9 @@ class SlurmSSHSpawner(Spawner):
     job_python = Unicode(
         "python3",
         config=True,
-        help="""A Python 3 on the compute nodes, used by the job script to pick a free local
-        port.  The environment that has ``jupyterhub-singleuser`` is a good choice.""",
+        help="""A Python 3 (3.8 or newer) on the compute nodes: it runs the job agent, which
+        holds the node's end of the hub API forward and keeps the job's SSH connections.
+        The environment that has ``jupyterhub-singleuser`` is a good choice.""",
     )
     job_dir_root = Unicode(
         ".xsedehub/jobs",

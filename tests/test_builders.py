@@ -46,9 +46,35 @@ def test_script_has_directives_and_is_valid_bash():
     first_cmd = next(i for i, ln in enumerate(lines[1:], 1) if ln and not ln.startswith("#"))
     assert max(i for i, ln in enumerate(lines) if ln.startswith("#SBATCH")) < first_cmd
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)
-    assert "-R 127.0.0.1:20001:" in script.replace("'", "").replace('"', "")
-    assert "StrictHostKeyChecking=yes" in script
+    assert "--hub-port 20001 " in script
     assert "StrictHostKeyChecking=no" not in script
+
+
+def test_the_agents_ssh_checks_the_hub_and_forwards_only_what_it_must():
+    from xsedehub.spawner import jobagent
+
+    opts = jobagent.parse_args(
+        [
+            *("--dir", "/h/.xsedehub/jobs/u1-abc", "--ssh-target", "tunnelbot@10.0.0.1"),
+            *("--api-host", "127.0.0.1", "--api-port", "8081", "--hub-port", "20001"),
+        ]
+    )
+    fwd, rev = jobagent.forward_argv(opts), jobagent.reverse_argv(opts)
+    for argv in (fwd, rev):
+        text = " ".join(argv)
+        assert argv[0] == "ssh" and argv[-1] == "tunnelbot@10.0.0.1"
+        assert "StrictHostKeyChecking=yes" in text
+        assert "UserKnownHostsFile=/h/.xsedehub/jobs/u1-abc/known_hosts" in text
+        assert "GlobalKnownHostsFile=/dev/null" in text
+        assert "-i /h/.xsedehub/jobs/u1-abc/tunnel_key" in text
+        assert "ExitOnForwardFailure=yes" in text and "BatchMode=yes" in text
+    # the forward listens on a unix socket in the job directory, never on a port
+    assert fwd[fwd.index("-L") + 1] == "/h/.xsedehub/jobs/u1-abc/hubapi.sock:127.0.0.1:8081"
+    assert "-R" not in fwd
+    assert rev[rev.index("-R") + 1] == "127.0.0.1:20001:/h/.xsedehub/jobs/u1-abc/server.sock"
+    assert "-L" not in rev
+    opts.api_host = "fd00::1"
+    assert jobagent.forward_argv(opts)[-2].endswith(":[fd00::1]:8081")
 
 
 def test_script_with_account_gpus_and_prologue():

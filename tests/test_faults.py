@@ -450,3 +450,58 @@ def test_a_broken_key_file_at_hub_start_keeps_the_running_server(hub, cluster):
     assert reachable(hub, "grace", tok)
     c.stop("grace")
     assert jobs_named("grace") == []
+
+
+# ---------------------------------------------------------------------------- the node
+def test_another_account_on_the_node_gets_nothing_meant_for_the_hub_api(hub, cluster):
+    """bob, on the node where gateway's job runs, watches every argv and listening socket
+    from before the job starts, and binds every port of the job he can, whenever he can:
+    at the start, while it runs, while both of its ssh connections are down.  The server
+    keeps working (each new token is checked with the hub API through the node's port)
+    and nothing reaches bob."""
+    from .audit import server_env
+    from .intruder import Intruder
+    from .test_gateway import job_id_of
+
+    c = hub.client
+    errors = []
+    with Intruder(cluster, "bob", victim=cluster.gateway_user) as bob:
+        try:
+            c.start("grace")
+            c.wait_ready("grace")
+            assert reachable(hub, "grace", c.user_token("grace"))
+            env = server_env(job_id_of(hub, "grace"))
+            api_port = int(env["JUPYTERHUB_API_URL"].split(":")[2].split("/")[0])
+            # a forced drop: both ssh connections of the job killed at once
+            port = state(hub, "grace")["hub_port"]
+            job_dir = next(
+                cmd.split(f"127.0.0.1:{port}:")[1].rsplit("/", 1)[0]
+                for p in os.listdir("/proc")
+                if p.isdigit()
+                and (cmd := _cmdline(p).decode()).startswith("ssh ")
+                and f"127.0.0.1:{port}:" in cmd
+            )
+            tunnels = [
+                int(p)
+                for p in os.listdir("/proc")
+                if p.isdigit()
+                and _cmdline(p).startswith(b"ssh ")
+                and job_dir.encode() in _cmdline(p)
+            ]
+            assert len(tunnels) == 2, tunnels
+            for pid in tunnels:
+                os.kill(pid, signal.SIGKILL)
+            tok = c.user_token("grace")  # new: the server must ask the hub API about it
+            wait_for(lambda: reachable(hub, "grace", tok), 60, "the server after the drop")
+            assert bob.running()
+        except Exception as e:  # the intruder's findings first, then this
+            errors.append(e)
+    report = bob.report
+    print({k: v for k, v in report.items() if k != "received"}, len(report["received"]))
+    assert report["received"] == [], f"bob received: {report['received']}"
+    assert report["socket_reached"] == []
+    if errors:
+        raise errors[0]
+    assert [api_port, "listening"] in report["ports_learned"]  # bob knew the port ...
+    assert api_port not in [b[0] for b in report["bound"]]  # ... and never had it
+    c.stop("grace")

@@ -1,22 +1,23 @@
 """The job script comes from a template (spawner/templates/job.sh.j2), rendered by
-slurm.render_job_script: for the same job it is byte for byte what the f-string it
-replaced produced.
+slurm.render_job_script, with the job agent's text (spawner/jobagent.py) in a quoted
+here-document.
 
-data/job_scripts_293364c.json holds jobs and the scripts ``build_job_script`` of commit
-293364c (``git show 293364c:spawner/slurm.py``, the f-string) made of them: a gateway job,
-an xsede job with every directive, hostile free text, and 20 jobs with generated hostile
-text in the server's command, the prologue and the job's Python."""
+data/job_inputs.json holds jobs recorded when the template replaced an f-string: a
+gateway job, an xsede job with every directive, hostile free text, and 20 jobs with
+generated hostile text in the server's command, the prologue and the job's Python."""
 
 from __future__ import annotations
 
 import json
+import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
-from xsedehub.spawner import slurm
+from xsedehub.spawner import jobagent, slurm
 
-FIXTURE = json.loads((Path(__file__).parent / "data" / "job_scripts_293364c.json").read_text())
+CASES = json.loads((Path(__file__).parent / "data" / "job_inputs.json").read_text())
 
 
 def job_of(data: dict) -> slurm.JobScript:
@@ -26,14 +27,74 @@ def job_of(data: dict) -> slurm.JobScript:
     return slurm.JobScript(**data)
 
 
-def test_the_fixture_covers_both_modes_and_hostile_text():
-    names = [case["name"] for case in FIXTURE]
+def bash_words(text: str) -> list[str]:
+    """The words bash makes of ``text`` (as a command's arguments)."""
+    out = subprocess.run(
+        ["bash", "-c", "XH_DIR=/jobdir\nprintf '%s\\0' " + text],
+        capture_output=True,
+        check=True,
+    ).stdout
+    return out.decode().split("\0")[:-1]
+
+
+def test_the_recorded_jobs_cover_both_modes_and_hostile_text():
+    names = [case["name"] for case in CASES]
     assert len(names) == 23 and {"gateway", "xsede, home folder"} <= set(names)
 
 
-@pytest.mark.parametrize("case", FIXTURE, ids=lambda c: c["name"])
-def test_template_renders_the_old_script(case):
-    assert slurm.build_job_script(job_of(case["job"])) == case["script"]
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c["name"])
+def test_hostile_text_reaches_bash_as_the_same_words(case):
+    job = job_of(case["job"])
+    script = slurm.build_job_script(job)
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+    # the server's command line: its own line, then the socket options, in background
+    server = shlex.join(job.singleuser)
+    tail = ' --ServerApp.sock="$XH_DIR/server.sock" --ServerApp.sock_mode=0600 &\n'
+    assert f"\n{server}{tail}" in script
+    assert bash_words(server + tail[:-3]) == [
+        *job.singleuser,
+        "--ServerApp.sock=/jobdir/server.sock",
+        "--ServerApp.sock_mode=0600",
+    ]
+    # each prologue command, on its own line before the wait for the forward
+    before_server = script[: script.index(f"\n{server}{tail}")]
+    for argv in job.prologue:
+        assert f"\n{shlex.join(argv)}\n" in before_server
+        assert bash_words(shlex.join(argv)) == argv
+    # the job's Python
+    assert f"\nXH_PY={shlex.quote(job.python)}\n" in script
+    assert bash_words(shlex.quote(job.python)) == [job.python]
+
+
+@pytest.mark.parametrize("case", CASES[:3], ids=lambda c: c["name"])
+def test_the_agent_gets_the_tunnel_as_separate_words(case):
+    job = job_of(case["job"])
+    script = slurm.build_job_script(job)
+    line = re.search(r'\n    exec 3<&0 "\$XH_PY" -I - (.*) <<\'XH_JOBAGENT\'\n', script)
+    assert line, "the agent's command line"
+    opts = jobagent.parse_args(bash_words(line.group(1)))
+    t = job.tunnel
+    assert opts.dir == "/jobdir" and opts.ctl_fd == 3
+    assert opts.ssh_target == f"{t.user}@{t.host}" and opts.ssh_port == t.port
+    assert (opts.api_host, opts.api_port, opts.hub_port) == (t.api_host, t.api_port, t.hub_port)
+    assert opts.api_timeout == job.api_timeout
+
+
+def test_the_agent_text_is_in_the_script_as_it_is():
+    script = slurm.build_job_script(job_of(CASES[0]["job"]))
+    program = Path(jobagent.__file__).read_text().rstrip()
+    assert f"<<'XH_JOBAGENT'\n{program}\nXH_JOBAGENT\n" in script
+    # a quoted here-document: bash expands nothing in it
+    assert "XH_JOBAGENT" not in program.splitlines()
+
+
+def test_the_server_line_is_one_separate_piece():
+    """The sandbox (or any wrapper) can take the server's command line as it is."""
+    text = (Path(slurm.__file__).parent / "templates" / "job.sh.j2").read_text()
+    lines = [ln for ln in text.splitlines() if "{{ singleuser }}" in ln]
+    assert lines == [
+        '{{ singleuser }} --ServerApp.sock="$XH_DIR/server.sock" --ServerApp.sock_mode=0600 &'
+    ]
 
 
 NAMES = {
@@ -41,12 +102,10 @@ NAMES = {
     "job_dir",
     "work_dir",
     "python",
-    "free_port",
-    "api_forward",
+    "agent_args",
+    "agent",
     "prologue",
     "singleuser",
-    "reverse",
-    "hub_port",
 }
 
 
@@ -75,8 +134,7 @@ def test_render_refuses_a_missing_value():
         slurm.render_job_script(**dict.fromkeys(NAMES - {"python"}, "x"))
 
 
-def test_template_ships_in_the_wheel(tmp_path):
-    import subprocess
+def test_template_and_agent_ship_in_the_wheel(tmp_path):
     import sys
     import zipfile
 
@@ -87,4 +145,6 @@ def test_template_ships_in_the_wheel(tmp_path):
         capture_output=True,
     )
     (wheel,) = tmp_path.glob("xsedehub-*.whl")
-    assert "xsedehub/spawner/templates/job.sh.j2" in zipfile.ZipFile(wheel).namelist()
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "xsedehub/spawner/templates/job.sh.j2" in names
+    assert "xsedehub/spawner/jobagent.py" in names

@@ -1,0 +1,245 @@
+"""The job agent (spawner/jobagent.py) by itself, on this machine: the port it holds, the
+relay, the supervision of its children, its ways out.  The real thing (real ssh, real
+SLURM, another account on the node) is in test_jobside.py and test_faults.py."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from xsedehub.spawner import jobagent
+
+SOURCE = Path(jobagent.__file__).read_text()
+
+
+def opts_for(tmp_path: Path, *extra: str):
+    return jobagent.parse_args(
+        [
+            *("--dir", str(tmp_path), "--ssh-target", "tunnelbot@127.0.0.1"),
+            *("--api-host", "127.0.0.1", "--api-port", "8081", "--hub-port", "20001"),
+            *extra,
+        ]
+    )
+
+
+def test_the_agent_is_python_38_and_standard_library_only():
+    tree = ast.parse(SOURCE, feature_version=(3, 8))
+    modules = {
+        a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+    }
+    modules |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert modules - {"__future__"} <= sys.stdlib_module_names, modules
+
+
+def intruder_binds(port: int) -> list[str]:
+    """Every way another socket could take ``port``; the ones that worked."""
+    took = []
+    for addr in ("127.0.0.1", "0.0.0.0"):  # noqa: S104 (what an intruder would try)
+        for opts in ((), (socket.SO_REUSEADDR,), (socket.SO_REUSEPORT,)):
+            s = socket.socket()
+            try:
+                for o in opts:
+                    s.setsockopt(socket.SOL_SOCKET, o, 1)
+                s.bind((addr, port))
+                s.listen()
+                took.append(f"{addr} {opts}")
+            except OSError:
+                pass
+            finally:
+                s.close()
+    return took
+
+
+async def ask(port: int, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    writer.write_eof()  # a half-closed request: the answer must still come back
+    answer = await reader.read()
+    writer.close()
+    return answer
+
+
+async def test_the_port_is_held_and_relayed_across_a_dropped_forward(tmp_path):
+    agent = jobagent.Agent(opts_for(tmp_path))
+    port = agent.bind()
+    await agent.serve()
+    assert intruder_binds(port) == []
+
+    async def hub_api(reader, writer):  # stands where ssh's -L socket would be
+        data = await reader.read()
+        writer.write(b"HTTP/1.0 200 OK\r\n\r\ngot " + data)
+        await writer.drain()
+        writer.close()
+
+    sock = str(tmp_path / "hubapi.sock")
+    # a request before the forward is up waits for it, then goes through
+    early = asyncio.ensure_future(ask(port, b"GET /early"))
+    await asyncio.sleep(0.3)
+    assert not early.done()
+    up = await asyncio.start_unix_server(hub_api, sock)
+    assert (await early).endswith(b"got GET /early")
+    assert (await ask(port, b"x" * 200_000)).endswith(b"got " + b"x" * 200_000)
+    # the forward drops: the port stays held, a request waits, then goes through
+    up.close()
+    await up.wait_closed()
+    os.unlink(sock)
+    held = asyncio.ensure_future(ask(port, b"GET /during-the-drop"))
+    assert intruder_binds(port) == []
+    await asyncio.sleep(0.3)
+    assert not held.done()
+    up = await asyncio.start_unix_server(hub_api, sock)
+    assert (await held).endswith(b"got GET /during-the-drop")
+    await agent.shutdown()
+    up.close()
+    # the port is released only by the agent's own end
+    assert intruder_binds(port) != []
+
+
+async def test_a_dropped_connection_is_reopened_until_stopped(tmp_path, monkeypatch):
+    monkeypatch.setattr(jobagent, "BACKOFF_FIRST", 0.01)
+    quick = jobagent.Connection("quick", [sys.executable, "-c", "pass"])
+    quick.start()
+    while quick.starts < 3:  # noqa: ASYNC110 (a count, not an event)
+        await asyncio.sleep(0.05)
+    await quick.stop()
+    starts = quick.starts
+    await asyncio.sleep(0.2)
+    assert quick.starts == starts
+
+    # ready once its socket answers; stop() ends the child
+    sock = tmp_path / "ready.sock"
+    listen = (
+        "import socket, sys, time; s = socket.socket(socket.AF_UNIX); "
+        "s.bind(sys.argv[1]); s.listen(); time.sleep(60)"
+    )
+    slow = jobagent.Connection("slow", [sys.executable, "-c", listen, str(sock)], ready=str(sock))
+    slow.start()
+    await asyncio.wait_for(slow.opened.wait(), 30)
+    proc = slow.proc
+    await slow.stop()
+    assert proc.returncode == -signal.SIGTERM
+
+    # after SIGTERM (reopen cleared) a connection that drops stays closed
+    once = jobagent.Connection("once", [sys.executable, "-c", "pass"])
+    once.reopen = False
+    once.start()
+    await asyncio.wait_for(once._task, 30)
+    assert once.starts == 1
+
+
+async def test_a_process_is_known_by_pid_and_start_time():
+    child = subprocess.Popen(["sleep", "30"])
+    p = jobagent.Process(child.pid)
+    assert p.alive()
+    other = jobagent.Process(child.pid)
+    other.start = "1"  # the same pid, another process (a reused pid)
+    assert not other.alive()
+    await p.end(grace=5)
+    assert child.wait(5) == -signal.SIGTERM
+    assert not p.alive()
+
+
+def run_agent(tmp_path: Path, *extra: str, ctl: bool = True):
+    """The agent as the job script runs it: its text on standard input of ``python3 -I -``."""
+    for name in ("env", "tunnel_key"):
+        (tmp_path / name).write_text("secret\n")
+    r, w = os.pipe() if ctl else (None, None)
+    argv = [sys.executable, "-I", "-", "--dir", str(tmp_path), "--ssh-target", "t@127.0.0.1"]
+    argv += ["--api-host", "127.0.0.1", "--api-port", "1", "--hub-port", "2", *extra]
+    if ctl:
+        argv += ["--ctl-fd", str(r)]
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        pass_fds=(r,) if ctl else (),
+        text=True,
+    )
+    proc.stdin.write(SOURCE)
+    proc.stdin.close()
+    if ctl:
+        os.close(r)
+    return proc, w
+
+
+def test_a_forward_that_never_opens_is_reported_and_the_port_held_till_the_end(tmp_path):
+    # /bin/false in place of ssh: the forward can never open
+    proc, ctl = run_agent(tmp_path, "--ssh", "/bin/false", "--api-timeout", "1")
+    try:
+        word, port = proc.stdout.readline().split()
+        assert word == "port"
+        socket.create_connection(("127.0.0.1", int(port)), 5).close()
+        assert proc.stdout.readline() == "forward-failed\n"
+        assert intruder_binds(int(port)) == []
+        # the script started a server and then went away without ending it
+        server = subprocess.Popen(["sleep", "60"])
+        os.write(ctl, f"server {server.pid}\n".encode())
+        assert intruder_binds(int(port)) == []
+    finally:
+        os.close(ctl)
+    assert proc.wait(30) == 0
+    assert server.wait(5) == -signal.SIGTERM  # ended by the agent before the port went
+    log = proc.stderr.read()
+    assert "the hub API forward did not open within 1 s" in log
+    assert "ending the server" in log
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # secrets and sockets gone
+    assert intruder_binds(int(port)) != []
+
+
+def test_sigterm_removes_the_secrets_at_once(tmp_path):
+    proc, ctl = run_agent(tmp_path, "--ssh", "/bin/false", "--api-timeout", "60")
+    try:
+        assert proc.stdout.readline().startswith("port ")
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while (tmp_path / "env").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not (tmp_path / "env").exists() and not (tmp_path / "tunnel_key").exists()
+        assert proc.poll() is None  # with a control channel, the script says when to end
+    finally:
+        os.close(ctl)
+    assert proc.wait(30) == 0
+
+    # without one (run by hand), SIGTERM ends it
+    proc, _ = run_agent(tmp_path, "--ssh", "/bin/false", ctl=False)
+    assert proc.stdout.readline().startswith("port ")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    assert not (tmp_path / "env").exists()
+
+
+def test_a_job_directory_too_deep_for_a_unix_socket_is_said(tmp_path):
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    proc, ctl = run_agent(deep, "--ssh", "/bin/false")
+    os.close(ctl)
+    assert proc.stdout.readline() == "failed\n"
+    assert proc.wait(30) == 2
+    assert "too long for a unix socket" in proc.stderr.read()
+
+
+async def test_a_wait_for_a_socket_wakes_when_it_is_created(tmp_path):
+    created = jobagent.Created.watch(str(tmp_path))
+    assert created is not None  # Linux: inotify through ctypes
+    path = str(tmp_path / "server.sock")
+    try:
+        waiting = asyncio.ensure_future(jobagent.wait_accepting(path, created, lambda: True))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()
+        server = await asyncio.start_unix_server(lambda r, w: w.close(), path)
+        assert await asyncio.wait_for(waiting, 10) is True
+        server.close()
+        # and it gives up when told to
+        assert (
+            await jobagent.wait_accepting(str(tmp_path / "none"), created, lambda: False) is False
+        )
+    finally:
+        created.close()
