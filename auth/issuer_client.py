@@ -21,7 +21,6 @@ secret proves the request comes from the hub.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import stat
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,7 +29,7 @@ from urllib.parse import urlparse
 
 import asyncssh
 import requests
-from xsedehub.spawner.validate import InvalidValue, posix_username
+from xsedehub.spawner.validate import InvalidValue, is_loopback, posix_username
 
 
 class IssuerError(Exception):
@@ -76,16 +75,6 @@ class Credential:
             return None
 
 
-def _loopback(host: str) -> bool:
-    host = host.strip("[]").lower()
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def issuer_url_problems(url: str, verify: bool | str = True) -> list[str]:
     """Why the hub must not talk to the issuer at ``url`` this way (empty: it may).
 
@@ -97,7 +86,7 @@ def issuer_url_problems(url: str, verify: bool | str = True) -> list[str]:
     if u.scheme not in ("http", "https") or not u.hostname:
         return [f"{url!r} is not an http(s) URL"]
     problems = []
-    loop = _loopback(u.hostname)
+    loop = is_loopback(u.hostname)
     if u.scheme == "http" and not loop:
         problems.append(f"{url} is plain http: use https (http only on loopback)")
     if verify is False and not loop:

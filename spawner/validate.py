@@ -8,6 +8,7 @@ hostile input into something else.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 
@@ -166,3 +167,14 @@ def host(value: object, field: str) -> str:
     if not _HOST.match(v):
         raise InvalidValue(field, f"{v!r} is not a host name or address")
     return v
+
+
+def is_loopback(host: str) -> bool:
+    """``host`` (a name or address, brackets allowed) is this machine's loopback."""
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -64,6 +64,20 @@ class ArgvScanner:
         self._thread.join()
 
 
+def cmdlines() -> dict[int, str]:
+    """Every process's command line (pid -> argv joined by spaces), read from /proc."""
+    out = {}
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if raw:
+                out[int(pid)] = raw.replace(b"\0", b" ").decode(errors="replace")
+    return out
+
+
 def cluster_out(argv: list[str]) -> str:
     return subprocess.run(
         [*nsenter_argv("xh-cluster"), *argv], capture_output=True, text=True, check=False

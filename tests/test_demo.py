@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from .audit import cmdlines
 from .conftest import host_netns_path, port_free
 from .hubclient import Hub
 from .test_gateway import in_cluster_root
@@ -20,18 +21,6 @@ from .test_gateway import in_cluster_root
 # so the OAuth redirects the browser follows work from this process too, which lives in
 # the hub's namespace; the provider and issuer ports stay clear of the session's own.
 PUBLIC, PROVIDER_PORT, ISSUER_PORT = 8000, 19400, 8701
-
-
-def _cmdlines() -> dict[int, str]:
-    out = {}
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            out[int(pid)] = raw.replace(b"\0", b" ").decode(errors="replace")
-    return out
 
 
 def _demo_processes(workdir: Path) -> list[str]:
@@ -44,7 +33,7 @@ def _demo_processes(workdir: Path) -> list[str]:
         "configurable-http-proxy",
         "jupyterhub-singleuser",
     )
-    return [f"{pid} {c}" for pid, c in _cmdlines().items() if any(m in c for m in marks)]
+    return [f"{pid} {c}" for pid, c in cmdlines().items() if any(m in c for m in marks)]
 
 
 def _xsedehub_jobs(account: str) -> list[str]:

@@ -21,6 +21,7 @@ import pytest
 from xsedehub.spawner import slurm
 from xsedehub.spawner.tunnel import TunnelKeys, port_free
 
+from .audit import cmdlines
 from .conftest import in_cluster
 
 pytestmark = pytest.mark.cluster
@@ -47,19 +48,6 @@ def wait_for(pred, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.1)
-
-
-def cmdlines() -> dict[int, str]:
-    out = {}
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if raw:
-                out[int(pid)] = raw.replace(b"\0", b" ").decode(errors="replace")
-    return out
 
 
 def _parent(pid: int) -> int:

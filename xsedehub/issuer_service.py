@@ -27,7 +27,6 @@ body ``{"error": ..., "message": ...}``; only a failing identity provider gives 
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 import logging
 import pwd
@@ -42,7 +41,7 @@ import asyncssh
 import jwt
 from tornado import httpclient, httpserver, ioloop, web
 
-from .spawner.validate import InvalidValue, posix_username
+from .spawner.validate import InvalidValue, is_loopback, posix_username
 
 log = logging.getLogger("xsedehub.issuer")
 audit = logging.getLogger("xsedehub.issuer.audit")
@@ -62,17 +61,6 @@ MIN_SECRET = 32
 
 class ConfigProblem(ValueError):
     """The issuer's own configuration is unusable: it does not start."""
-
-
-def is_loopback(host: str) -> bool:
-    """``host`` (a name or address, brackets allowed) is this machine's loopback."""
-    host = host.strip("[]").lower()
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass
