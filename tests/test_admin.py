@@ -257,7 +257,10 @@ async def _gateway_step(cfg) -> tuple[list[str], str]:
 async def test_check_catches_a_gateway_account_attendees_could_steer(cluster, tmp_path):
     """The shared account's login shell reads ~/.bashrc, or its sessions carry a variable
     from ~/.pam_environment (Debian's sshd PAM reads it): check fails, naming each."""
+    import pwd
+
     user = cluster.gateway_user
+    shell = pwd.getpwnam(user).pw_shell  # /bin/sh, as the test cluster sets it up
     pam_env = Path(f"/home/{user}/.pam_environment")
     cfg = _config(cluster, tmp_path)
     try:
@@ -271,7 +274,7 @@ async def test_check_catches_a_gateway_account_attendees_could_steer(cluster, tm
         assert failed == ["gateway-env"], text
         assert "BASH_ENV" in text and "user_readenv=0" in text
     finally:
-        _usermod_shell(user, "/bin/sh")
+        _usermod_shell(user, shell)
         pam_env.unlink(missing_ok=True)
     failed, text = await _gateway_step(cfg)
     assert failed == [], text

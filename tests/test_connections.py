@@ -268,3 +268,25 @@ async def test_a_connection_watching_jobs_is_never_idle(cluster):
         conn.status.close()
         in_cluster_root(["scancel", job_id])
         conn.close()
+
+
+async def test_slurm_commands_run_from_the_configured_directory(cluster):
+    """The hub runs SLURM's commands by the absolute path of the login node's
+    ``slurm_bin``, never through the account's PATH (which puts the real squeue first)."""
+    import shutil
+
+    from xsedehub.spawner import slurm
+
+    bindir = Path(cluster.root) / "bin-marked"  # root-owned, as sshd's sessions see it
+    bindir.mkdir(mode=0o755, exist_ok=True)
+    marked = bindir / "squeue"
+    marked.write_text("#!/bin/sh\necho 'marked squeue ran'\n")
+    marked.chmod(0o755)
+    node = LoginNode(cluster.login_ip, cluster.login_port, cluster.known_hosts, str(bindir))
+    conn = Connection(node, gateway(cluster))
+    try:
+        r = await conn.run(slurm.squeue_argv(cluster.gateway_user), timeout=30)
+        assert str(r.stdout).strip() == "marked squeue ran", (r.stdout, r.stderr)
+    finally:
+        conn.close()
+        shutil.rmtree(bindir)

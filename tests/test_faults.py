@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -293,14 +294,35 @@ def test_killed_job_leaves_no_secret_files(hub, cluster):
     st = state(hub, "grace")
     job_dir = Path(f"/home/{cluster.gateway_user}/.xsedehub/jobs/{st['spawn_id']}")
     assert (job_dir / "env").exists() and (job_dir / "tunnel_key").exists()
-    # SIGKILL the batch script itself, as the OOM killer would: its EXIT trap never runs
-    # (scancel, even --signal=KILL, sends SIGTERM first and the trap cleans up)
-    shell = _batch_shell(st["job_id"])
-    os.kill(shell, signal.SIGKILL)
+    # every process of the job dies at once, as in a node failure: nothing of the job
+    # (the batch shell's trap, the job agent) gets to clean up (scancel, even
+    # --signal=KILL, sends SIGTERM first; killing the shell alone lets the agent clean)
+    procs = _job_processes(st["job_id"])
+    assert _batch_shell(st["job_id"]) in procs
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        for pid in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+    left = sorted(p.name for p in job_dir.iterdir())
+    assert "env" in left and "tunnel_key" in left, left  # the job removed nothing itself
     c.wait_stopped("grace", timeout=3 * POLL + 30)
     left = sorted(p.name for p in job_dir.iterdir())
     print(f"job directory after the kill: {left}")
     assert "env" not in left and "tunnel_key" not in left
+
+
+def _job_processes(job_id: str) -> list[int]:
+    """Every process of the job (its environment names it), the batch shell included."""
+    mark = f"SLURM_JOB_ID={job_id}".encode()
+    found = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                if mark in Path(f"/proc/{p}/environ").read_bytes().split(b"\0"):
+                    found.append(int(p))
+            except OSError:
+                continue
+    return found
 
 
 def _batch_shell(job_id: str) -> int:
@@ -382,6 +404,7 @@ def test_form_does_not_wait_on_a_login_node_that_does_not_answer(hub, cluster, t
         print(f"form rendered in {times[0]:.1f} s, then {times[1]:.1f} s; {attempts} connect(s)")
         assert attempts == 1, "the second render tried the silent login node again"
         assert "no availability for the form" in hub.log
+        assert "no answer within 4 s" in hub.log  # the first render gave up at 4 s
     finally:
         mute.kill()
         mute.wait(10)

@@ -4,6 +4,7 @@ proxy, real sbatch, real tunnel, real JupyterLab on a compute node."""
 from __future__ import annotations
 
 import concurrent.futures
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -200,9 +201,10 @@ async def test_an_attendee_cannot_steer_the_hubs_commands(hub, cluster, tmp_path
             assert r.status_code in (201, 202), r.text
         list(ex.map(c.wait_ready, names))
     home = Path(f"/home/{cluster.gateway_user}")
-    planted = [home / "bin" / "squeue", home / ".ssh" / "authorized_keys"]
-    bashrc = home / ".bashrc"
-    saved = bashrc.read_bytes() if bashrc.exists() else None
+    # what the attendee will change, as it was (None: not there), to put back afterwards
+    touched = [home / "bin", home / "bin" / "squeue", home / ".ssh"]
+    touched += [home / ".ssh" / "authorized_keys", home / ".bashrc"]
+    saved = {p: (p.read_bytes() if p.is_file() else p.is_dir() or None) for p in touched}
     key = tmp_path / "attendee_key"
     pub = _keygen(key)
     code = f"""
@@ -226,8 +228,13 @@ print("planted in", home)
         out = await c.execute("ada-l", c.user_token("ada-l"), code)
         assert f"planted in {home}" in out
         t0, log_at = time.time(), len(hub.log)
-        # let the hub's shared squeue run a few times, and JupyterHub poll both servers
-        while time.time() - t0 < 4 * POLL:
+
+        # until the hub's shared squeue ran twice since, and JupyterHub polled both servers
+        # (at most four poll intervals: with a faked squeue, the real one never runs)
+        def squeues() -> int:
+            return localcluster.command_counts(Path(cluster.root), since=t0)["squeue"]
+
+        while time.time() - t0 < 4 * POLL and not (squeues() >= 2 and time.time() - t0 > 2 * POLL):
             time.sleep(1)
         for name in names:
             assert c.user(name)["servers"].get("", {}).get("ready"), f"{name} seen as stopped"
@@ -238,12 +245,13 @@ print("planted in", home)
         r = _ssh_login(cluster, key)
         assert r.returncode == 255 and "Permission denied" in r.stderr, (r.returncode, r.stderr)
     finally:
-        for f in planted:
-            f.unlink(missing_ok=True)
-        if saved is None:
-            bashrc.unlink(missing_ok=True)
-        else:
-            bashrc.write_bytes(saved)
+        for path, was in reversed(saved.items()):
+            if isinstance(was, bytes):
+                path.write_bytes(was)
+            elif was is None and path.is_dir():
+                shutil.rmtree(path)
+            elif was is None:
+                path.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- faults
