@@ -351,14 +351,21 @@ def test_orphans_are_found_and_cancelled(hub, cluster):
     c.stop("ada-l")
 
 
-def test_orphans_cancels_the_jobs_a_failed_stop_left(hub, cluster, monkeypatch):
+def test_orphans_cancels_the_jobs_a_failed_stop_left(hub, cluster, monkeypatch, tmp_path):
     """The hub's list of jobs it could not cancel at stop: `orphans --cancel` cancels
     them however young, drops them from the list, and leaves a job that now carries a
     listed id but another spawn's comment (job ids are reused) alone."""
     from xsedehub.spawner import pending_cancel
 
-    monkeypatch.chdir(hub.workdir)  # the hub's working directory: the list's relative path
-    path = "xsedehub_pending_cancels.json"
+    # the hub's configuration with a list of this test's own (the running hub's polls
+    # retry the hub's list too), named relative to the working directory, as by default
+    cfg = tmp_path / "jupyterhub_config.py"
+    cfg.write_text(
+        (hub.workdir / "jupyterhub_config.py").read_text()
+        + '\nc.SlurmSSHSpawner.pending_cancel_file = "test_pending_cancels.json"\n'
+    )
+    monkeypatch.chdir(tmp_path)
+    path = "test_pending_cancels.json"
     mine, reused = _lost_job("u98-failedstop"), _lost_job("u97-someone")
     where = dict(
         login_host=cluster.login_ip, login_port=cluster.login_port, ssh_user=cluster.gateway_user
@@ -369,7 +376,7 @@ def test_orphans_cancels_the_jobs_a_failed_stop_left(hub, cluster, monkeypatch):
     lines: list[str] = []
     try:
         found = find_orphans(
-            str(hub.workdir / "jupyterhub_config.py"),
+            str(cfg),
             hub.client.url,
             token,
             cancel=True,
