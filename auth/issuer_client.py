@@ -89,8 +89,13 @@ def issuer_url_problems(url: str, verify: bool | str = True) -> list[str]:
     loop = is_loopback(u.hostname)
     if u.scheme == "http" and not loop:
         problems.append(f"{url} is plain http: use https (http only on loopback)")
-    if verify is False and not loop:
-        problems.append("issuer_verify = False is allowed only for a loopback issuer_url")
+    if verify is not True and not loop:
+        # requests takes any false value (False, "", 0) as "no verification", and a
+        # string as a CA bundle: only True or an existing bundle, off loopback
+        if not verify or not isinstance(verify, str):
+            problems.append("issuer_verify = False is allowed only for a loopback issuer_url")
+        elif not Path(verify).exists():
+            problems.append(f"issuer_verify: the CA bundle {verify} does not exist")
     return problems
 
 

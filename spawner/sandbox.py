@@ -193,10 +193,14 @@ _APPTAINER_ENV = (
 def hide_line(sb: Sandbox) -> str:
     """Shell line that sets ``XH_HIDE`` to ``--tmpfs PATH`` for each hidden path that
     exists on this node (bwrap cannot make a mount point in the read-only root)."""
-    if not sb.hide:
-        return "XH_HIDE=()"
+    # each by its real path too: a hidden folder (or the home, hidden after these) that is
+    # a link would leave its target in view under the read-only root
     paths = " ".join(shlex.quote(p) for p in sb.hide)
-    return f'XH_HIDE=(); for _p in {paths}; do [ -d "$_p" ] && XH_HIDE+=(--tmpfs "$_p"); done'
+    return (
+        f'XH_HIDE=(); for _p in {paths} "$HOME"; do [ -d "$_p" ] || continue; '
+        '[ "$_p" = "$HOME" ] || XH_HIDE+=(--tmpfs "$_p"); _r=$(readlink -f "$_p"); '
+        '[ -n "$_r" ] && [ "$_r" != "$_p" ] && XH_HIDE+=(--tmpfs "$_r"); done'
+    )
 
 
 def setup_lines(sb: Sandbox) -> list[str]:

@@ -226,10 +226,12 @@ def build_job_script(job: JobScript) -> str:
     prologue = [words(argv) for argv in job.prologue]
     singleuser = words(job.singleuser)
     if job.sandbox is not None:
-        # the sandbox's folders and trial run come after the prologue (the checkout is
-        # outside the sandbox: our command, in the attendee's folder); the server runs in it
-        prologue += sb.setup_lines(job.sandbox)
-        singleuser = sb.words(sb.argv(job.sandbox)) + " " + singleuser
+        # the sandbox's folders and trial run first; then the prologue (the workshop
+        # checkout) and the server run in it: the checkout's .git is the attendee's to
+        # write (hooks, config), so git must never run on it outside the sandbox
+        inside = sb.words(sb.argv(job.sandbox)) + " "
+        prologue = sb.setup_lines(job.sandbox) + [inside + line for line in prologue]
+        singleuser = inside + singleuser
 
     return render_job_script(
         directives=Verbatim("\n".join(sbatch_directives(job))),

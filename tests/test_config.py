@@ -150,7 +150,7 @@ def test_problems_name_the_setting_and_the_fix(files, mode, breakage, setting):
         ("http://127.0.0.1:8700/v1/certificate", True),
         ("http://localhost:8700/v1/certificate", False),
         ("https://[::1]:8443/v1/certificate", False),
-        ("https://issuer.example.org/v1/certificate", "/etc/ssl/site-ca.pem"),
+        ("https://issuer.example.org/v1/certificate", "/etc/ssl/certs"),  # a CA folder
     ],
 )
 def test_issuer_url_plain_http_and_unverified_only_on_loopback(files, url, verify):

@@ -223,7 +223,11 @@ def test_the_command_needs_an_allowed_idp(tmp_path):
     "url,verify,ok",
     [
         ("https://issuer.example.org/v1/certificate", True, True),
-        ("https://issuer.example.org/v1/certificate", "/ca.pem", True),
+        ("https://issuer.example.org/v1/certificate", "/etc/ssl/certs", True),
+        # requests reads "" as "no verification", and a bundle that is not there is an error
+        ("https://issuer.example.org/v1/certificate", "", False),
+        ("https://issuer.example.org/v1/certificate", 0, False),
+        ("https://issuer.example.org/v1/certificate", "/no/such/ca.pem", False),
         ("http://issuer.example.org/v1/certificate", True, False),
         ("https://issuer.example.org/v1/certificate", False, False),
         ("http://127.0.0.1:8700/v1/certificate", True, True),

@@ -220,10 +220,18 @@ def _batch_shell_killed(job: Job) -> None:
     os.kill(job.batch_shell(), signal.SIGKILL)
 
 
+def _agent_killed(job: Job) -> None:
+    # the OOM killer takes the agent: the node port it held is free, so the server (whose
+    # API URL names that port) must not go on
+    agents = [pid for pid, cmd in job_processes(job.dir).items() if " --ctl-fd " in cmd]
+    assert len(agents) == 1, job_processes(job.dir)
+    os.kill(agents[0], signal.SIGKILL)
+
+
 @pytest.mark.parametrize(
     "end",
-    [_server_exits, _scancel, _walltime_warning, _batch_shell_killed],
-    ids=["server exits", "scancel", "walltime warning", "batch shell killed"],
+    [_server_exits, _scancel, _walltime_warning, _batch_shell_killed, _agent_killed],
+    ids=["server exits", "scancel", "walltime warning", "batch shell killed", "agent killed"],
 )
 def test_every_way_a_job_ends_leaves_nothing_behind(cluster, keys, end):
     job = submit(cluster, keys)
@@ -239,6 +247,8 @@ def test_every_way_a_job_ends_leaves_nothing_behind(cluster, keys, end):
         assert_nothing_left(job)
         if killed:
             assert "the job script is gone while the server runs: ending the server" in job.log
+        if end is _agent_killed:
+            assert "the job agent ended while the server ran" in job.log
     finally:
         finish(job, keys)
 

@@ -118,7 +118,7 @@ def test_hidden_paths_are_those_that_exist(tmp_path):
     assert '"${XH_HIDE[@]}"' in sb.words(sb.argv(s))
 
 
-def test_job_script_wraps_only_the_server_and_tries_the_sandbox_first():
+def test_job_script_runs_the_checkout_and_the_server_in_the_sandbox_after_a_trial():
     plain = slurm.build_job_script(job())
     boxed = slurm.build_job_script(job(sandbox=sb.Sandbox()))
     server = [ln for ln in boxed.splitlines() if "jupyterhub-singleuser" in ln]
@@ -132,10 +132,14 @@ def test_job_script_wraps_only_the_server_and_tries_the_sandbox_first():
     for line in boxed.splitlines():
         if line.lstrip().startswith("ssh ") or '. "$XH_DIR/env"' in line:
             assert "bwrap" not in line
-    # the trial run comes before the server, after the checkout, and ends the job
+    # the trial run comes first and ends the job; then the checkout runs in the sandbox
+    # too (its .git is the attendee's to write: hooks, config), then the server
     lines = boxed.splitlines()
     trial = next(i for i, ln in enumerate(lines) if "-- true 2>&1" in ln)
-    assert lines.index("gitpuller https://example.org/w main w") < trial
+    checkout = [i for i, ln in enumerate(lines) if "gitpuller https://example.org/w main w" in ln]
+    assert len(checkout) == 1 and trial < checkout[0]
+    assert lines[checkout[0]].startswith("bwrap --die-with-parent ")
+    assert lines[checkout[0]].endswith("-- gitpuller https://example.org/w main w")
     assert trial < lines.index('log "starting the single-user server"')
     assert "exit 3" in lines[trial + 3]
     assert 'ln -sfn sock/server.sock "$XH_DIR/server.sock"' in boxed
@@ -202,3 +206,31 @@ def test_hub_config_names_a_bad_sandbox_setting(tmp_path):
     assert any("SlurmSSHSpawner.sandbox_image" in p and "needs an image" in p for p in problems)
     problems = [str(p) for p in config_check(c, "xsede", environ={})]
     assert not any("sandbox" in p for p in problems)
+
+
+def test_hidden_folders_and_the_home_are_hidden_by_their_real_paths_too(tmp_path):
+    """A home (or a hidden folder) that is a link, as on sites whose /home/USER points
+    into a parallel file system: its target must be hidden as well, or the read-only
+    root shows it (job directories, env files and tunnel keys included)."""
+    real_home, real_scratch = tmp_path / "gpfs" / "gw", tmp_path / "gpfs" / "scratch"
+    real_home.mkdir(parents=True)
+    real_scratch.mkdir()
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "gw").symlink_to(real_home)
+    (tmp_path / "scratch").symlink_to(real_scratch)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    box = sb.Sandbox(hide=(str(tmp_path / "scratch"), str(plain), str(tmp_path / "absent")))
+    script = f'{sb.hide_line(box)}\nprintf "%s\\n" "${{XH_HIDE[@]}}"\n'
+    r = subprocess.run(
+        ["bash", "-c", script],
+        env={"HOME": str(tmp_path / "home" / "gw"), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    words = r.stdout.split("\n")[:-1]
+    pairs = list(zip(words[::2], words[1::2], strict=True))
+    assert all(opt == "--tmpfs" for opt, _ in pairs)
+    hidden = [path for _, path in pairs]
+    assert hidden == [str(tmp_path / "scratch"), str(real_scratch), str(plain), str(real_home)]

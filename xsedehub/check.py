@@ -348,7 +348,8 @@ class Checker:
 
     async def singleuser(self, conn: Connection) -> None:
         cmd = list(self.sp.cmd)
-        r = await conn.run([*cmd, "--version"], timeout=60)
+        # the account's own site-packages (~/.local) must not decide what runs
+        r = await conn.run(["/usr/bin/env", "PYTHONNOUSERSITE=1", *cmd, "--version"], timeout=60)
         out = str(r.stdout).strip().splitlines()
         if r.exit_status != 0 or not out:
             self.r.fail(
@@ -396,7 +397,8 @@ class Checker:
             f"{sandbox_mod.words(sandbox_mod.argv(sb))} true </dev/null\n"
             'rc=$?; rm -rf "$d"; exit $rc\n'
         )
-        r = await conn.run(["/bin/bash", "-c", script], timeout=60)
+        # --norc: Debian's bash reads ~/.bashrc under sshd even when not a login shell
+        r = await conn.run(["/bin/bash", "--norc", "--noprofile", "-c", script], timeout=60)
         if r.exit_status != 0:
             detail = (str(r.stderr).strip() or f"exit {r.exit_status}")[-300:]
             self.r.fail("sandbox-login", runtime=sb.runtime, detail=detail)
