@@ -121,6 +121,10 @@ class JobScript:
             if f"{self.work_dir}/".startswith(f"{self.job_dir}/"):
                 # the socket folder is bound over the job directory's path: it would hide it
                 raise v.InvalidValue("sandbox", "the work directory is inside the job directory")
+            jobs_root = self.job_dir.rsplit("/", 1)[0] if "/" in self.job_dir else ""
+            if f"{jobs_root}/".startswith(f"{self.work_dir}/"):
+                # the attendee's folder, bound writable, would hold every job's directory
+                raise v.InvalidValue("sandbox", "the job directories are inside the work directory")
         v.positive_int(self.api_timeout, "hub API forward timeout", high=3600)
         for key, val in self.extra_directives.items():
             if not key.replace("-", "").isalnum():

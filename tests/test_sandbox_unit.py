@@ -155,6 +155,11 @@ def test_sandbox_needs_a_folder_below_home_and_beside_the_job_directory():
         with pytest.raises(v.InvalidValue, match="inside the job directory"):
             job(work_dir=inside, sandbox=sb.Sandbox())
     job(work_dir=".xsedehub/jobs/u1-abc-work", sandbox=sb.Sandbox())  # beside it: fine
+    # the other way round: an attendee folder that holds the job directories (a GitHub
+    # login "jobs" under a workdir root ".xsedehub") would show every job's files
+    for outside in (".xsedehub/jobs", ".xsedehub"):
+        with pytest.raises(v.InvalidValue, match="job directories are inside the work"):
+            job(work_dir=outside, sandbox=sb.Sandbox())
 
 
 @pytest.mark.parametrize(
