@@ -48,6 +48,10 @@ API_SOCKET = "hubapi.sock"
 SERVER_SOCKET = "server.sock"
 #: how long a connection to the hub API port waits for the forward to (re)open
 HOLD_SECONDS = 30.0
+#: connections relayed at once, at most: any account on the node can connect to the port,
+#: and each connection holds two descriptors; past this a new one is closed at once
+#: (JupyterHub's own traffic from one server is a handful of connections)
+MAX_CLIENTS = 256
 #: reopening a dropped connection: first delay, doubled after each quick failure, capped
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 5.0
@@ -402,6 +406,7 @@ class Agent:
         self.port = 0
         self._relay: asyncio.AbstractServer | None = None
         self._clients: set[asyncio.StreamWriter] = set()
+        self._relays = 0  # connections being relayed (or waiting for the forward)
         self._tasks: set[asyncio.Future] = set()
 
     # ------------------------------------------------------------------ the port
@@ -434,6 +439,10 @@ class Agent:
                 return None
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._relays >= MAX_CLIENTS:
+            writer.close()
+            return
+        self._relays += 1
         self._clients.add(writer)
         up_writer = None
         try:
@@ -444,6 +453,7 @@ class Agent:
             self._clients.add(up_writer)
             await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
         finally:
+            self._relays -= 1
             for w in (writer, up_writer):
                 if w is not None:
                     self._clients.discard(w)

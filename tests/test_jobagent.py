@@ -243,3 +243,38 @@ async def test_a_wait_for_a_socket_wakes_when_it_is_created(tmp_path):
         )
     finally:
         created.close()
+
+
+async def test_connections_past_the_cap_are_closed_and_the_relay_goes_on(tmp_path, monkeypatch):
+    """Any account on the node can connect to the port: past MAX_CLIENTS relays at once
+    a new connection is closed at once (no descriptors piling up), and once the flood
+    ends, requests go through again."""
+    monkeypatch.setattr(jobagent, "MAX_CLIENTS", 4)
+    agent = jobagent.Agent(opts_for(tmp_path))
+    port = agent.bind()
+    await agent.serve()
+    # the forward is down: every connection waits for it, holding its descriptors
+    flood = [await asyncio.open_connection("127.0.0.1", port) for _ in range(12)]
+    await asyncio.sleep(0.3)
+    closed = 0
+    for reader, _ in flood:
+        try:
+            if await asyncio.wait_for(reader.read(), 0.2) == b"":
+                closed += 1
+        except TimeoutError:
+            pass  # still waiting for the forward: one of the capped few
+    assert closed == 12 - 4, closed
+    for _, writer in flood:
+        writer.close()
+
+    async def hub_api(reader, writer):
+        data = await reader.read()
+        writer.write(b"HTTP/1.0 200 OK\r\n\r\ngot " + data)
+        await writer.drain()
+        writer.close()
+
+    up = await asyncio.start_unix_server(hub_api, str(tmp_path / "hubapi.sock"))
+    await asyncio.sleep(0.3)  # the flood's waiting relays notice their clients left
+    assert (await ask(port, b"GET /after")).endswith(b"got GET /after")
+    await agent.shutdown()
+    up.close()
