@@ -167,7 +167,7 @@ def test_job_that_dies_at_start_shows_its_log(hub):
         assert failed, events
         msg = failed[-1]["message"]
         assert "ended before the server started" in msg or "ended while the server" in msg, msg
-        assert "no python3 at /nonexistent/python3" in msg  # the tail of the job's log
+        assert "is /nonexistent/python3 a Python 3.8 or newer?" in msg  # the job log's tail
         assert not c.user("grace")["servers"]
     finally:
         cfg.write_text(good)
