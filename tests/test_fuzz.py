@@ -204,7 +204,7 @@ def test_rest_api_fuzz_accepted_values_reach_sbatch_as_meant(hub, cluster):
     try:
 
         @settings(
-            max_examples=12,
+            max_examples=8,
             deadline=None,
             suppress_health_check=[HealthCheck.function_scoped_fixture],
         )

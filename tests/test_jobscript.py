@@ -132,19 +132,3 @@ def test_render_refuses_a_missing_value():
 
     with pytest.raises(jinja2.UndefinedError):
         slurm.render_job_script(**dict.fromkeys(NAMES - {"python"}, "x"))
-
-
-def test_template_and_agent_ship_in_the_wheel(tmp_path):
-    import sys
-    import zipfile
-
-    root = Path(__file__).resolve().parents[1]
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(root)],
-        check=True,
-        capture_output=True,
-    )
-    (wheel,) = tmp_path.glob("xsedehub-*.whl")
-    names = zipfile.ZipFile(wheel).namelist()
-    assert "xsedehub/spawner/templates/job.sh.j2" in names
-    assert "xsedehub/spawner/jobagent.py" in names

@@ -39,6 +39,9 @@ def test_wheel_install(tmp_path):
     assert tops == {"xsedehub", f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info"}
     assert "xsedehub/auth/github.py" in names
     assert "xsedehub/spawner/spawner.py" in names
+    # what every job script is made of: its template and the job agent it carries
+    assert "xsedehub/spawner/templates/job.sh.j2" in names
+    assert "xsedehub/spawner/jobagent.py" in names
     assert "xsedehub/testbed/localcluster_data/workshop/01-where-am-i.ipynb" in names
     target = tmp_path / "site"
     subprocess.run(

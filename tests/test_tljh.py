@@ -14,6 +14,7 @@ throwaway folder (``XSEDEHUB_ETC``), and the tunnel account is the local cluster
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -92,6 +93,22 @@ class TLJH:
 
     def tljh_config(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.run(str(self.prefix / "hub" / "bin" / "tljh-config"), *args, check=check)
+
+    def tljh_config_lines(self, lines: list[list[str]]) -> None:
+        """Several ``tljh-config`` command lines through TLJH's own ``tljh.config.main``
+        (what the ``tljh-config`` script runs), in one process of TLJH's environment: a
+        Python start per line would cost about a second each.  A failing line fails,
+        named."""
+        program = (
+            "import json, sys\n"
+            "from tljh.config import main\n"
+            "for args in json.loads(sys.argv[1]):\n"
+            "    try:\n"
+            "        main(args)\n"
+            "    except BaseException as e:\n"
+            "        sys.exit(f'tljh-config {args} failed: {e!r}')\n"
+        )
+        self.run(self.python, "-c", program, json.dumps(lines))
 
     def config_yaml(self) -> dict:
         return yaml.safe_load((self.prefix / "config" / "config.yaml").read_text()) or {}
@@ -314,9 +331,12 @@ def test_every_tljh_config_line_in_the_docs_works(tljh, tmp_path):
     assert {"docs/tutorial.md", "docs/howto/tljh.md"} <= set(pages), pages
     for page, lines in pages.items():
         scratch = tmp_path / (page.replace("/", "_") + ".yaml")
-        for line in lines:
-            args = shlex.split(re.sub(r"<[^>]+>", "placeholder", line))
-            tljh.tljh_config("--config-path", str(scratch), *args)
+        tljh.tljh_config_lines(
+            [
+                ["--config-path", str(scratch), *shlex.split(re.sub(r"<[^>]+>", "placeholder", ln))]
+                for ln in lines
+            ]
+        )
         if "xsedehub" not in (yaml.safe_load(scratch.read_text()) or {}):
             continue
         r = tljh.run(
@@ -384,10 +404,7 @@ def configured(tljh, cluster, provider) -> TLJH:
     # 3. the how-to's settings, through TLJH's real tljh-config
     commands = howto_commands(local_values(tljh, cluster))
     assert len(commands) >= 14 and commands[0] == ["set", "xsedehub.mode", "gateway"]
-    for args in commands:
-        tljh.tljh_config(*args)
-    for args in PROVIDER_SETTINGS:
-        tljh.tljh_config(*args)
+    tljh.tljh_config_lines(commands + PROVIDER_SETTINGS)
     # 4. the local cluster's hub-side sshd already has the tunnelbot block (`xsedehub
     #    tunnel setup`); its key file is the cluster's, and its host CA vouches for it
     tljh.tljh_config(
