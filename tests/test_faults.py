@@ -246,14 +246,17 @@ def _cmdline(pid: str) -> bytes:
 
 
 def test_walltime_end_is_noticed(hub):
+    # a user of its own: JupyterHub keeps a server's last user_options for its next start
+    # without any, and a one-minute walltime must not follow grace into later tests
     c = hub.client
-    r = c.start("grace", {"partition": "debug", "walltime": "00:01:00"})
+    c.login("admin")
+    r = c.start("admin", {"partition": "debug", "walltime": "00:01:00"})
     assert r.status_code in (201, 202), r.text
-    c.wait_ready("grace")
-    job = jobs_named("grace")[0]
-    wait_for(lambda: not jobs_named("grace"), 150, "the walltime")
+    c.wait_ready("admin")
+    job = jobs_named("admin")[0]
+    wait_for(lambda: not jobs_named("admin"), 150, "the walltime")
     ended = time.monotonic()
-    c.wait_stopped("grace", timeout=2 * POLL + 10)
+    c.wait_stopped("admin", timeout=2 * POLL + 10)
     took = time.monotonic() - ended
     print(f"walltime end of job {job} noticed after {took:.1f}s (poll interval {POLL}s)")
     assert took <= 2 * POLL + 5
