@@ -227,5 +227,5 @@ def test_rest_api_fuzz_accepted_values_reach_sbatch_as_meant(hub, cluster):
         one()
     finally:
         in_cluster_root(["scancel", *fillers])
-    assert len(recorded) >= 10
+    assert len(recorded) >= 6  # of the 8 examples, most are accepted values
     assert canaries() == [], "an injected command ran"
