@@ -331,6 +331,21 @@ def stop_all_servers(hub: RunningHub, timeout: float = 60) -> None:
                 print(f"{u['name']}'s server did not stop within {timeout}s")
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing test on a hub carries the last lines of that hub's log in its report,
+    so a failure seen only in CI can be understood from CI's output alone."""
+    report = yield
+    hub = getattr(item, "funcargs", {}).get("hub")
+    if report.failed and isinstance(hub, RunningHub):
+        try:
+            tail = "\n".join(hub.log.splitlines()[-80:])
+        except OSError as e:
+            tail = f"(hub log unreadable: {e})"
+        report.sections.append((f"hub log, last 80 lines ({call.when})", tail))
+    return report
+
+
 @pytest.fixture(autouse=True)
 def _servers_stopped_after_each_test(request):
     """Whatever happened in a test, the servers it started on its module's hub are
