@@ -1,16 +1,20 @@
 """The workshop burst: N attendees press Start at once, work for a few poll intervals,
 then stop.  xsedehub's spawner against batchspawner's stock SlurmSpawner over ssh (the
 baseline, benchmarks/baseline.py), in the same run, on the local cluster, gateway mode,
-real single-user servers behind real tunnels.
+real single-user servers behind real tunnels; and the physical floor ("floor"): the same
+N single-user servers from the same job environment, one sbatch each straight from the
+login node (no hub, no SSH, no tunnel), timed until each answers on its socket.
 
     sudo /opt/xsedehub/hub-env/bin/python benchmarks/burst.py            # N = 10 50 100
-    sudo /opt/xsedehub/hub-env/bin/python benchmarks/burst.py --n 10 --impl ours
+    sudo /opt/xsedehub/hub-env/bin/python benchmarks/burst.py --n 10 --impl ours floor
 
 Printed for each implementation and N: time until all servers are ready; each spawn's
 overhead (ready time minus the moment the job's server was listening, from its log);
+each spawn's latency (ready minus its request; median and p95);
 SSH handshakes at the login node; sbatch/squeue/scancel runs on the login node (counted by
 the local cluster's command wrappers); hub CPU seconds per spawn and per poll cycle; hub
-peak memory; failures.  Then ours/baseline ratios.  Not a test: nothing here asserts.
+peak memory; failures.  Then ours/baseline and ours/floor ratios.  Not a test: nothing
+here asserts.
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ class Result:
     all_ready_s: float = 0.0
     overhead_median_s: float = 0.0
     overhead_p95_s: float = 0.0
+    latency_median_s: float = 0.0
+    latency_p95_s: float = 0.0
     handshakes_burst: int = 0
     handshakes_total: int = 0
     sbatch: int = 0
@@ -174,6 +180,9 @@ def run_one(impl: str, n: int, info, poll: int, steady_cycles: int, tunnel_key: 
             time.sleep(0.25)
         res.failures = n - len(ready)
         res.all_ready_s = (max(ready.values()) - min(requested.values())) if ready else float("nan")
+        latencies = [ready[nm] - requested[nm] for nm in ready]
+        res.latency_median_s = percentile(latencies, 0.5)
+        res.latency_p95_s = percentile(latencies, 0.95)
         cpu1, hs1 = cpu_seconds(hub.pid), handshakes(info)
         counts = localcluster.command_counts(since=t_cmd0)
         res.sbatch, res.squeue_burst = counts["sbatch"], counts["squeue"]
@@ -234,6 +243,223 @@ def run_one(impl: str, n: int, info, poll: int, steady_cycles: int, tunnel_key: 
     return res
 
 
+# ------------------------------------------------------------------ the physical floor
+FLOOR_SCRIPT = """#!/bin/bash
+#SBATCH --job-name=xh-floor-{i:03d}
+#SBATCH --partition={partition}
+#SBATCH --time=01:00:00
+#SBATCH --mem=512M
+#SBATCH --cpus-per-task=1
+#SBATCH --output={dir}/job.log
+cd {dir} || exit 2
+# what jupyterhub-singleuser needs to start; nothing answers at this API URL, and the
+# server needs nothing from it to listen and answer
+export JUPYTERHUB_API_TOKEN=floor-not-a-secret JUPYTERHUB_API_URL=http://127.0.0.1:9/hub/api
+export JUPYTERHUB_USER=floor-{i:03d} JUPYTERHUB_CLIENT_ID=jupyterhub-user-floor-{i:03d}
+export JUPYTERHUB_BASE_URL=/ JUPYTERHUB_SERVICE_PREFIX=/user/floor-{i:03d}/
+export JUPYTERHUB_SERVICE_URL=http://127.0.0.1:8888/user/floor-{i:03d}/
+export JUPYTERHUB_OAUTH_CALLBACK_URL=/user/floor-{i:03d}/oauth_callback
+exec {job_env}/bin/jupyterhub-singleuser --ServerApp.sock={dir}/server.sock \\
+    --ServerApp.sock_mode=0600
+"""
+
+
+def answers(sock: str, prefix: str) -> bool:
+    """The server behind the unix socket ``sock`` gives any HTTP answer."""
+    import http.client
+    import socket as _socket
+
+    class UnixHTTP(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self.sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+            self.sock.settimeout(5)
+            self.sock.connect(sock)
+
+    conn = UnixHTTP("localhost", timeout=5)
+    try:
+        conn.request("GET", f"{prefix}api")
+        conn.getresponse().read()
+        return True
+    except OSError:
+        return False
+    finally:
+        conn.close()
+
+
+def run_floor(n: int, info, partition: str = "compute") -> Result:
+    """N servers with no hub in the loop: one sbatch each, as the gateway account, on the
+    login node; ready when the server answers on its socket (read from this machine: the
+    job directories are on the same file system)."""
+    res = Result("floor", n)
+    top = Path(f"/home/{info.gateway_user}/bench-floor")
+    cluster = netns.nsenter_argv(info.cluster_netns)
+    as_gateway = ["runuser", "-u", info.gateway_user, "--"]
+    subprocess.run([*as_gateway, "rm", "-rf", str(top)], check=False)
+    subprocess.run([*as_gateway, "mkdir", "-p", "-m", "700", str(top)], check=True)
+    requested: dict[int, float] = {}
+    dirs = {}
+    for i in range(n):
+        d = top / f"{i:03d}"
+        subprocess.run([*as_gateway, "mkdir", "-m", "700", str(d)], check=True)
+        dirs[i] = d
+    t_cmd0 = time.time()
+
+    def submit(i: int) -> None:
+        script = FLOOR_SCRIPT.format(i=i, partition=partition, dir=dirs[i], job_env=info.job_env)
+        requested[i] = time.time()
+        r = subprocess.run(
+            [*cluster, *as_gateway, "sbatch", "--parsable"],
+            input=script,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if r.returncode:
+            res.notes.append(f"floor {i}: sbatch {r.returncode} {r.stderr.strip()[:100]}")
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(n) as ex:
+            list(ex.map(submit, range(n)))
+        ready: dict[int, float] = {}
+        deadline = time.time() + 360
+        while len(ready) < n and time.time() < deadline:
+            for i in range(n):
+                sock, prefix = str(dirs[i] / "server.sock"), f"/user/floor-{i:03d}/"
+                if i not in ready and answers(sock, prefix):
+                    ready[i] = time.time()
+            time.sleep(0.1)
+        res.failures = n - len(ready)
+        if ready:
+            res.all_ready_s = max(ready.values()) - min(requested.values())
+        latencies = [ready[i] - requested[i] for i in ready]
+        res.latency_median_s = percentile(latencies, 0.5)
+        res.latency_p95_s = percentile(latencies, 0.95)
+        res.sbatch = localcluster.command_counts(since=t_cmd0)["sbatch"]
+    finally:
+        subprocess.run([*cluster, "scancel", "-u", info.gateway_user], check=False)
+        time.sleep(3)
+        subprocess.run([*as_gateway, "rm", "-rf", str(top)], check=False)
+    return res
+
+
+# ------------------------------------------------------------------ one spawn's phases
+HUB_LINE = re.compile(r"^\[\w (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) JupyterHub [^\]]*\] (.*)$")
+PHASES = (
+    ("hub work before sbatch", "requested", "sbatch"),
+    ("sbatch round trip", "sbatch", "submitted"),
+    ("queue (until the hub sees RUNNING)", "submitted", "running"),
+    ("job start to server listening", "running", "listening"),
+    ("listening to routed", "listening", "routed"),
+)
+
+
+def _stamp(text: str) -> float:
+    return datetime.strptime(text, "%Y-%m-%d %H:%M:%S.%f").timestamp()
+
+
+def hub_events(log: str, user: str, since: float) -> dict[str, float]:
+    """When the hub logged the submission and the job running, for ``user``."""
+    seen: dict[str, float] = {}
+    for line in log.splitlines():
+        m = HUB_LINE.match(line)
+        if not m or _stamp(m.group(1)) < since:
+            continue
+        msg = m.group(2)
+        if msg.startswith(f"{user}: Submitted batch job"):
+            seen.setdefault("submitted", _stamp(m.group(1)))
+        elif msg.startswith(f"{user}: Job ") and " running on " in msg:
+            seen.setdefault("running", _stamp(m.group(1)))
+    return seen
+
+
+def sbatch_time(info, since: float) -> float | None:
+    path = Path(info.root) / "log" / "commands.log"
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[2] == "sbatch" and float(parts[0]) >= since:
+            return float(parts[0])
+    return None
+
+
+def run_phases(info, poll: int, repeats: int) -> list[dict[str, float]]:
+    """One spawn at a time on an idle cluster, ``repeats`` times: each spawn's phases
+    (seconds), from the request, the login node's record of sbatch, the hub's log, the
+    job's log and the proxy's routing table."""
+    workdir = Path(tempfile.mkdtemp(prefix="xh-bench-phases-"))
+    extra = (
+        "c.SlurmSSHSpawner.require_github_id = False\n"
+        'c.SlurmSSHSpawner.workshop_repo = ""\n'
+        "c.JupyterHub.log_level = 'INFO'\n"
+        f"c.ConfigurableHTTPProxy.auth_token = {PROXY_TOKEN!r}\n"
+    )
+    localhub.write_config(workdir, info, poll_interval=poll, extra=extra)
+    hub = localhub.start_hub(workdir, debug=False)
+    api = Api((workdir / "service_token").read_text().strip())
+    proxy = requests.Session()
+    proxy.headers["Authorization"] = f"token {PROXY_TOKEN}"
+    out = []
+    try:
+        for k in range(repeats):
+            name = f"phase-{k:02d}"
+            api("POST", "/users", json={"usernames": [name]}).raise_for_status()
+            t = {"requested": time.time()}
+            r = api("POST", f"/users/{name}/server")
+            if r.status_code not in (201, 202):
+                print(f"{name}: start {r.status_code} {r.text[:200]}")
+                continue
+            deadline = time.time() + 180
+            while time.time() < deadline:
+                if f"/user/{name}" in proxy.get(PROXY_API, timeout=30).json():
+                    t["routed"] = time.time()
+                    break
+                time.sleep(0.02)
+            state = api("GET", f"/users/{name}").json()["servers"][""]["state"]
+            job_log = Path(
+                f"/home/{info.gateway_user}/.xsedehub/jobs/{state.get('spawn_id')}/job.log"
+            )
+            t["listening"] = listening_time(job_log) or float("nan")
+            t.update(
+                hub_events(
+                    (workdir / "hub.log").read_text(errors="replace"), name, t["requested"] - 1
+                )
+            )
+            t["sbatch"] = sbatch_time(info, t["requested"]) or float("nan")
+            phases = {
+                label: t.get(b, float("nan")) - t.get(a, float("nan")) for label, a, b in PHASES
+            }
+            phases["total (request to routed)"] = t.get("routed", float("nan")) - t["requested"]
+            out.append(phases)
+            print(json.dumps({k2: round(v, 3) for k2, v in phases.items()}), flush=True)
+            api("DELETE", f"/users/{name}/server")
+            deadline = time.time() + 60
+            while time.time() < deadline and api("GET", f"/users/{name}").json()["servers"]:
+                time.sleep(0.5)
+    finally:
+        hub.send_signal(signal.SIGTERM)
+        try:
+            hub.wait(60)
+        except subprocess.TimeoutExpired:
+            hub.kill()
+        localhub.stop_proxy(workdir)
+        subprocess.run(
+            [*netns.nsenter_argv(info.cluster_netns), "scancel", "-u", info.gateway_user],
+            check=False,
+        )
+    return out
+
+
+def phase_table(runs: list[dict[str, float]]) -> str:
+    labels = [label for label, _, _ in PHASES] + ["total (request to routed)"]
+    rows = ["| phase | median (s) | min (s) | max (s) |", "|---|---|---|---|"]
+    for label in labels:
+        vals = [r[label] for r in runs if r[label] == r[label]]  # not NaN
+        if vals:
+            rows.append(
+                f"| {label} | {percentile(vals, 0.5):.2f} | {min(vals):.2f} | {max(vals):.2f} |"
+            )
+    return "\n".join(rows)
+
+
 def table(results: list[Result]) -> str:
     cols = [
         ("impl", "impl"),
@@ -241,6 +467,8 @@ def table(results: list[Result]) -> str:
         ("all ready (s)", "all_ready_s"),
         ("overhead median (s)", "overhead_median_s"),
         ("overhead p95 (s)", "overhead_p95_s"),
+        ("latency median (s)", "latency_median_s"),
+        ("latency p95 (s)", "latency_p95_s"),
         ("SSH handshakes", "handshakes_total"),
         ("sbatch", "sbatch"),
         ("squeue (burst)", "squeue_burst"),
@@ -269,14 +497,20 @@ def table(results: list[Result]) -> str:
 def ratios(results: list[Result]) -> str:
     lines = []
     by = {(r.impl, r.n): r for r in results}
+
+    def q(a: float, b: float) -> str:
+        return f"{a / b:.2f}" if b else "n/a"
+
     for n in sorted({r.n for r in results}):
-        ours, base = by.get(("ours", n)), by.get(("baseline", n))
+        ours, base, floor = by.get(("ours", n)), by.get(("baseline", n)), by.get(("floor", n))
+        if ours and floor:
+            lines.append(
+                f"N={n}: ours/floor  all-ready {q(ours.all_ready_s, floor.all_ready_s)}, "
+                f"latency median {q(ours.latency_median_s, floor.latency_median_s)}, "
+                f"latency p95 {q(ours.latency_p95_s, floor.latency_p95_s)}"
+            )
         if not ours or not base:
             continue
-
-        def q(a: float, b: float) -> str:
-            return f"{a / b:.2f}" if b else "n/a"
-
         lines.append(
             f"N={n}: ours/baseline  all-ready {q(ours.all_ready_s, base.all_ready_s)}, "
             f"overhead {q(ours.overhead_median_s, base.overhead_median_s)}, "
@@ -293,10 +527,21 @@ def ratios(results: list[Result]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--n", type=int, nargs="+", default=[10, 50, 100])
-    ap.add_argument("--impl", nargs="+", default=["ours", "baseline"], choices=["ours", "baseline"])
+    ap.add_argument(
+        "--impl",
+        nargs="+",
+        default=["ours", "baseline", "floor"],
+        choices=["ours", "baseline", "floor"],
+    )
     ap.add_argument("--poll", type=int, default=10, help="poll interval of both spawners (s)")
     ap.add_argument("--cycles", type=int, default=3, help="poll intervals to stay running")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument(
+        "--phases",
+        type=int,
+        metavar="K",
+        help="instead of a burst: K single spawns on an idle cluster, split into phases",
+    )
     args = ap.parse_args()
     r = subprocess.run([sys.executable, "-m", "xsedehub.cli", "cluster", "up"], check=False)
     if r.returncode:
@@ -304,6 +549,13 @@ def main() -> int:
     info = localcluster.ClusterInfo.load()
     netns.enter(info.hub_netns)
     os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
+    if args.phases:
+        runs = run_phases(info, args.poll, args.phases)
+        print()
+        print(phase_table(runs))
+        if args.json:
+            Path(args.json).write_text(json.dumps(runs, indent=2))
+        return 0
     # the baseline's single shared tunnel key (as in the 2019 setup), removed afterwards
     import asyncssh
 
@@ -321,9 +573,12 @@ def main() -> int:
         for n in args.n:
             for impl in args.impl:
                 print(f"== {impl}, N={n} ...", flush=True)
-                res = run_one(
-                    impl, n, info, args.poll, args.cycles, shared.export_private_key().decode()
-                )
+                if impl == "floor":
+                    res = run_floor(n, info)
+                else:
+                    res = run_one(
+                        impl, n, info, args.poll, args.cycles, shared.export_private_key().decode()
+                    )
                 results.append(res)
                 print(json.dumps(asdict(res)), flush=True)
     finally:

@@ -22,6 +22,10 @@ from .ssh import Connection
 
 T = TypeVar("T")
 
+#: the longest pause between two checks of a starting server (each is one HTTP request
+#: through the tunnel: a loopback connection and one ssh channel, no process)
+CHECK_MAX = 0.25
+
 
 class Report(Protocol):
     """Reports a progress event: a message and, maybe, a percentage."""
@@ -76,7 +80,7 @@ async def wait_running(
                 files, f"Batch job {job_id} ended before the server started ({state})."
             )
         if st.running:
-            report(f"Job {job_id} running on {st.nodes}; opening the tunnel", 50)
+            report(f"Job {job_id} running on {st.nodes}; waiting for its server", 50)
             return
         msg = f"Job {job_id} is {st.state.lower()}"
         if st.reason and st.reason != "None":
@@ -100,7 +104,11 @@ async def wait_server(
     report: Report,
 ) -> None:
     """Until the server answers ``url`` through the tunnel on ``hub_port`` (checked often
-    at first, then every half second), watching that the job is still alive."""
+    at first, then every :data:`CHECK_MAX` seconds), watching that the job is still alive.
+
+    The job opens its reverse tunnel while the server starts, so the port accepts before
+    the server answers; a check made before then gets no HTTP answer (ssh on the node
+    finds no socket yet) and is made again."""
     client = AsyncHTTPClient()
     tunnel_seen = False
     deadline = time.monotonic() + timeout
@@ -110,7 +118,7 @@ async def wait_server(
         if not tunnel_seen:
             tunnel_seen = await port_open(hub_port)
             if tunnel_seen:
-                report("Server listening; tunnel to the compute node is up", 80)
+                report("Tunnel to the compute node is up; waiting for the server", 80)
         if tunnel_seen:
             try:
                 await client.fetch(HTTPRequest(url, request_timeout=5, follow_redirects=False))
@@ -135,7 +143,7 @@ async def wait_server(
                     files, f"Batch job {job_id} ended while the server was starting."
                 )
         await asyncio.sleep(delay)
-        delay = min(delay * 1.5, 0.5)
+        delay = min(delay * 1.5, CHECK_MAX)
     raise await _ended(files, f"The server in job {job_id} did not answer within {timeout} s.")
 
 

@@ -22,8 +22,9 @@ What it does, and why:
   ``forward-open`` once ssh's socket answers, or ``forward-failed`` if it did not within
   ``--api-timeout`` seconds (ssh's own messages, in the job's log, say why).
 * **It keeps the two SSH connections open** as the tunnel account, each reopened with
-  backoff whenever it drops: the hub API forward, and, once the server answers on its
-  socket, the reverse tunnel from the hub's port to that socket.  Readiness is checked
+  backoff whenever it drops: the hub API forward, and the reverse tunnel from the hub's
+  port to the server's socket.  Both open at the job's start, while the server starts,
+  so neither handshake delays the server being seen by the hub.  Readiness is checked
   in this process (a ``connect()`` on a unix socket), never by starting a process.
 * **It ends cleanly**: when the control channel closes (the script ended, or died), or on
   SIGTERM when there is no control channel.  In that order: the secret files go, the
@@ -463,15 +464,16 @@ class Agent:
     def server_started(self, pid: int) -> None:
         if self.server is None:
             self.server = Process(pid)
-            self._tasks.add(asyncio.ensure_future(self._open_reverse_when_listening()))
+            self._tasks.add(asyncio.ensure_future(self._log_when_listening()))
 
-    async def _open_reverse_when_listening(self) -> None:
+    async def _log_when_listening(self) -> None:
+        """One line in the job's log when the server first answers on its socket (the
+        reverse tunnel is already open: the hub's next check through it finds it)."""
         server = self.server
         if await wait_accepting(
             self.server_path, self.created, lambda: not self.ending and server.alive()
         ):
-            log(f"server listening; tunnel to hub port {self.opts.hub_port} opening")
-            self.reverse.start()
+            log("server listening on its socket")
 
     # ------------------------------------------------------------------ control
     async def control(self, fd: int) -> None:
@@ -527,7 +529,12 @@ class Agent:
         emit(f"port {self.port}")
         if self.opts.ctl_fd is not None:
             self._tasks.add(asyncio.ensure_future(self.control(self.opts.ctl_fd)))
+        # both connections open at once, while the server starts: the reverse tunnel is
+        # ready before the server listens, so no SSH handshake lies between the server
+        # listening and the hub seeing it (a connection the hub makes before that is
+        # refused by ssh on the node, and the hub asks again)
         self.forward.start()
+        self.reverse.start()
         if await self.wait_forward():
             log(f"hub API forwarded to local port {self.port} (held by the job agent)")
             emit("forward-open")
