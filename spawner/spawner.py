@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from jupyterhub.spawner import Spawner
+from sqlalchemy.orm import object_session
 from tornado import web
 from traitlets import (
     Bool,
@@ -48,6 +49,14 @@ from .tunnel import TunnelKeys
 __all__ = ["CredentialExpired", "SlurmSSHSpawner", "SpawnError"]
 
 STATE_VERSION = 1
+
+
+def _commit(orm: Any) -> None:
+    """Commit a change to the spawner's row through the session that row belongs to
+    (JupyterHub's shared ``Spawner.db`` is deprecated)."""
+    session = object_session(orm)
+    if session is not None:
+        session.commit()
 
 
 class SlurmSSHSpawner(Spawner):
@@ -541,9 +550,9 @@ class SlurmSSHSpawner(Spawner):
         Start without options: refused options must not stick."""
         self.user_options = {}
         orm = getattr(self, "orm_spawner", None)
-        if orm is not None and getattr(self, "db", None) is not None:
+        if orm is not None:
             orm.user_options = {}
-            self.db.commit()
+            _commit(orm)
 
     # ----------------------------------------------------------------- spawner API
     def _job_files(self, conn: Connection, job_dir: str) -> job.JobFiles:
@@ -619,13 +628,13 @@ class SlurmSSHSpawner(Spawner):
         restarted while the job is queued finds it (JupyterHub saves state only once
         start() returns)."""
         orm = getattr(self, "orm_spawner", None)
-        if orm is None or getattr(self, "db", None) is None:
+        if orm is None:
             return
         if self.server is not None:
             self.server.ip = "127.0.0.1"
             self.server.port = self.hub_port
         orm.state = self.get_state()
-        self.db.commit()
+        _commit(orm)
 
     async def _end_job(
         self, conn: Connection | None, job_dir: str | None = None, *, attempts: int = 4

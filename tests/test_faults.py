@@ -123,6 +123,9 @@ def test_hub_restart_while_the_job_is_queued(hub, cluster):
     c.stop("ada-l")
     assert jobs_named("ada-l") == []
     assert "xsedehub:" not in keys_text(cluster).replace("u0-", "")
+    # the early save commits through the row's own session, not JupyterHub's deprecated
+    # shared Spawner.db (which warned at every spawn)
+    assert "Spawner.db is deprecated" not in hub.log
 
 
 def test_hub_killed_with_one_running_and_one_queued_server(hub, cluster):
