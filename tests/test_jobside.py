@@ -79,11 +79,11 @@ class Job:
     def wait_serving(self) -> None:
         """The server answers and the reverse tunnel listens on the hub side."""
         wait_for(
-            lambda: "tunnel to hub port" in self.log or self.state() not in ("PENDING", "RUNNING"),
+            lambda: "server listening on its socket" in self.log or self.state() not in ("PENDING", "RUNNING"),
             90,
             f"job {self.id} to start its server",
         )
-        assert "tunnel to hub port" in self.log, self.log
+        assert "server listening on its socket" in self.log, self.log
         wait_for(lambda: not port_free(self.hub_port), 30, "the reverse tunnel")
 
     def wait_ended(self, last_line: str = "job ended") -> None:
