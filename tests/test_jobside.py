@@ -79,7 +79,10 @@ class Job:
     def wait_serving(self) -> None:
         """The server answers and the reverse tunnel listens on the hub side."""
         wait_for(
-            lambda: "server listening on its socket" in self.log or self.state() not in ("PENDING", "RUNNING"),
+            lambda: (
+                "server listening on its socket" in self.log
+                or self.state() not in ("PENDING", "RUNNING")
+            ),
             90,
             f"job {self.id} to start its server",
         )
