@@ -308,7 +308,7 @@ def run_floor(n: int, info, partition: str = "compute") -> Result:
         script = FLOOR_SCRIPT.format(i=i, partition=partition, dir=dirs[i], job_env=info.job_env)
         requested[i] = time.time()
         r = subprocess.run(
-            [*cluster, *as_gateway, "sbatch", "--parsable"],
+            [*cluster, *as_gateway, f"{info.slurm_bin}/sbatch", "--parsable"],
             input=script,
             capture_output=True,
             text=True,
@@ -335,6 +335,12 @@ def run_floor(n: int, info, partition: str = "compute") -> Result:
         res.latency_median_s = percentile(latencies, 0.5)
         res.latency_p95_s = percentile(latencies, 0.95)
         res.sbatch = localcluster.command_counts(since=t_cmd0)["sbatch"]
+        for i in sorted(set(range(n)) - set(ready))[:3]:  # why some never answered
+            try:
+                tail = (dirs[i] / "job.log").read_text(errors="replace").splitlines()[-5:]
+            except OSError as e:
+                tail = [str(e)]
+            res.notes.append(f"floor {i} never answered: " + " | ".join(tail))
     finally:
         subprocess.run([*cluster, "scancel", "-u", info.gateway_user], check=False)
         time.sleep(3)
