@@ -334,6 +334,13 @@ def run_floor(n: int, info, partition: str = "compute") -> Result:
         latencies = [ready[i] - requested[i] for i in ready]
         res.latency_median_s = percentile(latencies, 0.5)
         res.latency_p95_s = percentile(latencies, 0.95)
+        # the floor's own "overhead": from the server's listening line to its first
+        # answer on the socket (no tunnel, no hub): what a starting server takes to serve
+        overheads = [
+            ready[i] - t for i in ready if (t := listening_time(dirs[i] / "job.log")) is not None
+        ]
+        res.overhead_median_s = percentile(overheads, 0.5)
+        res.overhead_p95_s = percentile(overheads, 0.95)
         res.sbatch = localcluster.command_counts(since=t_cmd0)["sbatch"]
         for i in sorted(set(range(n)) - set(ready))[:3]:  # why some never answered
             try:
@@ -512,6 +519,7 @@ def ratios(results: list[Result]) -> str:
         if ours and floor:
             lines.append(
                 f"N={n}: ours/floor  all-ready {q(ours.all_ready_s, floor.all_ready_s)}, "
+                f"overhead {q(ours.overhead_median_s, floor.overhead_median_s)}, "
                 f"latency median {q(ours.latency_median_s, floor.latency_median_s)}, "
                 f"latency p95 {q(ours.latency_p95_s, floor.latency_p95_s)}"
             )
