@@ -1,9 +1,10 @@
 """The workshop burst: N attendees press Start at once, work for a few poll intervals,
 then stop.  xsedehub's spawner against batchspawner's stock SlurmSpawner over ssh (the
 baseline, benchmarks/baseline.py), in the same run, on the local cluster, gateway mode,
-real single-user servers behind real tunnels; and the physical floor ("floor"): the same
-N single-user servers from the same job environment, one sbatch each straight from the
-login node (no hub, no SSH, no tunnel), timed until each answers on its socket.
+real single-user servers behind real tunnels; and the physical floor ("floor"): N
+JupyterLab servers from the same job environment (``jupyter lab``: without a hub,
+``jupyterhub-singleuser`` does not start), one sbatch each straight from the login node
+(no hub, no SSH, no tunnel), timed until each answers on its socket.
 
     sudo /opt/xsedehub/hub-env/bin/python benchmarks/burst.py            # N = 10 50 100
     sudo /opt/xsedehub/hub-env/bin/python benchmarks/burst.py --n 10 --impl ours floor
@@ -252,15 +253,10 @@ FLOOR_SCRIPT = """#!/bin/bash
 #SBATCH --cpus-per-task=1
 #SBATCH --output={dir}/job.log
 cd {dir} || exit 2
-# what jupyterhub-singleuser needs to start; nothing answers at this API URL, and the
-# server needs nothing from it to listen and answer
-export JUPYTERHUB_API_TOKEN=floor-not-a-secret JUPYTERHUB_API_URL=http://127.0.0.1:9/hub/api
-export JUPYTERHUB_USER=floor-{i:03d} JUPYTERHUB_CLIENT_ID=jupyterhub-user-floor-{i:03d}
-export JUPYTERHUB_BASE_URL=/ JUPYTERHUB_SERVICE_PREFIX=/user/floor-{i:03d}/
-export JUPYTERHUB_SERVICE_URL=http://127.0.0.1:8888/user/floor-{i:03d}/
-export JUPYTERHUB_OAUTH_CALLBACK_URL=/user/floor-{i:03d}/oauth_callback
-exec {job_env}/bin/jupyterhub-singleuser --ServerApp.sock={dir}/server.sock \\
-    --ServerApp.sock_mode=0600
+# the same JupyterLab server from the same job environment, as `jupyter lab`:
+# jupyterhub-singleuser will not start without a hub to talk to
+exec {job_env}/bin/jupyter-lab --no-browser --ServerApp.sock={dir}/server.sock \\
+    --ServerApp.sock_mode=0600 --ServerApp.base_url=/user/floor-{i:03d}/
 """
 
 
