@@ -118,7 +118,7 @@ async def wait_server(
         if not tunnel_seen:
             tunnel_seen = await port_open(hub_port)
             if tunnel_seen:
-                report("Tunnel to the compute node is up; waiting for the server", 80)
+                report("The tunnel to the compute node is up; waiting for the server", 80)
         if tunnel_seen:
             try:
                 await client.fetch(HTTPRequest(url, request_timeout=5, follow_redirects=False))

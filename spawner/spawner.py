@@ -52,8 +52,9 @@ STATE_VERSION = 1
 
 
 def _commit(orm: Any) -> None:
-    """Commit a change to the spawner's row through the session that row belongs to
-    (JupyterHub's shared ``Spawner.db`` is deprecated)."""
+    """Commit a change to the spawner's row through the session that row belongs to.
+    JupyterHub's ``Spawner.db`` accessor is deprecated (it warned at every spawn); the
+    row, ``orm_spawner``, is what JupyterHub hands every spawner."""
     session = object_session(orm)
     if session is not None:
         session.commit()
@@ -811,7 +812,8 @@ class SlurmSSHSpawner(Spawner):
     async def _reconcile_tunnel_keys(self) -> None:
         """Once per hub process: drop tunnel keys of spawns the hub no longer knows (a job
         stopped, or a record lost, while the hub was down)."""
-        db = getattr(self, "db", None)
+        orm = getattr(self, "orm_spawner", None)
+        db = object_session(orm) if orm is not None else None
         if db is None or not self.services.spawns.first_look(self.tunnel_authorized_keys):
             return
         gone = await self.services.spawns.reconcile(self.tunnel_keys(), db)

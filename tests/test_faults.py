@@ -123,8 +123,8 @@ def test_hub_restart_while_the_job_is_queued(hub, cluster):
     c.stop("ada-l")
     assert jobs_named("ada-l") == []
     assert "xsedehub:" not in keys_text(cluster).replace("u0-", "")
-    # the early save commits through the row's own session, not JupyterHub's deprecated
-    # shared Spawner.db (which warned at every spawn)
+    # the early save and the tunnel-key reconcile use the row's own session, not
+    # JupyterHub's deprecated Spawner.db accessor (which warned at every spawn)
     assert "Spawner.db is deprecated" not in hub.log
 
 
