@@ -284,7 +284,8 @@ def prefill_for(s: FormSettings, last: object) -> Prefill:
     )
 
 
-#: the form field of the home page's "Start again as last time" button
+#: the option of the home page's "Start again as last time" link (``?opt-relaunch=last``
+#: on the server's spawn page; JupyterHub passes it to ``options_from_form``)
 RELAUNCH_FIELD = "relaunch"
 
 

@@ -187,3 +187,76 @@ def test_relaunch_refuses_what_no_longer_fits_and_says_what():
     with pytest.raises(v.InvalidValue) as e:
         form.relaunch_options(settings(), {})
     assert "no earlier choices" in e.value.message
+
+
+# ---------------------------------------------------------------- the home page
+def test_apply_adds_the_home_page_after_the_sites_templates(tmp_path, monkeypatch):
+    from xsedehub import config as xc
+
+    from .test_config import good
+
+    monkeypatch.setenv("JUPYTERHUB_CRYPT_KEY", "x" * 64)
+    kh = tmp_path / "known_hosts"
+    kh.write_text("@cert-authority * ssh-ed25519 AAAA\n")
+    key = tmp_path / "gateway_key"
+    key.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    key.chmod(0o600)
+    c = good(tmp_path)
+    c.JupyterHub.template_paths = ["/etc/site/templates"]
+    xc.apply(c)
+    assert c.JupyterHub.template_paths == ["/etc/site/templates", xc.HUB_TEMPLATES]
+    xc.apply(c)  # applied twice: listed once
+    assert c.JupyterHub.template_paths.count(xc.HUB_TEMPLATES) == 1
+
+
+def render_home_part(spawners) -> str:
+    """xsedehub-relaunch.html as JupyterHub's loader and settings render it."""
+    import jinja2
+    from jupyterhub.app import JupyterHub
+
+    from xsedehub.config import HUB_TEMPLATES
+
+    base = JupyterHub()._template_paths_default()[0]
+    loader = jinja2.ChoiceLoader(
+        [
+            jinja2.PrefixLoader({"templates": jinja2.FileSystemLoader([base])}, "/"),
+            jinja2.FileSystemLoader([HUB_TEMPLATES, base]),
+        ]
+    )
+    env = jinja2.Environment(loader=loader, autoescape=True)
+    env.get_template("home.html")  # extends JupyterHub's own: it must resolve
+    user = SimpleNamespace(
+        escaped_name="ada-l", all_spawners=lambda include_default=True: iter(spawners)
+    )
+    return env.get_template("xsedehub-relaunch.html").render(
+        user=user, base_url="/hub/", xsrf_token="t"
+    )
+
+
+def test_home_page_offers_start_again_for_stopped_servers_only():
+    orm = SimpleNamespace  # a stopped server is JupyterHub's orm object: no .active
+    html = render_home_part(
+        [
+            orm(name="", user_options={}, server=None),  # never started with options
+            orm(name="gpu", user_options={"partition": "debug", "walltime": "20"}, server=None),
+            SimpleNamespace(  # running: JupyterHub's Spawner wrapper
+                name="cpu",
+                active=True,
+                server=object(),
+                orm_spawner=orm(user_options={"partition": "compute"}),
+                user_options={"partition": "compute"},
+            ),
+        ]
+    )
+    assert 'id="xh-relaunch-gpu"' in html and "xh-relaunch-cpu" not in html
+    assert 'href="/hub/spawn/ada-l/gpu?opt-relaunch=last"' in html
+    assert "partition debug, walltime 20" in html
+    assert "xh-relaunch-default" not in html
+    assert render_home_part([orm(name="", user_options={}, server=None)]).strip() == ""
+
+
+def test_home_page_escapes_what_it_shows():
+    html = render_home_part(
+        [SimpleNamespace(name="x", user_options={"partition": "<b>x</b>"}, server=None)]
+    )
+    assert "<b>" not in html and "&lt;b&gt;" in html

@@ -69,12 +69,24 @@ def queue(user: str = "gateway") -> dict[str, dict[str, str]]:
     return jobs
 
 
-def test_two_named_servers_of_one_user_at_once(hub, cluster):
+async def test_named_servers_and_start_again_as_last_time(hub, cluster):
+    """Item 3 with the REST API, then item 4 in the browser with the servers item 3 left
+    (one test: each spawn costs the suite's time)."""
+    st = two_named_servers_of_one_user_at_once(hub, cluster)
+    await form_prefill_and_start_again_in_a_browser(hub, st)
+
+
+def two_named_servers_of_one_user_at_once(hub, cluster) -> dict:
+    """Two named servers of ada at once: each its own job, folder, port and key; the
+    job name and ``xsedehub orphans`` name the server; stopping one (gpu) leaves the
+    other (cpu) running.  Returns their saved states."""
     c = hub.client
     c.login("ada")
     user = "ada-l"
     r1 = c.post(f"/users/{user}/servers/cpu", json={"partition": "compute", "cores": "2"})
-    r2 = c.post(f"/users/{user}/servers/gpu", json={"partition": "debug", "walltime": "20"})
+    r2 = c.post(
+        f"/users/{user}/servers/gpu", json={"partition": "debug", "walltime": "20", "cores": "2"}
+    )
     assert r1.status_code in (201, 202) and r2.status_code in (201, 202), (r1.text, r2.text)
     # a server name that cannot reach a job name, a folder or a comment is refused
     bad = c.post(f"/users/{user}/servers/a..b", json={})
@@ -133,8 +145,7 @@ def test_two_named_servers_of_one_user_at_once(hub, cluster):
     assert (home / st["cpu"]["spawn_id"] / "env").exists()
     assert c.server_api(f"{user}/cpu", token, "/status").status_code == 200
     assert set(servers(hub, user)) == {"cpu"}
-    c.delete(f"/users/{user}/servers/cpu")
-    wait_server(hub, user, "cpu", ready=False, timeout=120)
+    return st
 
 
 def _job_of(user: str, server: str) -> dict[str, str] | None:
@@ -143,16 +154,18 @@ def _job_of(user: str, server: str) -> dict[str, str] | None:
     return mine[0] if mine else None
 
 
-async def test_form_prefill_and_start_again_in_a_browser(hub, cluster):
-    """The last accepted choices of a named server fill its form in; the home page's
-    "Start again as last time" starts it with them in one click; once the admin has
-    lowered a limit, the same click submits nothing and shows the form, with the value
-    that no longer fits replaced by today's default and a note saying why."""
+async def form_prefill_and_start_again_in_a_browser(hub, st: dict) -> None:
+    """ada's gpu server, stopped, was last started with debug, 20 minutes, 2 cores: its
+    form is filled in with them; the home page's "Start again as last time" starts it
+    with them in one click; once the admin has lowered the partition's walltime, the
+    same click submits nothing and shows the form, with the value that no longer fits
+    replaced by today's default and a note saying why."""
     from playwright.async_api import async_playwright, expect
 
     if not Path(CHROMIUM).exists():
         pytest.fail("Debian's chromium is not installed (scripts/install.sh installs it)")
-    user, server = "grace", "gpu"
+    user, server = "ada-l", "gpu"
+    token = hub.client.user_token(user)
     ARTIFACTS.mkdir(exist_ok=True)
     async with async_playwright() as p:
         browser = await p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
@@ -162,24 +175,15 @@ async def test_form_prefill_and_start_again_in_a_browser(hub, cluster):
         try:
             await page.goto(f"{HUB}/hub/login")
             await page.get_by_text("Sign in with GitHub").click()
-            await page.fill('input[name="sub"]', "grace")
+            await page.fill('input[name="sub"]', "ada")
             await page.get_by_role("button", name="Authorize").click()
-            await page.wait_for_url(re.compile(r"/hub/spawn"))
-            # a named server's first form: the hub's defaults, nothing "remembered"
-            await page.goto(f"{HUB}/hub/spawn/{user}/{server}")
+            await page.wait_for_url(re.compile(r"/hub/(spawn|home)"))
+            # a server never started: the hub's defaults, nothing "remembered"
+            await page.goto(f"{HUB}/hub/spawn/{user}/fresh")
             await expect(page.locator("#xh-walltime")).to_have_value("01:00:00")
             await expect(page.locator(".xh-prefill")).to_have_count(0)
-            await page.check('input[name="partition"][value="debug"]')
-            await page.fill('input[name="walltime"]', "00:20:00")
-            await page.fill('input[name="cores"]', "2")
-            await page.get_by_role("button", name="Start").click()
-            await page.wait_for_url(re.compile(rf"/user/{user}/{server}/"), timeout=180_000)
-            job = _job_of(user, server)
-            assert job and (job["partition"], job["limit"], job["cpus"]) == ("debug", "20:00", "2")
-            hub.client.delete(f"/users/{user}/servers/{server}")
-            wait_server(hub, user, server, ready=False, timeout=120)
 
-            # the form again: filled in with those choices
+            # gpu's form: filled in with its last choices (the walltime given as "20")
             await page.goto(f"{HUB}/hub/spawn/{user}/{server}")
             await expect(page.locator(".xh-prefill")).to_contain_text("your last choices")
             await expect(page.locator('input[name="partition"][value="debug"]')).to_be_checked()
@@ -187,19 +191,25 @@ async def test_form_prefill_and_start_again_in_a_browser(hub, cluster):
             await expect(page.locator("#xh-cores")).to_have_value("2")
             await page.screenshot(path=ARTIFACTS / "named-form-prefilled.png")
 
-            # the home page: one click starts it again as last time
+            # the home page: the running cpu server is not offered; one click starts gpu
             await page.goto(f"{HUB}/hub/home")
+            await expect(page.locator("#xh-relaunch-cpu")).to_have_count(0)
             row = page.locator(f'.xh-relaunch-row[data-server-name="{server}"]')
-            await expect(row.locator(".xh-last-options")).to_contain_text("partition debug")
+            await expect(row.locator(".xh-last-options")).to_contain_text(
+                "partition debug, walltime 20, cores 2"
+            )
             await page.screenshot(path=ARTIFACTS / "named-home-relaunch.png")
             await page.locator(f"#xh-relaunch-{server}").click()
             await page.wait_for_url(re.compile(rf"/user/{user}/{server}/"), timeout=180_000)
             job = _job_of(user, server)
             assert job and (job["partition"], job["limit"], job["cpus"]) == ("debug", "20:00", "2")
+            again = servers(hub, user)[server]["state"]
+            assert again["spawn_id"] != st[server]["spawn_id"]  # a new spawn of its own
             hub.client.delete(f"/users/{user}/servers/{server}")
             wait_server(hub, user, server, ready=False, timeout=120)
 
-            # the admin lowers the debug partition's walltime; the hub restarts
+            # the admin lowers the debug partition's walltime; the hub restarts (cpu's
+            # job keeps running and is still reached)
             cfg = hub.workdir / "jupyterhub_config.py"
             cfg.write_text(
                 cfg.read_text()
@@ -207,9 +217,10 @@ async def test_form_prefill_and_start_again_in_a_browser(hub, cluster):
                 + 'max_walltime="00:10:00", default_walltime="00:05:00")\n'
             )
             hub.restart()
+            assert hub.client.server_api(f"{user}/cpu", token, "/status").status_code == 200
             await page.goto(f"{HUB}/hub/home")
             await page.locator(f"#xh-relaunch-{server}").click()
-            # nothing submitted: the form, with what no longer fits replaced and said
+            # nothing submitted: gpu's form, with what no longer fits replaced and said
             await expect(page.locator(".xh-prefill-notes")).to_contain_text(
                 "walltime '00:20:00': at most 00:10:00 in partition debug"
             )
