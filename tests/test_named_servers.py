@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -123,7 +124,10 @@ def two_named_servers_of_one_user_at_once(hub, cluster) -> dict:
         lines: list[str] = []
         cfg = str(hub.workdir / "jupyterhub_config.py")
         svc = (hub.workdir / "service_token").read_text().strip()
-        found = {j.job_id for j in find_orphans(cfg, c.url, svc, min_age=0, out=lines.append)}
+        # in a thread of its own: it runs its own event loop (this test runs in one)
+        with ThreadPoolExecutor(1) as ex:
+            run = ex.submit(find_orphans, cfg, c.url, svc, min_age=0, out=lines.append)
+            found = {j.job_id for j in run.result()}
         print("\n".join(lines))
         assert lost in found and not found & {st["cpu"]["job_id"], st["gpu"]["job_id"]}
         line = next(ln for ln in lines if ln.startswith(f"{lost}\t"))
