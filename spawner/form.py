@@ -116,6 +116,87 @@ def validate_options(
     )
 
 
+# ---------------------------------------------------------------------------- last choices
+@dataclass(frozen=True)
+class Prefill:
+    """The form's values from a server's last accepted options: each one checked again
+    against today's limits (``values``, as the form shows them), and a note for each
+    one that no longer passes and was left out (``notes``)."""
+
+    values: Mapping[str, str]
+    notes: Sequence[str]
+
+
+def _memory_text(mb: int) -> str:
+    return f"{mb // 1024}G" if mb % 1024 == 0 else f"{mb}M"
+
+
+def prefill(
+    last: object,
+    partitions: Sequence[PartitionSpec],
+    *,
+    default_partition: str,
+    accounts: Sequence[str] = (),
+    allow_account: bool = False,
+    default_account: str | None = None,
+    qos: str | None = None,
+) -> Prefill:
+    """What the form proposes after ``last`` (the options of the server's last start).
+
+    Every value goes through :func:`validate_options` again, one at a time, with today's
+    partitions and limits: a value that passes is proposed (in its canonical form), one
+    that no longer does is left out with a note, so the form falls back on the
+    partition's default for it and never submits it unseen.  Values are checked against
+    the partition proposed (the last one if still offered, else the default one)."""
+    if not isinstance(last, Mapping) or not last:
+        return Prefill({}, ())
+    kw: dict[str, object] = dict(
+        default_partition=default_partition,
+        accounts=accounts,
+        allow_account=allow_account,
+        default_account=default_account,
+        qos=qos,
+    )
+    values: dict[str, str] = {}
+    notes: list[str] = []
+
+    def shown(val: object) -> str:
+        return repr(val if isinstance(val, str | int) else str(val))[:40]
+
+    for key in sorted((k for k in last if k not in FIELDS), key=str)[:3]:
+        notes.append(f"{shown(key)} is not an option this hub offers: left out")
+    # each value is checked on its own: the others at their least, never a default (a
+    # partition's default may be above a limit the admin lowered since)
+    least = {"walltime": 1, "cores": 1, "memory": 1, "gpus": 0}
+    if last.get("partition") not in ("", None):
+        try:
+            r = validate_options({**least, "partition": last["partition"]}, partitions, **kw)  # type: ignore[arg-type]
+            values["partition"] = r.partition
+        except v.InvalidValue as e:
+            notes.append(
+                f"partition {shown(last['partition'])}: {e.message}; "
+                f"{default_partition} is proposed instead"
+            )
+    base = {**least, "partition": values.get("partition", default_partition)}
+    for field in FIELDS[1:]:
+        val = last.get(field)
+        if val in ("", None):
+            continue
+        try:
+            r = validate_options({**base, field: val}, partitions, **kw)  # type: ignore[arg-type]
+        except v.InvalidValue as e:
+            notes.append(f"{field} {shown(val)}: {e.message}; the default is proposed instead")
+            continue
+        values[field] = {
+            "walltime": v.format_walltime(r.walltime_minutes),
+            "cores": str(r.cpus),
+            "memory": _memory_text(r.memory_mb),
+            "gpus": str(r.gpus),
+            "account": r.account or "",
+        }[field]
+    return Prefill(values, tuple(notes))
+
+
 def options_from_form(formdata: Mapping[str, Sequence[str]]) -> dict[str, str]:
     """Form fields (lists of strings) -> ``user_options`` (strings); nothing else kept."""
     out: dict[str, str] = {}
@@ -189,6 +270,42 @@ def validate_for(s: FormSettings, options: Mapping[str, object]) -> slurm.JobRes
     )
 
 
+def prefill_for(s: FormSettings, last: object) -> Prefill:
+    """:func:`prefill` with the settings' partitions, accounts and QOS."""
+    specs = partition_specs(s)
+    return prefill(
+        last,
+        specs,
+        default_partition=_default_partition(s, specs),
+        accounts=s.accounts,
+        allow_account=account_choice(s),
+        default_account=s.account or None,
+        qos=s.qos or None,
+    )
+
+
+#: the option of the home page's "Start again as last time" link (``?opt-relaunch=last``
+#: on the server's spawn page; JupyterHub passes it to ``options_from_form``)
+RELAUNCH_FIELD = "relaunch"
+
+
+def relaunch_options(s: FormSettings, last: object) -> dict[str, str]:
+    """The options of "start again as last time": the server's last options, if every
+    one of them still passes today's limits; otherwise :class:`~.validate.InvalidValue`
+    saying what no longer fits (the form then shows them, pre-filled, with the notes)."""
+    p = prefill_for(s, last)
+    if not p.values:
+        raise v.InvalidValue("relaunch", "this server has no earlier choices to start with")
+    if p.notes:
+        raise v.InvalidValue(
+            "relaunch",
+            "your last choices no longer all fit this hub's limits ("
+            + "; ".join(p.notes)
+            + "): check the form and press Start",
+        )
+    return dict(p.values)
+
+
 def offers_choice(s: FormSettings) -> bool:
     """Whether the form has anything to choose (no form otherwise)."""
     specs = partition_specs(s)
@@ -205,8 +322,9 @@ def offers_choice(s: FormSettings) -> bool:
     )
 
 
-def form_for(s: FormSettings, availability: Mapping[str, Availability]) -> str:
-    """:func:`render_form` with the settings' partitions and accounts."""
+def form_for(s: FormSettings, availability: Mapping[str, Availability], last: object = None) -> str:
+    """:func:`render_form` with the settings' partitions and accounts, pre-filled from
+    ``last`` (the server's last options, see :func:`prefill`)."""
     specs = partition_specs(s)
     return render_form(
         specs,
@@ -215,6 +333,7 @@ def form_for(s: FormSettings, availability: Mapping[str, Availability]) -> str:
         accounts=s.accounts,
         allow_account=account_choice(s),
         default_account=s.account,
+        prefilled=prefill_for(s, last),
     )
 
 
@@ -268,8 +387,13 @@ def render_form(
     accounts: Sequence[str] = (),
     allow_account: bool = False,
     default_account: str = "",
+    prefilled: Prefill | None = None,
 ) -> str:
     e = html.escape
+    chosen = prefilled.values if prefilled else {}
+    notes = prefilled.notes if prefilled else ()
+    default_partition = chosen.get("partition", default_partition)
+    default_account = chosen.get("account", default_account)
     avail = availability or {}
     specs = {
         p.name: {
@@ -314,28 +438,42 @@ def render_form(
                 f'pattern="[A-Za-z0-9][A-Za-z0-9_.\\-]{{0,63}}" value="{e(default_account)}" '
                 'placeholder="your default account"></div>'
             )
-    s = specs[first.name]
+    s = dict(specs[first.name])
+    walltime = chosen.get("walltime", s["default_walltime"])
+    cores = chosen.get("cores", str(s["default_cores"]))
+    memory = chosen.get("memory", f"{s['default_memory']}G")
+    gpus = chosen.get("gpus", "0")
+    banner = ""
+    if notes:
+        items = "".join(f"<li>{e(n)}</li>" for n in notes)
+        banner = (
+            '<div class="alert alert-warning xh-prefill-notes">Your last choices for this '
+            f"server no longer all fit this hub's limits:<ul>{items}</ul></div>"
+        )
+    elif chosen:
+        banner = '<p class="xh-prefill">Filled in with your last choices for this server.</p>'
     gpu_hidden = "" if any(p.max_gpus for p in partitions) else ' style="display:none"'
     return f"""
 <div class="xsedehub-form">
+{banner}
 <table class="table table-condensed">
 <thead><tr><th>Partition</th><th></th><th>Max walltime</th><th>Max cores</th><th>Now</th>
 </tr></thead>
 <tbody>{"".join(rows)}</tbody>
 </table>
 <div class="form-group"><label for="xh-walltime">Walltime (HH:MM:SS)</label>
-<input class="form-control" id="xh-walltime" name="walltime" value="{e(s["default_walltime"])}"
+<input class="form-control" id="xh-walltime" name="walltime" value="{e(walltime)}"
  pattern="(\\d+-)?\\d{{1,3}}:\\d{{2}}(:\\d{{2}})?|\\d+" required>
 <small id="xh-walltime-help">at most {e(s["max_walltime"])}</small></div>
 <div class="form-group"><label for="xh-cores">Cores</label>
 <input class="form-control" type="number" id="xh-cores" name="cores" min="1"
- max="{s["max_cores"]}" value="{s["default_cores"]}" required></div>
+ max="{s["max_cores"]}" value="{e(cores)}" required></div>
 <div class="form-group"><label for="xh-memory">Memory (GB)</label>
-<input class="form-control" id="xh-memory" name="memory" value="{s["default_memory"]}G"
+<input class="form-control" id="xh-memory" name="memory" value="{e(memory)}"
  pattern="\\d+[KMGT]?" required></div>
 <div class="form-group"{gpu_hidden}><label for="xh-gpus">GPUs</label>
 <input class="form-control" type="number" id="xh-gpus" name="gpus" min="0"
- max="{s["max_gpus"]}" value="0"></div>
+ max="{s["max_gpus"]}" value="{e(gpus)}"></div>
 {account_field}
 <script type="application/json" id="xh-partitions">{script_json(specs)}</script>
 <script>

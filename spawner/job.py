@@ -71,6 +71,14 @@ def server_env(sp: SlurmSSHSpawner) -> dict[str, str]:
     return env
 
 
+def job_name(sp: SlurmSSHSpawner) -> str:
+    """The job's name: ``jupyter-<login>`` (gateway mode: the attendees share one account)
+    or ``jupyterhub`` (xsede mode), with ``-<server name>`` for a named server."""
+    base = f"jupyter-{sp.user.name}"[:60] if sp.mode == "gateway" else "jupyterhub"
+    server = v.server_name(sp.name)
+    return f"{base}-{server}" if server else base
+
+
 def script(sp: SlurmSSHSpawner, job_dir: str, hub_port: int) -> str:
     """The batch script of this spawn (built by :func:`.slurm.build_job_script`)."""
     api = urlparse(sp.hub.api_url)
@@ -78,7 +86,7 @@ def script(sp: SlurmSSHSpawner, job_dir: str, hub_port: int) -> str:
     if sp.mode == "gateway" and sp.workshop_repo:
         prologue.append([sp.gitpuller, sp.workshop_repo, sp.workshop_branch, checkout_name(sp)])
     job = slurm.JobScript(
-        job_name=f"jupyter-{sp.user.name}"[:60] if sp.mode == "gateway" else "jupyterhub",
+        job_name=job_name(sp),
         resources=sp.resources(),
         job_dir=job_dir,
         work_dir=sp.work_dir(),

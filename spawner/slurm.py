@@ -12,6 +12,8 @@ SFTP instead, and the script reads them at run time.
 from __future__ import annotations
 
 import functools
+import re
+import secrets
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -43,6 +45,30 @@ ALIVE_STATES = frozenset(
 
 SQUEUE_FORMAT = "%i|%T|%N|%r|%S|%u|%k"
 COMMENT_PREFIX = "xsedehub:"
+
+#: the ids the spawner gives its spawns: ``u<hub user id>-<12 hex>`` for a user's default
+#: server, ``u<hub user id>-<server name>-<12 hex>`` for a named one (:func:`new_spawn_id`)
+SPAWN_ID_FORMAT = re.compile(
+    r"^u(?P<uid>[0-9]+)-(?:(?P<server>[A-Za-z0-9][A-Za-z0-9_.-]{0,29})-)?[0-9a-f]{12}$"
+)
+
+
+def new_spawn_id(user_id: int, server_name: str = "") -> str:
+    """A new spawn's id: it names the job's comment (``xsedehub:<id>``), its folder and
+    its tunnel key, so that each server of a user has its own, and the server's name
+    can be read back from any of them (:func:`server_of`)."""
+    server = v.server_name(server_name)
+    middle = f"{server}-" if server else ""
+    return f"u{int(user_id)}-{middle}{secrets.token_hex(6)}"
+
+
+def server_of(spawn_id: str) -> str | None:
+    """The server name a spawn id carries: "" for a default server, None for an id
+    xsedehub's spawner did not make (``check-...``, a hand-made comment)."""
+    m = SPAWN_ID_FORMAT.match(spawn_id)
+    if m is None:
+        return None
+    return m["server"] or ""
 
 
 @dataclass(frozen=True)
@@ -107,7 +133,7 @@ class JobScript:
     api_timeout: int = 120  # seconds the hub API forward may take to open, else the job fails
 
     def __post_init__(self) -> None:
-        v.slurm_name(self.job_name, "job name")
+        v.job_name(self.job_name, "job name")
         if self.spawn_id:
             v.slurm_name(self.spawn_id, "spawn id")
         v.relative_path(self.job_dir, "job directory", hidden=True)
@@ -306,6 +332,11 @@ class JobStatus:
         return (
             self.comment[len(COMMENT_PREFIX) :] if self.comment.startswith(COMMENT_PREFIX) else ""
         )
+
+    @property
+    def server(self) -> str | None:
+        """The JupyterHub server the job is for ("" the default one; None: not known)."""
+        return server_of(self.spawn_id)
 
     @property
     def alive(self) -> bool:

@@ -12,7 +12,6 @@ events (:mod:`.progress`), and the form with its one validation gate (:mod:`.for
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -372,6 +371,11 @@ class SlurmSSHSpawner(Spawner):
     @default("options_from_form")
     def _options_from_form_default(self):
         def options_from_form(formdata):
+            if formdata.get(form.RELAUNCH_FIELD):  # the home page's "start again"
+                try:
+                    return form.relaunch_options(self, self.last_options())
+                except v.InvalidValue as e:
+                    raise web.HTTPError(400, e.message) from None
             opts = form.options_from_form(formdata)
             try:
                 self.validate_options(opts)
@@ -380,6 +384,12 @@ class SlurmSSHSpawner(Spawner):
             return opts
 
         return options_from_form
+
+    def last_options(self) -> dict:
+        """The options this server was last started with (JupyterHub keeps them with the
+        server; a start they failed validation for does not: see start())."""
+        orm = getattr(self, "orm_spawner", None)
+        return dict((orm.user_options if orm is not None else None) or self.user_options or {})
 
     @default("options_form")
     def _options_form_default(self):
@@ -562,6 +572,7 @@ class SlurmSSHSpawner(Spawner):
     async def start(self) -> tuple[str, int]:
         self._events.clear()
         try:  # validate before anything is written or submitted anywhere
+            v.server_name(self.name)
             resources = self.resources()
         except v.InvalidValue as e:
             self._forget_rejected_options()
@@ -575,7 +586,8 @@ class SlurmSSHSpawner(Spawner):
         retry = partial(follow.retrying, within=self.cluster_retry_seconds, report=self._progress)
         conn = await retry("connecting", self.connection)
         keys = self.tunnel_keys()
-        self.spawn_id = f"u{self.user.id}-{secrets.token_hex(6)}"
+        # one id per spawn, with the server's name: its own job, folder, port and key
+        self.spawn_id = slurm.new_spawn_id(self.user.id, self.name)
         job_dir = (
             f"{v.relative_path(self.job_dir_root, 'job_dir_root', hidden=True)}/{self.spawn_id}"
         )
@@ -835,4 +847,4 @@ async def _render_options_form(spawner: SlurmSSHSpawner) -> str:
     """The form, or "" (no form) when there is nothing to choose."""
     if not form.offers_choice(spawner):
         return ""
-    return form.form_for(spawner, await spawner.availability())
+    return form.form_for(spawner, await spawner.availability(), spawner.last_options())

@@ -33,6 +33,7 @@ from typing import TypeVar
 
 import asyncssh
 
+from . import slurm
 from . import validate as v
 
 _LINE = re.compile(
@@ -40,8 +41,8 @@ _LINE = re.compile(
     r" xsedehub:(?P<spawn>[A-Za-z0-9_.-]+)$"
 )
 _SPAWN_ID = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
-#: the ids the spawner gives its spawns (see SlurmSSHSpawner.start)
-SPAWN_ID_FORMAT = re.compile(r"^u\d+-[0-9a-f]{12}$")
+#: the ids the spawner gives its spawns (see :func:`.slurm.new_spawn_id`)
+SPAWN_ID_FORMAT = slurm.SPAWN_ID_FORMAT
 
 T = TypeVar("T")
 

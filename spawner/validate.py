@@ -25,6 +25,10 @@ _POSIX_USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 # GitHub logins: letters, digits and single inner hyphens, at most 39 characters.
 _GITHUB_LOGIN = re.compile(r"^[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){0,38}$")
 _SLURM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# JupyterHub 6's own rule for new server names ("safe slugs"), with uppercase, '_' and '.'
+# as older hubs allowed them: never a separator, a space or anything a shell reads
+_SERVER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,29}$")
 # [0-9], not \d: \d and str.isdigit() also take Arabic-Indic, fullwidth or superscript
 # digits (superscripts crash int())
 _WALLTIME = re.compile(r"^(?:([0-9]{1,3})-)?([0-9]{1,3}):([0-9]{2})(?::([0-9]{2}))?$")
@@ -66,6 +70,28 @@ def slurm_name(value: object, field: str) -> str:
     v = _text(field, value, 64)
     if not _SLURM_NAME.match(v):
         raise InvalidValue(field, f"{v!r} is not a valid name (letters, digits, '_', '.', '-')")
+    return v
+
+
+def job_name(value: object, field: str = "job name") -> str:
+    """A SLURM job name (``--job-name``): a name like :func:`slurm_name`, up to 128."""
+    v = _text(field, value, 128)
+    if not _JOB_NAME.match(v):
+        raise InvalidValue(field, f"{v!r} is not a valid job name (letters, digits, '_', '.', '-')")
+    return v
+
+
+def server_name(value: object, field: str = "server name") -> str:
+    """A JupyterHub server name ("" is the default server): it goes into the job's name,
+    comment and folder, so 1 to 30 letters, digits, '-', '_' or '.', starting with a
+    letter or digit."""
+    v = _text(field, value, 30)
+    if v and not _SERVER_NAME.match(v):
+        raise InvalidValue(
+            field,
+            f"{v!r} cannot name a server on this hub (1 to 30 letters, digits, '-', '_' or "
+            "'.', starting with a letter or digit)",
+        )
     return v
 
 

@@ -21,6 +21,7 @@ import os
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from traitlets import TraitError
@@ -33,6 +34,8 @@ AUTHENTICATORS = {
 }
 AUTH_SECTION = {"gateway": "GatewayGitHubAuthenticator", "xsede": "XSEDECILogonAuthenticator"}
 SPAWNER = "xsedehub.spawner.spawner.SlurmSSHSpawner"
+#: xsedehub's additions to the hub's pages (the home page's "start again as last time")
+HUB_TEMPLATES = str(resources.files("xsedehub.spawner") / "templates" / "hub")
 SHORT_NAMES = {
     # entry points (pyproject.toml): authenticator_class / spawner_class short names
     "xsedehub-github": AUTHENTICATORS["gateway"],
@@ -265,6 +268,10 @@ def apply(c: Config, mode: str | None = None) -> str:
     c.SlurmSSHSpawner.mode = mode
     # batch jobs outlive the hub process: keep them, and the proxy routes to them
     c.JupyterHub.cleanup_servers = False
+    # the home page's additions ("start again as last time"), after the site's templates
+    paths = list(c.JupyterHub.template_paths) if "template_paths" in c.JupyterHub else []
+    if HUB_TEMPLATES not in paths:
+        c.JupyterHub.template_paths = [*paths, HUB_TEMPLATES]
     c[AUTH_SECTION[mode]].enable_auth_state = True
     key_file = _get(c.XSEDEHub, "crypt_key_file")
     if key_file:

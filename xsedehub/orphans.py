@@ -166,6 +166,21 @@ async def _sweep(
         conn.close()
 
 
+def server_label(j: slurm.JobStatus) -> str:
+    """Which of its user's servers a job was for: ``server <name>``, ``default server``,
+    or ``-`` when its spawn id does not say (not made by xsedehub's spawner)."""
+    server = j.server
+    if server is None:
+        return "-"
+    return f"server {server}" if server else "default server"
+
+
+def describe(j: slurm.JobStatus) -> str:
+    """One job, tab-separated: id, cluster account, state, nodes, spawn id (``u<hub user
+    id>-...``) and the server it was for."""
+    return f"{j.job_id}\t{j.user}\t{j.state}\t{j.nodes or '-'}\t{j.spawn_id}\t{server_label(j)}"
+
+
 def find_orphans(
     config_file: str,
     hub_url: str | None,
@@ -203,13 +218,10 @@ def find_orphans(
         if cancel:
             failed = sweep.cancel_failed.get(j.job_id)
             status = f"\tscancel failed: {failed}" if failed else "\tcancelled"
-        out(f"{j.job_id}\t{j.user}\t{j.state}\t{j.nodes or '-'}\t{j.spawn_id}{status}")
+        out(f"{describe(j)}{status}")
     for j, age in sweep.young:
         when = f"submitted {age:.0f} s ago" if age is not None else "just submitted"
-        out(
-            f"{j.job_id}\t{j.user}\t{j.state}\t{j.nodes or '-'}\t{j.spawn_id}\t"
-            f"{when}: left alone (younger than {min_age:.0f} s)"
-        )
+        out(f"{describe(j)}\t{when}: left alone (younger than {min_age:.0f} s)")
     if not sweep.orphans:
         out("no orphaned jobs")
     if sweep.cancel_failed:
