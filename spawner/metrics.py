@@ -62,10 +62,10 @@ OUTCOMES = (
     "refused",  # options the validation gate refused (HTTP 400); nothing was submitted
     "unreachable",  # the login node could not be reached within cluster_retry_seconds
     "credential_expired",  # xsede mode: the user's certificate has expired
-    "job_failed",  # the batch job ended (or could not be prepared) before the server answered
+    "job_failed",  # the submitted job ended, or its server failed, before it answered
     "timeout",  # start_timeout or http_timeout ran out
     "cancelled",  # a Stop during the start (or the hub shutting down)
-    "error",  # anything else: a misconfiguration, a bug
+    "error",  # anything else: a misconfiguration, a refused folder claim, a bug
 )
 
 QUEUE_WAIT = Histogram(

@@ -219,3 +219,51 @@ def test_names_and_labels_are_bounded():
                 assert set(sample.labels) <= {"cluster", "partition", "outcome", "kind", "le"}
     # what JupyterHub's /metrics handler writes, ours included
     assert "xsedehub_spawns_total{" in generate_latest(REGISTRY).decode()
+
+
+@pytest.mark.cluster
+async def test_real_logins_and_squeues_move_the_metrics(cluster):
+    """Against the real login node: a handshake, a shared squeue, an idle close and the
+    re-open, a refused login, a squeue that fails."""
+    from .test_connections import gateway, node, until
+
+    host = cluster.login_ip
+
+    def snapshot() -> dict[str, float]:
+        return {
+            "first": value("xsedehub_ssh_connects_total", cluster=host, kind="first"),
+            "reopen": value("xsedehub_ssh_connects_total", cluster=host, kind="reopen"),
+            "failed": value("xsedehub_ssh_connect_failures_total", cluster=host),
+            "squeues": value("xsedehub_squeue_seconds_count", cluster=host),
+            "squeue_failures": value("xsedehub_squeue_failures_total", cluster=host),
+        }
+
+    before = snapshot()
+    conn = Connection(node(cluster), gateway(cluster), idle_timeout=0.5)
+    try:
+        assert await conn.status.get("1", max_age=0) is None  # one real shared squeue
+        assert value("xsedehub_ssh_connections_open", cluster=host) == 1
+        await until(lambda: not conn.is_open, 10, "the idle connection to be closed")
+        assert value("xsedehub_ssh_connections_open", cluster=host) == 0
+        assert (await conn.run(["true"])).exit_status == 0  # re-opened
+    finally:
+        conn.close()
+    nobody = Connection(LoginNode(host, 1, cluster.known_hosts), gateway(cluster))
+    with pytest.raises(ClusterUnreachable):
+        await nobody.run(["true"])  # nothing listens on port 1
+    broken = Connection(
+        LoginNode(host, cluster.login_port, cluster.known_hosts, "/nonexistent"), gateway(cluster)
+    )
+    try:
+        with pytest.raises(ClusterUnreachable, match="squeue failed"):
+            await broken.status.get("1", max_age=0)
+    finally:
+        broken.close()
+    after = snapshot()
+    assert {k: after[k] - before[k] for k in after} == {
+        "first": 2,  # conn, broken
+        "reopen": 1,
+        "failed": 1,
+        "squeues": 1,
+        "squeue_failures": 1,
+    }
