@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
 from tornado import web
 
 from .errors import ClusterUnreachable, CredentialExpired, SpawnError, StartTimeout
@@ -206,7 +205,7 @@ def squeue_done(conn: Connection, started: float, fut: asyncio.Future) -> None:
 
 
 # ----------------------------------------------------------------- read at scrape time
-class StateCollector(Collector):
+class StateCollector:
     """The gauges read from live objects when ``/metrics`` is scraped."""
 
     def describe(self) -> list[GaugeMetricFamily]:
