@@ -120,9 +120,15 @@ def test_metrics_move_after_a_spawn_and_a_refusal(hub, cluster):
     def at(samples, name, **labels):
         return samples.get((name, frozenset({"cluster": host, **labels}.items())), 0.0)
 
+    s = c.login("grace")
+    s.get(f"{c.url}/hub/spawn", timeout=30)
+    xsrf = s.cookies.get("_xsrf", path="/hub/") or s.cookies.get("_xsrf")
     before = scrape(c)
-    r = c.start("grace", {"partition": "debug", "cores": 99})
+    r = c.start("grace", {"partition": "debug", "cores": 99})  # refused in start()
     assert r.status_code == 400, r.text
+    form = {"partition": "debug", "cores": "99", "walltime": "00:10:00", "_xsrf": xsrf}
+    r = s.post(f"{c.url}/hub/spawn", data=form, timeout=30)  # refused by the form
+    assert r.status_code == 400, r.text[:300]
     r = c.start("grace", {"partition": "debug", "walltime": "00:10:00"})
     assert r.status_code in (201, 202), r.text
     c.wait_ready("grace")
@@ -134,7 +140,7 @@ def test_metrics_move_after_a_spawn_and_a_refusal(hub, cluster):
     }
     assert moved == {
         "started": 1,
-        "refused": 1,
+        "refused": 2,
         "job_failed": 0,
         "unreachable": 0,
         "timeout": 0,
