@@ -13,3 +13,7 @@ class SpawnError(RuntimeError):
 
 class CredentialExpired(SpawnError):
     """The user's certificate has expired (a new login renews it)."""
+
+
+class StartTimeout(SpawnError):
+    """The job ran, but its server did not answer within ``http_timeout``."""

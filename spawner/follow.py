@@ -16,7 +16,7 @@ from typing import Any, Protocol, TypeVar
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
-from .errors import ClusterUnreachable, SpawnError
+from .errors import ClusterUnreachable, SpawnError, StartTimeout
 from .job import JobFiles
 from .ssh import Connection
 
@@ -54,9 +54,9 @@ async def retrying(
             delay = min(delay * 2, 15)
 
 
-async def _ended(files: JobFiles, what: str) -> SpawnError:
+async def _ended(files: JobFiles, what: str, cls: type[SpawnError] = SpawnError) -> SpawnError:
     tail = await files.log_tail()
-    return SpawnError(what + (f"\nLast lines of its log:\n{tail}" if tail else ""))
+    return cls(what + (f"\nLast lines of its log:\n{tail}" if tail else ""))
 
 
 async def wait_running(
@@ -144,7 +144,9 @@ async def wait_server(
                 )
         await asyncio.sleep(delay)
         delay = min(delay * 1.5, CHECK_MAX)
-    raise await _ended(files, f"The server in job {job_id} did not answer within {timeout} s.")
+    raise await _ended(
+        files, f"The server in job {job_id} did not answer within {timeout} s.", StartTimeout
+    )
 
 
 async def port_open(port: int) -> bool:

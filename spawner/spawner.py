@@ -36,7 +36,7 @@ from traitlets import (
     validate,
 )
 
-from . import follow, form, identity, job, pending_cancel, slurm
+from . import follow, form, identity, job, metrics, pending_cancel, slurm
 from . import sandbox as sandbox_mod
 from . import validate as v
 from .errors import ClusterUnreachable, CredentialExpired, SpawnError
@@ -380,6 +380,7 @@ class SlurmSSHSpawner(Spawner):
             try:
                 self.validate_options(opts)
             except v.InvalidValue as e:
+                metrics.refused(self)
                 raise web.HTTPError(400, f"{e.field}: {e.message}") from None
             return opts
 
@@ -569,6 +570,7 @@ class SlurmSSHSpawner(Spawner):
     def _job_files(self, conn: Connection, job_dir: str) -> job.JobFiles:
         return job.JobFiles(conn, job_dir, self.log, self._log_name)
 
+    @metrics.count_spawn
     async def start(self) -> tuple[str, int]:
         self._events.clear()
         try:  # validate before anything is written or submitted anywhere
@@ -616,6 +618,7 @@ class SlurmSSHSpawner(Spawner):
         self._progress(f"Submitted batch job {self.job_id} to partition {resources.partition}", 15)
         try:
             await follow.wait_running(conn, self.job_id, files, self._submitted_at, self._progress)
+            running_at = metrics.queue_wait(self, resources.partition, self._submitted_at)
             await follow.wait_server(
                 conn,
                 self.job_id,
@@ -625,6 +628,7 @@ class SlurmSSHSpawner(Spawner):
                 timeout=self.http_timeout,
                 report=self._progress,
             )
+            metrics.startup(self, resources.partition, running_at)
             conn.status.watch(self.job_id, self, self._status_interval)
         except asyncio.CancelledError:
             # A timeout or a Stop makes JupyterHub call stop(), which cancels the job; a

@@ -11,9 +11,10 @@ import asyncio
 import logging
 import random
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
-from . import slurm
+from . import metrics, slurm
 from .errors import ClusterUnreachable
 
 if TYPE_CHECKING:
@@ -133,6 +134,9 @@ class SqueueCache:
             self._inflight_started = time.monotonic()
             self._inflight = asyncio.ensure_future(self._query())
             self._inflight.add_done_callback(self._clear)
+            self._inflight.add_done_callback(
+                partial(metrics.squeue_done, self.conn, time.monotonic())
+            )
         return await asyncio.shield(self._inflight)
 
     async def _query(self) -> dict[str, slurm.JobStatus]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import asyncssh
 
+from . import metrics
 from .errors import ClusterUnreachable
 from .squeue import SqueueCache
 
@@ -133,10 +134,12 @@ class Connection:
                 )
             except (TimeoutError, OSError, asyncssh.Error) as e:
                 self._conn = None
+                metrics.ssh_connect_failed(self)
                 raise ClusterUnreachable(
                     f"cannot reach {self.ident.username}@{self.node.host}:{self.node.port}: {e}"
                 ) from e
             self._sftp = None
+            metrics.ssh_connected(self)
             log.info("connected to %s@%s:%s", self.ident.username, self.node.host, self.node.port)
             return self._conn
 

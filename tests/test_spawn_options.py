@@ -8,6 +8,7 @@ import time
 
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import canaries, fill_nodes, make_hub, remove_canaries, stop_hub_and_proxy
 from .test_gateway import in_cluster_root
@@ -96,6 +97,70 @@ def test_spawn_from_url_query(hub):
     ).split()
     assert out == ["debug", "10:00", "2"]
     c.stop("grace")
+
+
+def scrape(c) -> dict[tuple[str, frozenset], float]:
+    """xsedehub's samples on the hub's /hub/metrics, read as a Prometheus server would
+    (with a token that has the read:metrics scope)."""
+    r = c.api.get(f"{c.url}/hub/metrics", timeout=30)
+    assert r.status_code == 200, r.text[:300]
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for fam in text_string_to_metric_families(r.text)
+        if fam.name.startswith("xsedehub_")
+        for s in fam.samples
+    }
+
+
+def test_metrics_move_after_a_spawn_and_a_refusal(hub, cluster):
+    c = hub.client
+    assert requests.get(f"{c.url}/hub/metrics", timeout=30).status_code == 403  # no token
+    host = cluster.login_ip  # the cluster label: the configured login host
+
+    def at(samples, name, **labels):
+        return samples.get((name, frozenset({"cluster": host, **labels}.items())), 0.0)
+
+    s = c.login("grace")
+    s.get(f"{c.url}/hub/spawn", timeout=30)
+    xsrf = s.cookies.get("_xsrf", path="/hub/") or s.cookies.get("_xsrf")
+    before = scrape(c)
+    r = c.start("grace", {"partition": "debug", "cores": 99})  # refused in start()
+    assert r.status_code == 400, r.text
+    form = {"partition": "debug", "cores": "99", "walltime": "00:10:00", "_xsrf": xsrf}
+    r = s.post(f"{c.url}/hub/spawn", data=form, timeout=30)  # refused by the form
+    assert r.status_code == 400, r.text[:300]
+    r = c.start("grace", {"partition": "debug", "walltime": "00:10:00"})
+    assert r.status_code in (201, 202), r.text
+    c.wait_ready("grace")
+    up = scrape(c)
+    moved = {
+        o: at(up, "xsedehub_spawns_total", outcome=o)
+        - at(before, "xsedehub_spawns_total", outcome=o)
+        for o in ("started", "refused", "job_failed", "unreachable", "timeout", "error")
+    }
+    assert moved == {
+        "started": 1,
+        "refused": 2,
+        "job_failed": 0,
+        "unreachable": 0,
+        "timeout": 0,
+        "error": 0,
+    }
+    for name in ("xsedehub_queue_wait_seconds_count", "xsedehub_startup_seconds_count"):
+        assert at(up, name, partition="debug") == at(before, name, partition="debug") + 1, name
+    assert at(up, "xsedehub_squeue_seconds_count") > at(before, "xsedehub_squeue_seconds_count")
+    assert at(up, "xsedehub_ssh_connections_open") >= 1
+    assert at(up, "xsedehub_ssh_connects_total", kind="first") >= 1
+    tunnel_keys = ("xsedehub_tunnel_keys_live", frozenset())
+    assert up[tunnel_keys] == before.get(tunnel_keys, 0) + 1
+    assert at(up, "xsedehub_jobs_believed_running") == 1
+    assert at(up, "xsedehub_jobs_in_squeue") == 1
+    assert at(up, "xsedehub_squeue_result_age_seconds") >= 0
+    assert ("xsedehub_squeue_result_age_seconds", frozenset({("cluster", host)})) in up
+    c.stop("grace")
+    down = scrape(c)
+    assert down[tunnel_keys] == before.get(tunnel_keys, 0)
+    assert at(down, "xsedehub_jobs_believed_running") == 0
 
 
 def _events(c, name: str, into: list, stop: threading.Event) -> None:

@@ -120,7 +120,7 @@ _a.allowed_users = set({sorted(allowed_users or [])!r})
 _a.admin_users = {{"admin"}}
 c.JupyterHub.load_roles = [{{"name": "tester", "scopes": ["admin:users", "admin:servers",
     "tokens", "read:users", "access:servers", "admin:auth_state",
-    "admin:server_state"], "services": ["tester"]}}]
+    "admin:server_state", "read:metrics"], "services": ["tester"]}}]
 c.JupyterHub.services = [
     {{"name": "tester", "api_token": open("{workdir}/service_token").read().strip()}}
 ]
