@@ -119,7 +119,7 @@ def test_idle_culler_service_with_documented_defaults():
     assert culler["name"] == "idle-culler"
     assert culler["command"][1:] == [
         "-m",
-        "jupyterhub_idle_culler",
+        "xsedehub.idleculler",
         "--timeout=3600",
         "--cull-every=300",
     ]
@@ -131,3 +131,48 @@ def test_idle_culler_service_with_documented_defaults():
         config.idle_culler(Config(), timeout=0)
     # the culler is installed with xsedehub
     import jupyterhub_idle_culler  # noqa: F401
+
+
+def test_the_culler_keeps_its_token_out_of_the_log_and_stops_on_sigint(tmp_path):
+    """A cull that fails (the hub unreachable) makes tornado log the culler's callback
+    with its arguments: the token is masked.  Started with SIGINT ignored (as from a
+    shell's background job), the culler still ends on the SIGINT JupyterHub stops it
+    with (plain jupyterhub_idle_culler ignored it, and each hub shutdown waited 30 s)."""
+    import os
+    import signal
+    import socket
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there: every cull fails
+    token = "feedc0ffee" * 4
+    env = dict(
+        os.environ,
+        JUPYTERHUB_API_TOKEN=token,
+        JUPYTERHUB_API_URL=f"http://127.0.0.1:{port}/hub/api",
+    )
+    err = tmp_path / "culler.err"
+    with err.open("w") as f:
+        p = subprocess.Popen(
+            [sys.executable, "-m", "xsedehub.idleculler", "--timeout=10", "--cull-every=1"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=f,
+            cwd=tmp_path,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while "api_token=" not in err.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        p.send_signal(signal.SIGINT)
+        p.wait(20)  # well below JupyterHub's 30 s before it tries SIGTERM
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    text = err.read_text()
+    assert "api_token='[secret]'" in text, text
+    assert token not in text

@@ -58,8 +58,9 @@ def idle_culler(
 ) -> None:
     """Run ``jupyterhub-idle-culler`` as a hub-managed service: servers without activity
     for ``timeout`` seconds are stopped (the spawner cancels their jobs), checked every
-    ``every`` seconds.  For a hub without TLJH (TLJH runs its own culler, which the
-    xsedehub plugin sizes the same way)::
+    ``every`` seconds.  It runs through :mod:`xsedehub.idleculler`, which keeps its API
+    token out of the hub's log and lets the hub stop it at once.  For a hub without TLJH
+    (TLJH runs its own culler, which the xsedehub plugin sizes the same way)::
 
         from xsedehub.config import apply, idle_culler
         idle_culler(c)                     # or idle_culler(c, timeout=7200)
@@ -75,7 +76,7 @@ def idle_culler(
             "command": [
                 sys.executable,
                 "-m",
-                "jupyterhub_idle_culler",
+                "xsedehub.idleculler",  # jupyterhub-idle-culler, token kept out of the log
                 f"--timeout={timeout}",
                 f"--cull-every={every}",
                 *extra_args,
