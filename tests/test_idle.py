@@ -57,7 +57,7 @@ def _culler_pid(hub_pid: int) -> int:
             cmd = (d / "cmdline").read_bytes()
         except (OSError, IndexError, ValueError):
             continue
-        if ppid == hub_pid and b"jupyterhub_idle_culler" in cmd:
+        if ppid == hub_pid and b"xsedehub.idleculler" in cmd:
             return int(d.name)
     raise AssertionError("the hub runs no jupyterhub-idle-culler")
 
