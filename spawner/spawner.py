@@ -613,6 +613,7 @@ class SlurmSSHSpawner(Spawner):
 
     @property
     def ready(self) -> bool:
+        """JupyterHub's ``ready``, but never between a cancelled start and its stop."""
         return not self._start_cancelled and super().ready
 
     async def _start(self) -> tuple[str, int]:
