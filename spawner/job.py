@@ -90,7 +90,11 @@ def script(sp: SlurmSSHSpawner, job_dir: str, hub_port: int) -> str:
         resources=sp.resources(),
         job_dir=job_dir,
         work_dir=sp.work_dir(),
-        singleuser=[*sp.cmd, *sp.get_args()],
+        singleuser=[
+            *sp.cmd,
+            *sp.get_args(),
+            *slurm.idle_args(sp.server_idle_timeout, sp.kernel_idle_timeout),
+        ],
         tunnel=slurm.Tunnel(
             host=sp.tunnel_host,
             port=sp.tunnel_port,
@@ -104,6 +108,7 @@ def script(sp: SlurmSSHSpawner, job_dir: str, hub_port: int) -> str:
         extra_directives=sp.extra_sbatch,
         spawn_id=sp.spawn_id,
         sandbox=sp.sandbox_settings(),
+        lab_disabled_plugins=tuple(sp.lab_disabled_plugins),
     )
     return slurm.build_job_script(job)
 

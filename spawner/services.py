@@ -10,7 +10,9 @@ outlive one spawner lives in the process's one :class:`HubServices`, made on fir
 * ``key_files``: the gateway's private key, read again only when its file changes;
 * ``availability``: the form's live partition availability, at most 30 s old;
 * ``pending_checked``: when the durable list of jobs still to cancel was last retried,
-  per account (see :mod:`.pending_cancel`).
+  per account (see :mod:`.pending_cancel`);
+* ``versions_checked``: the job environments whose JupyterHub version was compared
+  with the hub's at their first start (see :mod:`.versions`).
 """
 
 from __future__ import annotations
@@ -109,6 +111,10 @@ class HubServices:
         self.availability = AvailabilityCache()
         #: when each (pending-cancel file, login node, account) was last retried
         self.pending_checked: dict[tuple, float] = {}
+        #: (login node, server command) whose JupyterHub version was compared with the hub's
+        self.versions_checked: set[tuple] = set()
+        #: tasks that run beside the spawns (kept here so that they are not collected)
+        self.background: set[asyncio.Task] = set()
 
     @classmethod
     def shared(cls) -> HubServices:

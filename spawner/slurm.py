@@ -12,6 +12,7 @@ SFTP instead, and the script reads them at run time.
 from __future__ import annotations
 
 import functools
+import json
 import re
 import secrets
 import shlex
@@ -131,9 +132,14 @@ class JobScript:
     spawn_id: str = ""  # goes into --comment=xsedehub:<spawn_id> (finds orphans)
     sandbox: sb.Sandbox | None = None  # gateway mode: the attendee's sandbox (sandbox.py)
     api_timeout: int = 120  # seconds the hub API forward may take to open, else the job fails
+    #: JupyterLab plugins this job's server leaves off (page_config ``disabledExtensions``
+    #: in a folder of the job on ``JUPYTER_CONFIG_PATH``; the user's own settings stay)
+    lab_disabled_plugins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         v.job_name(self.job_name, "job name")
+        for plugin in self.lab_disabled_plugins:
+            v.lab_plugin_id(plugin, "lab_disabled_plugins")
         if self.spawn_id:
             v.slurm_name(self.spawn_id, "spawn id")
         v.relative_path(self.job_dir, "job directory", hidden=True)
@@ -227,6 +233,49 @@ def agent_program() -> str:
     return text
 
 
+def idle_args(server_idle_timeout: int, kernel_idle_timeout: int) -> list[str]:
+    """The single-user server's own idle limits, as its command-line options: with no
+    kernel, no terminal and no request for ``server_idle_timeout`` seconds the server
+    exits (jupyter-server checks once a minute), which ends the job and frees the
+    allocation even when the hub cannot be reached; kernels that ran nothing for
+    ``kernel_idle_timeout`` seconds are shut down, open notebook or not.  0 turns
+    either off."""
+    server = v.positive_int(server_idle_timeout, "server_idle_timeout", low=0, high=10**7)
+    kernel = v.positive_int(kernel_idle_timeout, "kernel_idle_timeout", low=0, high=10**7)
+    args = []
+    if server:
+        args.append(f"--ServerApp.shutdown_no_activity_timeout={server}")
+    if kernel:
+        args += [
+            f"--MappingKernelManager.cull_idle_timeout={kernel}",
+            f"--MappingKernelManager.cull_interval={max(1, min(300, kernel // 2))}",
+            "--MappingKernelManager.cull_connected=True",
+        ]
+    return args
+
+
+def lab_config_lines(job: JobScript) -> list[str]:
+    """Job-script lines that give the server a JupyterLab page config of its own (the
+    plugins of :attr:`JobScript.lab_disabled_plugins` off), in a folder of the job
+    directory put first on ``JUPYTER_CONFIG_PATH``: nothing is written to the user's
+    ``~/.jupyter``, and the user's own page config still counts.  In the sandbox the
+    job directory's path shows its ``sock`` folder, so the file goes there."""
+    if not job.lab_disabled_plugins:
+        return []
+    page_config = json.dumps(
+        {"disabledExtensions": dict.fromkeys(job.lab_disabled_plugins, True)}, sort_keys=True
+    )
+    outside = '"$XH_DIR/sock/jupyter"' if job.sandbox is not None else '"$XH_DIR/jupyter"'
+    lines = [
+        f"mkdir -p -m 0700 {outside}/labconfig && printf '%s\\n' {shlex.quote(page_config)} "
+        f"> {outside}/labconfig/page_config.json || exit 2",
+        'export JUPYTER_CONFIG_PATH="$XH_DIR/jupyter${JUPYTER_CONFIG_PATH:+:$JUPYTER_CONFIG_PATH}"',
+    ]
+    if job.sandbox is not None and job.sandbox.runtime == "apptainer":
+        lines.append('export APPTAINERENV_JUPYTER_CONFIG_PATH="$JUPYTER_CONFIG_PATH"')
+    return lines
+
+
 def build_job_script(job: JobScript) -> str:
     """The batch script.  No secret and no user-chosen text except validated values."""
     q = shlex.quote
@@ -262,6 +311,7 @@ def build_job_script(job: JobScript) -> str:
         inside = sb.words(sb.argv(job.sandbox)) + " "
         prologue = sb.setup_lines(job.sandbox) + [inside + line for line in prologue]
         singleuser = inside + singleuser
+    prologue += lab_config_lines(job)
 
     return render_job_script(
         directives=Verbatim("\n".join(sbatch_directives(job))),

@@ -19,6 +19,7 @@ from functools import partial
 from typing import Any
 from urllib.parse import urlparse
 
+import jupyterhub
 from jupyterhub.spawner import Spawner
 from sqlalchemy.orm import object_session
 from tornado import web
@@ -36,7 +37,7 @@ from traitlets import (
     validate,
 )
 
-from . import follow, form, identity, job, metrics, pending_cancel, slurm
+from . import follow, form, identity, job, metrics, pending_cancel, slurm, versions
 from . import sandbox as sandbox_mod
 from . import validate as v
 from .errors import ClusterUnreachable, CredentialExpired, SpawnError
@@ -211,6 +212,39 @@ class SlurmSSHSpawner(Spawner):
         config=True,
         help="""During a spawn, how long to keep retrying when the login node cannot be
         reached before failing with a clear message.""",
+    )
+
+    # ----------------------------------------------------------------- the server in the job
+    server_idle_timeout = Integer(
+        3600,
+        min=0,
+        config=True,
+        help="""Seconds without activity (no kernel, no terminal, no request) after which
+        the server in the job shuts itself down, which ends the job and gives its
+        allocation back even when the hub cannot be reached (jupyter-server's
+        ``ServerApp.shutdown_no_activity_timeout``; it checks once a minute).  The hub's
+        idle culler (``jupyterhub-idle-culler``, which ``xsedehub.config.idle_culler``
+        and the TLJH plugin configure) does the same from the hub side.  0: never.""",
+    )
+    kernel_idle_timeout = Integer(
+        3600,
+        min=0,
+        config=True,
+        help="""Seconds a kernel may run nothing before the server shuts it down, even
+        with its notebook open (``MappingKernelManager.cull_idle_timeout``, with
+        ``cull_connected``); a kernel that is computing is never idle.  Without kernels
+        the server can then end itself (:attr:`server_idle_timeout`).  0: never.""",
+    )
+    lab_disabled_plugins = List(
+        Unicode(),
+        default_value=["@jupyterlab/apputils-extension:announcements"],
+        config=True,
+        help="""JupyterLab plugins the job's server leaves off, for a quiet first start
+        in a workshop.  The default turns off the "get notified about official Jupyter
+        news?" pop-up (which also means no news is fetched).  Set through a page config
+        in the job's own folder, first on ``JUPYTER_CONFIG_PATH``: nothing is written to
+        the user's ``~/.jupyter``, whose own settings still count.  Empty: JupyterLab
+        as it comes.""",
     )
 
     # ----------------------------------------------------------------- tunnel
@@ -413,6 +447,21 @@ class SlurmSSHSpawner(Spawner):
         except v.InvalidValue as e:
             raise TraitError(f"SlurmSSHSpawner.{e}") from e
 
+    @validate("server_idle_timeout", "kernel_idle_timeout")
+    def _valid_idle_timeout(self, proposal: dict) -> int:
+        name = proposal["trait"].name
+        try:
+            return v.positive_int(proposal["value"], name, low=0, high=10**7)
+        except v.InvalidValue as e:
+            raise TraitError(f"SlurmSSHSpawner.{e}") from e
+
+    @validate("lab_disabled_plugins")
+    def _valid_lab_plugins(self, proposal: dict) -> list[str]:
+        try:
+            return [v.lab_plugin_id(p, "lab_disabled_plugins") for p in proposal["value"]]
+        except v.InvalidValue as e:
+            raise TraitError(f"SlurmSSHSpawner.{e}") from e
+
     # ----------------------------------------------------------------- jupyterhub defaults
     @default("env_keep")
     def _env_keep_default(self) -> list[str]:
@@ -441,6 +490,7 @@ class SlurmSSHSpawner(Spawner):
     spawn_id = Unicode("")
     ssh_user = Unicode("")
     _submitted_at = 0.0
+    _start_cancelled = False  # a start was cancelled and its stop has not run yet
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -572,6 +622,23 @@ class SlurmSSHSpawner(Spawner):
 
     @metrics.count_spawn
     async def start(self) -> tuple[str, int]:
+        self._start_cancelled = False
+        try:
+            return await self._start()
+        except asyncio.CancelledError:
+            # Stop on the progress page (or a start timeout) cancels the start; stop()
+            # follows a moment later and cancels the job.  Until then the server is not
+            # ready: JupyterHub's progress stream would otherwise tell the page "ready"
+            # (the server has its address already) and send the browser into a loop.
+            self._start_cancelled = True
+            raise
+
+    @property
+    def ready(self) -> bool:
+        """JupyterHub's ``ready``, but never between a cancelled start and its stop."""
+        return not self._start_cancelled and super().ready
+
+    async def _start(self) -> tuple[str, int]:
         self._events.clear()
         try:  # validate before anything is written or submitted anywhere
             v.server_name(self.name)
@@ -587,6 +654,7 @@ class SlurmSSHSpawner(Spawner):
         await self._reconcile_tunnel_keys()
         retry = partial(follow.retrying, within=self.cluster_retry_seconds, report=self._progress)
         conn = await retry("connecting", self.connection)
+        self._compare_versions_once(conn)
         keys = self.tunnel_keys()
         # one id per spawn, with the server's name: its own job, folder, port and key
         self.spawn_id = slurm.new_spawn_id(self.user.id, self.name)
@@ -639,6 +707,20 @@ class SlurmSSHSpawner(Spawner):
             await self._end_job(conn, job_dir)
             raise
         return ("127.0.0.1", self.hub_port)
+
+    def _compare_versions_once(self, conn: Connection) -> None:
+        """At the first start of each job environment in this hub process, compare its
+        JupyterHub with the hub's, beside the spawn (it waits for nothing), and log a
+        warning that explains a difference (:mod:`.versions`)."""
+        key = (conn.node, tuple(self.cmd))
+        if key in self.services.versions_checked:
+            return
+        self.services.versions_checked.add(key)
+        task = asyncio.ensure_future(
+            versions.warn_if_mismatched(conn, list(self.cmd), jupyterhub.__version__, self.log)
+        )
+        self.services.background.add(task)
+        task.add_done_callback(self.services.background.discard)
 
     def _persist_early(self) -> None:
         """Save the job's state and hub-side address before the job runs, so that a hub
@@ -840,6 +922,7 @@ class SlurmSSHSpawner(Spawner):
         """Revoke the job's tunnel key, then cancel the job.  JupyterHub forgets the
         server whatever happens here, so a cancel that fails is not raised: the job goes
         on the durable pending-cancel list (:attr:`pending_cancel_file`) and is retried."""
+        self._start_cancelled = False  # JupyterHub marks the stop pending meanwhile
         if not self.job_id:
             return
         if await self._end_job(None):

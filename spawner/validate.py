@@ -37,6 +37,8 @@ _DIGITS = re.compile(r"^[0-9]+$")
 _SAFE_PATH_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@+-]{0,127}$")
 _SAFE_HIDDEN_PART = re.compile(r"^\.?[A-Za-z0-9_][A-Za-z0-9_.@+-]{0,127}$")
 _HOST = re.compile(r"^[A-Za-z0-9.:_-]{1,253}$")
+# a JupyterLab plugin or extension id: "@scope/package:plugin", "package:plugin", "package"
+_LAB_PLUGIN = re.compile(r"^(?:@[a-z0-9][a-z0-9._-]*/)?[a-z0-9][a-z0-9._-]*(?::[A-Za-z0-9._-]+)?$")
 
 
 def _text(field: str, value: object, limit: int = 256) -> str:
@@ -155,6 +157,19 @@ def positive_int(value: object, field: str, *, low: int = 1, high: int = 4096) -
     if not low <= value <= high:
         raise InvalidValue(field, f"must be between {low} and {high}")
     return value
+
+
+def lab_plugin_id(value: object, field: str) -> str:
+    """A JupyterLab plugin id (``@jupyterlab/apputils-extension:announcements``) or
+    extension name (``@jupyterlab/apputils-extension``)."""
+    v = _text(field, value, 214)
+    if not _LAB_PLUGIN.match(v):
+        raise InvalidValue(
+            field,
+            f"{v!r} is not a JupyterLab plugin id "
+            "(like @jupyterlab/apputils-extension:announcements)",
+        )
+    return v
 
 
 def path_part(value: object, field: str, *, hidden: bool = False) -> str:

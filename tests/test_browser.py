@@ -1,15 +1,18 @@
 """The whole path in a real headless Chromium (Debian's package, driven by Playwright;
-no browser download), in each mode.  Screenshots land in test-artifacts/."""
+no browser download), in each mode, and a start cancelled while its job is queued.
+Screenshots land in test-artifacts/; the docs show some of them (docs/_static/shots)."""
 
 from __future__ import annotations
 
 import re
 import shutil
+import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 
-from .conftest import make_hub, stop_hub_and_proxy
+from .conftest import fill_nodes, make_hub, stop_hub_and_proxy
 
 pytestmark = pytest.mark.cluster
 
@@ -27,6 +30,25 @@ ARGS = [
     "--disable-dev-shm-usage",
 ]
 
+
+async def _open_browser(p):
+    browser = await p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+    ctx = await browser.new_context(viewport={"width": 1400, "height": 900})
+    page = await ctx.new_page()
+    page.set_default_timeout(60_000)
+    return browser, page
+
+
+async def _log_in(page, mode: str, sub: str) -> None:
+    """Through the local provider's page, as GitHub's or CILogon's would be."""
+    await page.goto(f"{HUB}/hub/login")
+    service = "GitHub" if mode == "gateway" else "CILogon"
+    await page.get_by_text(f"Sign in with {service}").click()
+    await page.fill('input[name="sub"]', sub)
+    await page.get_by_role("button", name="Authorize").click()
+    await page.wait_for_url(re.compile(r"/hub/spawn"))
+
+
 CASES = {
     # mode: (provider identity, hub user, how to get a notebook, code to run)
     "gateway": ("ada", "ada-l", "workshop"),
@@ -34,7 +56,7 @@ CASES = {
 }
 
 
-@pytest.fixture(params=sorted(CASES))
+@pytest.fixture(scope="module", params=sorted(CASES))
 def mode_hub(request, cluster, provider, issuer, tmp_path_factory):
     if not Path(CHROMIUM).exists():
         pytest.fail("Debian's chromium is not installed (scripts/install.sh installs it)")
@@ -53,19 +75,10 @@ async def test_whole_path_in_a_browser(mode_hub, cluster):
     sub, user, notebook = CASES[mode]
     ARTIFACTS.mkdir(exist_ok=True)
     async with async_playwright() as p:
-        browser = await p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        ctx = await browser.new_context(viewport={"width": 1400, "height": 900})
-        page = await ctx.new_page()
-        page.set_default_timeout(60_000)
+        browser, page = await _open_browser(p)
         try:
-            # log in through the local provider
-            await page.goto(f"{HUB}/hub/login")
-            service = "GitHub" if mode == "gateway" else "CILogon"
-            await page.get_by_text(f"Sign in with {service}").click()
-            await page.fill('input[name="sub"]', sub)
-            await page.get_by_role("button", name="Authorize").click()
+            await _log_in(page, mode, sub)
             # the spawn form: pick the debug partition and a walltime
-            await page.wait_for_url(re.compile(r"/hub/spawn"))
             await expect(page.locator("text=cores idle on")).to_have_count(2)
             # switching partition puts that partition's defaults and limits in the fields
             # (the form's JSON must reach JSON.parse intact)
@@ -110,6 +123,8 @@ async def test_whole_path_in_a_browser(mode_hub, cluster):
             out = page.locator(".jp-OutputArea-output").filter(has_text="node:").first
             await expect(out).to_contain_text("job:", timeout=90_000)
             text = await out.inner_text()
+            # a quiet first start: JupyterLab asked nothing (SlurmSSHSpawner.lab_disabled_plugins)
+            assert await page.get_by_text("official Jupyter news").count() == 0
             await page.screenshot(path=ARTIFACTS / f"{mode}-jupyterlab.png")
         except Exception:
             await page.screenshot(path=ARTIFACTS / f"{mode}-failure.png")
@@ -128,4 +143,82 @@ async def test_whole_path_in_a_browser(mode_hub, cluster):
     ]
     if mode == "xsede":
         assert "user: alice" in text
+    hub.client.stop(user)
+
+
+def _alive(job: str) -> str:
+    """The job's state while SLURM still lists it (queued, running or ending), else ""."""
+    from .test_gateway import in_cluster_root
+
+    return in_cluster_root(["squeue", "-h", "-j", job, "-t", "all", "-o", "%T"]).strip()
+
+
+async def test_cancel_while_queued(mode_hub, cluster):
+    """Stop Server on the progress page while the job waits in the queue (filler jobs
+    hold every core): the job is cancelled before the hub answers, its tunnel key and
+    secret files are gone, the page says the server stopped, and a new start works."""
+    from playwright.async_api import async_playwright, expect
+
+    from .test_gateway import in_cluster_root
+
+    mode, hub = mode_hub
+    sub, user, _ = CASES[mode]
+    account = cluster.gateway_user if mode == "gateway" else user
+    ARTIFACTS.mkdir(exist_ok=True)
+    fillers = fill_nodes(cluster)
+    try:
+        async with async_playwright() as p:
+            browser, page = await _open_browser(p)
+            try:
+                await _log_in(page, mode, sub)
+                await page.get_by_role("button", name="Start").click()
+                await expect(page.locator("#progress-log")).to_contain_text(
+                    "is pending", timeout=60_000
+                )
+                st = hub.client.user(user)["servers"][""]["state"]
+                job, spawn_id = st["job_id"], st["spawn_id"]
+                assert in_cluster_root(["squeue", "-h", "-j", job, "-o", "%T"]).strip() == (
+                    "PENDING"
+                )
+                keys = Path(cluster.tunnel_authorized_keys)
+                assert f"xsedehub:{spawn_id}" in keys.read_text()
+                job_dir = Path(f"~{account}").expanduser() / ".xsedehub/jobs" / spawn_id
+                assert (job_dir / "env").exists()
+                await page.get_by_text("Event log").click()
+                await page.screenshot(path=ARTIFACTS / f"{mode}-queued.png")
+                async with page.expect_response(
+                    lambda r: (
+                        r.request.method == "DELETE"
+                        and urlparse(r.url).path == f"/hub/api/users/{user}/server"
+                    )
+                ) as answer:
+                    t0 = time.monotonic()
+                    await page.locator("#stop-server-btn").click()
+                response = await answer.value
+                took = time.monotonic() - t0
+                # the hub's answer: the job is already out of the queue
+                state = _alive(job)
+                print(f"{mode}: Stop answered {response.status} in {took:.2f} s; job: {state!r}")
+                assert response.status == 204, await response.text()
+                assert state in ("", "CANCELLED"), state
+                await expect(page.locator("#stop-server-status")).to_contain_text("Server stopped")
+                await expect(page.locator("#progress-message")).to_contain_text(
+                    "cancelled", ignore_case=True
+                )
+                await page.screenshot(path=ARTIFACTS / f"{mode}-cancelled.png")
+            except Exception:
+                await page.screenshot(path=ARTIFACTS / f"{mode}-cancel-failure.png")
+                raise
+            finally:
+                await browser.close()
+        assert f"xsedehub:{spawn_id}" not in keys.read_text()
+        assert not (job_dir / "env").exists() and not (job_dir / "tunnel_key").exists()
+        assert not hub.client.user(user)["servers"]
+    finally:
+        in_cluster_root(["scancel", *fillers])
+    # starting again works, with a new job
+    r = hub.client.start(user)
+    assert r.status_code in (201, 202), r.text
+    hub.client.wait_ready(user)
+    assert hub.client.user(user)["servers"][""]["state"]["job_id"] != job
     hub.client.stop(user)

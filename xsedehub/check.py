@@ -30,7 +30,7 @@ from traitlets.config import Config, PyFileConfigLoader
 
 from . import gatewaysetup
 from .spawner import sandbox as sandbox_mod
-from .spawner import slurm
+from .spawner import slurm, versions
 from .spawner import validate as v
 from .spawner.ssh import ClusterUnreachable, Connection, LoginNode, SSHIdentity
 from .spawner.tunnel import TunnelKeys
@@ -81,8 +81,15 @@ MESSAGES: dict[str, tuple[str, str]] = {
         "the login and compute nodes share.",
     ),
     "singleuser-version": (
-        "The job environment has jupyterhub {remote}; the hub runs {local}",
-        "Install jupyterhub=={local} in the job environment (the major versions must match).",
+        "The job environment has jupyterhub {remote}; the hub runs {local}: {why}",
+        "Install jupyterhub=={local} in the job environment (its pip: "
+        "PYTHONNOUSERSITE=1 /path/to/job-env/bin/pip install 'jupyterhub=={local}'), or "
+        "run the hub on the job environment's version; the major versions must match.",
+    ),
+    "singleuser-minor": (
+        "The job environment has jupyterhub {remote}; the hub runs {local}: the same major "
+        "version works, but what the newer side added stays off",
+        "Install jupyterhub=={local} in the job environment when convenient (not a failure).",
     ),
     "gateway-shell": (
         "The gateway account {user}'s login shell {shell} lets attendees steer the hub: {detail}",
@@ -159,6 +166,7 @@ class Report:
     lines: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     out: Callable[[str], None] = print
 
     def ok(self, text: str) -> None:
@@ -176,6 +184,13 @@ class Report:
         what, how = MESSAGES[msg_id]
         self.skipped.append(msg_id)
         self.lines.append(f"SKIP  {what.format(**kw)}\n      how: {how.format(**kw)}")
+        self.out(self.lines[-1])
+
+    def note(self, msg_id: str, **kw: object) -> None:
+        """Worth knowing, not a failure (the exit status stays 0)."""
+        what, how = MESSAGES[msg_id]
+        self.notes.append(msg_id)
+        self.lines.append(f"NOTE  {what.format(**kw)}\n      how: {how.format(**kw)}")
         self.out(self.lines[-1])
 
     def summary(self) -> str:
@@ -225,10 +240,6 @@ def sshd_version(sshd: str) -> tuple[int, int] | None:
         return None
     m = re.search(r"OpenSSH_(\d+)\.(\d+)", r.stdout + r.stderr)
     return (int(m.group(1)), int(m.group(2))) if m else None
-
-
-def _major(version: str) -> str:
-    return version.split(".")[0]
 
 
 class Checker:
@@ -349,18 +360,18 @@ class Checker:
     async def singleuser(self, conn: Connection) -> None:
         cmd = list(self.sp.cmd)
         # the account's own site-packages (~/.local) must not decide what runs
-        r = await conn.run(["/usr/bin/env", "PYTHONNOUSERSITE=1", *cmd, "--version"], timeout=60)
-        out = str(r.stdout).strip().splitlines()
-        if r.exit_status != 0 or not out:
-            self.r.fail(
-                "singleuser-missing",
-                cmd=" ".join(cmd),
-                detail=(str(r.stderr).strip() or f"exit {r.exit_status}")[-300:],
-            )
+        try:
+            remote = await versions.job_env_version(conn, cmd)
+        except RuntimeError as e:
+            self.r.fail("singleuser-missing", cmd=" ".join(cmd), detail=str(e))
             return
-        remote, local = out[-1].strip(), metadata.version("jupyterhub")
-        if _major(remote) != _major(local):
-            self.r.fail("singleuser-version", remote=remote, local=local)
+        local = metadata.version("jupyterhub")
+        mismatch = versions.compare(local, remote)
+        if mismatch is not None and mismatch.major:
+            self.r.fail("singleuser-version", remote=remote, local=local, why=versions.WHY_MAJOR)
+            return
+        if mismatch is not None:
+            self.r.note("singleuser-minor", remote=remote, local=local)
             return
         self.r.ok(f"job environment has jupyterhub-singleuser {remote} (hub: {local})")
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -42,6 +43,60 @@ SHORT_NAMES = {
     "xsedehub-cilogon": AUTHENTICATORS["xsede"],
     "xsedehub": SPAWNER,
 }
+
+
+#: jupyterhub-idle-culler sized for batch jobs: a server idle for an hour is stopped
+#: (its job cancelled, its allocation given back), checked every five minutes.  A cloud
+#: hub's ten minutes would cost a researcher their place in the queue for a coffee break.
+IDLE_CULLER_TIMEOUT = 3600
+IDLE_CULLER_EVERY = 300
+
+
+def idle_culler(
+    c: Config,
+    *,
+    timeout: int = IDLE_CULLER_TIMEOUT,
+    every: int = IDLE_CULLER_EVERY,
+    extra_args: tuple[str, ...] = (),
+) -> None:
+    """Run ``jupyterhub-idle-culler`` as a hub-managed service: servers without activity
+    for ``timeout`` seconds are stopped (the spawner cancels their jobs), checked every
+    ``every`` seconds.  It runs through :mod:`xsedehub.idleculler`, which keeps its API
+    token out of the hub's log and lets the hub stop it at once.  For a hub without TLJH
+    (TLJH runs its own culler, which the xsedehub plugin sizes the same way)::
+
+        from xsedehub.config import apply, idle_culler
+        idle_culler(c)                     # or idle_culler(c, timeout=7200)
+        apply(c)
+    """
+    for name, value in (("timeout", timeout), ("every", every)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"idle_culler: {name} must be a whole number of seconds >= 1")
+    services = list(_get(c.JupyterHub, "services", None) or [])
+    services.append(
+        {
+            "name": "idle-culler",
+            "command": [
+                sys.executable,
+                "-m",
+                "xsedehub.idleculler",  # jupyterhub-idle-culler, token kept out of the log
+                f"--timeout={timeout}",
+                f"--cull-every={every}",
+                *extra_args,
+            ],
+        }
+    )
+    c.JupyterHub.services = services
+    roles = list(_get(c.JupyterHub, "load_roles", None) or [])
+    roles.append(
+        {
+            "name": "idle-culler",
+            "description": "Stop idle servers (their batch jobs are cancelled)",
+            "scopes": ["list:users", "read:users:activity", "read:servers", "delete:servers"],
+            "services": ["idle-culler"],
+        }
+    )
+    c.JupyterHub.load_roles = roles
 
 
 @dataclass(frozen=True)

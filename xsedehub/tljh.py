@@ -47,7 +47,15 @@ from pluggy import HookimplMarker
 from traitlets import Container, Dict, HasTraits, TraitError, TraitType, Unicode
 from traitlets.config import Config
 
-from .config import AUTH_SECTION, MODES, ConfigError, Problem, apply
+from .config import (
+    AUTH_SECTION,
+    IDLE_CULLER_EVERY,
+    IDLE_CULLER_TIMEOUT,
+    MODES,
+    ConfigError,
+    Problem,
+    apply,
+)
 
 hookimpl = HookimplMarker("tljh")
 
@@ -73,7 +81,7 @@ def defaults() -> dict[str, Any]:
 #: researcher's job (and its place in the queue) after ten idle minutes.  The install
 #: sets these unless the admin set their own; ``tljh-config set services.cull.timeout``
 #: changes them as usual.
-CULLER = {"timeout": 3600, "every": 300}
+CULLER = {"timeout": IDLE_CULLER_TIMEOUT, "every": IDLE_CULLER_EVERY}
 
 
 def tljh_config_path() -> Path:

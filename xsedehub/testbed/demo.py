@@ -22,6 +22,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from .. import config
 from . import localcluster, localhub, netns
 
 #: gateway mode: GitHub-like identities (login, numeric id)
@@ -188,6 +189,8 @@ def run(
             callback_port=port,
             poll_interval=30,
             issuer_url=issuer_url,
+            # idle servers give their allocation back, as xsedehub's defaults say
+            idle_culler=(config.IDLE_CULLER_TIMEOUT, config.IDLE_CULLER_EVERY),
         )
         hub.append(localhub.start_hub(workdir, debug=False))
         procs.append(hub[0])

@@ -37,6 +37,17 @@ def ensure_chp() -> str:
     return str(CHP)
 
 
+def _culler_config(culler: tuple[int, int] | None) -> str:
+    """jupyterhub-idle-culler as the product configures it (``timeout``, ``every``)."""
+    if culler is None:
+        return ""
+    timeout, every = culler
+    return (
+        "from xsedehub.config import idle_culler  # noqa: E402\n\n"
+        f"idle_culler(c, timeout={int(timeout)}, every={int(every)})\n"
+    )
+
+
 def write_config(
     workdir: Path,
     info: ClusterInfo,
@@ -47,6 +58,7 @@ def write_config(
     callback_port: int | None = None,
     allowed_users: list[str] | None = None,
     poll_interval: int = 30,
+    idle_culler: tuple[int, int] | None = None,
     issuer_url: str = "http://127.0.0.1:8700/v1/certificate",
     issuer_secret_file: str | None = None,
     extra: str = "",
@@ -55,7 +67,8 @@ def write_config(
     """A jupyterhub_config.py for the local cluster in ``workdir`` (0600 with its secrets).
 
     ``callback_port``: the port the browser reaches the hub on, when a bridge maps it to
-    ``public_port`` (the demo); default ``public_port``."""
+    ``public_port`` (the demo); default ``public_port``.  ``idle_culler``: run
+    jupyterhub-idle-culler with this ``(timeout, every)`` in seconds."""
     workdir.mkdir(parents=True, exist_ok=True)
     workdir.chmod(0o700)
     job_env = info.job_env
@@ -124,7 +137,7 @@ c.JupyterHub.load_roles = [{{"name": "tester", "scopes": ["admin:users", "admin:
 c.JupyterHub.services = [
     {{"name": "tester", "api_token": open("{workdir}/service_token").read().strip()}}
 ]
-{extra}
+{_culler_config(idle_culler)}{extra}
 from xsedehub.config import apply  # noqa: E402
 
 apply(c)  # picks the authenticator and spawner for the mode, or stops with the problems

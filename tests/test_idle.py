@@ -1,0 +1,113 @@
+"""Idle servers give their allocation back, from both ends, with short timeouts.
+
+One hub runs jupyterhub-idle-culler as ``xsedehub.config.idle_culler`` configures it
+(10 s, checked every 2 s).  Two servers start together: grace's server has a 5 s
+``server_idle_timeout`` (a pre-spawn hook), Ada's the default.  Right after both are
+ready the hub and its culler are frozen (SIGSTOP), as a hub that cannot be reached:
+grace's server still ends itself (jupyter-server checks once a minute), so its job
+leaves the queue while the hub is away.  The hub, thawed, sees the job's end in its next
+poll; then the culler, thawed, stops Ada's idle server and its job is cancelled.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import make_hub, stop_hub_and_proxy
+from .test_gateway import in_cluster_root
+
+POLL = 3
+
+SHORT_IDLE = """
+def _short_idle(spawner):
+    if spawner.user.name == "grace":
+        spawner.server_idle_timeout = 5
+
+c.Spawner.pre_spawn_hook = _short_idle
+"""
+
+
+@pytest.fixture(scope="module")
+def hub(cluster, provider, tmp_path_factory):
+    h = make_hub(
+        tmp_path_factory.mktemp("idlehub"),
+        cluster,
+        provider,
+        poll_interval=POLL,
+        idle_culler=(10, 2),
+        extra=SHORT_IDLE,
+    )
+    for sub in ("ada", "grace"):
+        h.client.login(sub)
+    yield h
+    stop_hub_and_proxy(h)
+
+
+def _culler_pid(hub_pid: int) -> int:
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (d / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == hub_pid and b"xsedehub.idleculler" in cmd:
+            return int(d.name)
+    raise AssertionError("the hub runs no jupyterhub-idle-culler")
+
+
+def _job_alive(job: str) -> bool:
+    out = in_cluster_root(["squeue", "-h", "-j", job, "-o", "%T"]).split()
+    return bool(out) and out[0] in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING")
+
+
+def _wait(pred, timeout: float, what: str) -> float:
+    t0 = time.monotonic()
+    while not pred():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.2)
+    return time.monotonic() - t0
+
+
+def test_idle_servers_give_the_allocation_back(hub, cluster):
+    c = hub.client
+    culler = _culler_pid(hub.proc.pid)
+    for user in ("ada-l", "grace"):
+        r = c.start(user)
+        assert r.status_code in (201, 202), r.text
+    for user in ("ada-l", "grace"):
+        c.wait_ready(user)
+    jobs = {u: c.user(u)["servers"][""]["state"]["job_id"] for u in ("ada-l", "grace")}
+    # the hub (and its culler) cannot be reached from now on
+    os.kill(culler, signal.SIGSTOP)
+    hub.proc.send_signal(signal.SIGSTOP)
+    frozen = time.monotonic()
+    try:
+        # grace's server ends itself, and with it the job: the allocation is free
+        took = _wait(lambda: not _job_alive(jobs["grace"]), 150, "grace's job to end")
+        print(f"grace's job ended {took:.1f} s after the hub froze")
+        assert _job_alive(jobs["ada-l"]), "Ada's server (default idle limit) ended too"
+    finally:
+        hub.proc.send_signal(signal.SIGCONT)
+    thawed = time.monotonic()
+    noticed = _wait(lambda: not c.user("grace")["servers"], 60, "the hub to notice")
+    print(
+        f"the hub noticed grace's job had ended {noticed:.1f} s after it was thawed "
+        f"(poll interval {POLL} s; frozen for {thawed - frozen:.1f} s)"
+    )
+    log = hub.log
+    assert f"job {jobs['grace']} is" in log  # the poll saw the job end: no stop was needed
+    assert f"cancelled job {jobs['grace']}" not in log
+    # now the culler: Ada's server has been idle for longer than its 10 s
+    os.kill(culler, signal.SIGCONT)
+    culled = _wait(lambda: not c.user("ada-l")["servers"], 60, "the culler to stop Ada's server")
+    print(f"the culler stopped Ada's idle server {culled:.1f} s after it was thawed")
+    assert not _job_alive(jobs["ada-l"])
+    assert f"cancelled job {jobs['ada-l']}" in hub.log
