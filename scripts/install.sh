@@ -10,7 +10,9 @@
 #                       with this package editable and its test and docs extras
 #   $PREFIX/chp         configurable-http-proxy (npm, pinned)
 #   $PREFIX/job-env     the environment batch jobs run (jupyterhub = the hub's, jupyterlab,
-#                       nbgitpuller), built by `xsedehub cluster install`
+#                       nbgitpuller, xsedehub-jobext), built by `xsedehub cluster install`
+#   $PREFIX/wheels/jobext  the xsedehub-jobext wheel (scripts/build-jobext.sh: npm registry,
+#                       skipped when built for the same sources), installed into job-env
 #   $PREFIX/wheels/tljh The Littlest JupyterHub (from its source snapshot, default
 #                       ../shared/vendor/the-littlest-jupyterhub-*.tar.gz, or
 #                       $XSEDEHUB_TLJH_SOURCE), its hub environment and xsedehub's

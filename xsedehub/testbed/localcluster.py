@@ -39,6 +39,7 @@ from .clusterconf import (
     LOGIN_IP,
     NODE_CPUS,
     NODES,
+    PREFIX,
     RESEARCHERS,
     ROOT,
     SSH_PORT,
@@ -72,6 +73,10 @@ APT_PACKAGES = [
     "bubblewrap",  # the attendee sandbox of gateway-mode jobs
 ]
 JOB_PACKAGES = ["jupyterlab>=4,<5", "nbgitpuller>=1.2"]
+#: xsedehub's job-side extension (jobext/: the walltime in JupyterLab), built into a wheel
+#: by this script (npm registry, at install time) and installed into the job environment
+JOBEXT_BUILD = Path(__file__).resolve().parents[2] / "scripts" / "build-jobext.sh"
+JOBEXT_MARK = "xsedehub-jobext.wheel"  # in the job env: the wheel installed there
 
 
 @dataclass
@@ -188,7 +193,8 @@ def job_env_problem(path: Path = JOB_ENV, jupyterhub: str | None = None) -> str 
         [
             str(py),
             "-c",
-            "import jupyterhub, jupyterlab, nbgitpuller; print(jupyterhub.__version__)",
+            "import jupyterhub, jupyterlab, nbgitpuller, xsedehub_jobext; "
+            "print(jupyterhub.__version__)",
         ],
         capture_output=True,
         text=True,
@@ -204,7 +210,9 @@ def job_env_problem(path: Path = JOB_ENV, jupyterhub: str | None = None) -> str 
 def ensure_job_env(path: Path = JOB_ENV, jupyterhub: str | None = None) -> None:
     """World-readable venv from the system Python with the same jupyterhub as the hub
     (or ``jupyterhub``: the version another hub runs, e.g. TLJH's)."""
-    if job_env_problem(path, jupyterhub) is None:
+    problem = job_env_problem(path, jupyterhub)
+    if problem is None or "xsedehub_jobext" in problem:
+        ensure_jobext(path)
         return
     want = jupyterhub or metadata.version("jupyterhub")
     _log(f"building the job environment {path} (jupyterhub=={want})")
@@ -213,7 +221,26 @@ def ensure_job_env(path: Path = JOB_ENV, jupyterhub: str | None = None) -> None:
     _run(["/usr/bin/python3", "-m", "venv", "--clear", str(path)])
     _run([str(path / "bin/pip"), "install", "-q", "--upgrade", "pip"])
     _run([str(path / "bin/pip"), "install", "-q", f"jupyterhub=={want}", *JOB_PACKAGES])
-    _run(["chmod", "-R", "a+rX", str(path)])
+    ensure_jobext(path)
+
+
+def ensure_jobext(path: Path) -> None:
+    """Build the xsedehub-jobext wheel for the job environment at ``path`` (skipped when
+    built for the same sources and JupyterLab) and install it there if it is not yet."""
+    wheel = (
+        _run(
+            ["bash", str(JOBEXT_BUILD), str(path / "bin/python"), str(PREFIX / "wheels" / "jobext")]
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+    mark = path / JOBEXT_MARK
+    if not mark.exists() or mark.read_text().strip() != wheel:
+        _log(f"installing {wheel} into {path}")
+        pip = [str(path / "bin/pip"), "install", "-q", "--no-deps", "--force-reinstall"]
+        _run([*pip, wheel])
+        mark.write_text(wheel + "\n")
+    _run(["chmod", "-R", "a+rX", str(path), str(PREFIX / "wheels" / "jobext")])
 
 
 def missing_pieces() -> list[str]:
