@@ -36,12 +36,13 @@ from traitlets import (
     validate,
 )
 
-from . import follow, form, identity, job, pending_cancel, slurm
+from . import follow, form, identity, job, pending_cancel, slurm, walltime
 from . import sandbox as sandbox_mod
 from . import validate as v
 from .errors import ClusterUnreachable, CredentialExpired, SpawnError
 from .progress import Progress
 from .services import HubServices
+from .squeue import SqueueCache
 from .ssh import Connection, LoginNode, SSHIdentity
 from .tunnel import TunnelKeys
 
@@ -132,6 +133,15 @@ class SlurmSSHSpawner(Spawner):
     partition = Unicode("compute", config=True, help="Default SLURM partition.")
     walltime = Unicode(
         "01:00:00", config=True, help="Default walltime, ``[D-]HH:MM[:SS]`` or minutes."
+    )
+    walltime_warnings = List(
+        Integer(min=1),
+        [600, 120],
+        config=True,
+        help="""Seconds before a job's walltime at which JupyterLab warns its user (a
+        notification telling them to save), with the time left counting down in the
+        status bar (the job environment needs ``xsedehub-jobext``, see
+        docs/howto/walltime.md).  Empty: the countdown without warnings.""",
     )
     cores = Integer(1, config=True, help="Default CPU cores per server (``--cpus-per-task``).")
     memory = Unicode("2G", config=True, help="Default memory per server (``--mem``), e.g. ``2G``.")
@@ -419,7 +429,10 @@ class SlurmSSHSpawner(Spawner):
     hub_port = Integer(0)
     spawn_id = Unicode("")
     ssh_user = Unicode("")
+    #: why the last job ended, when the hub page should say (it reached its walltime)
+    end_note = Unicode("")
     _submitted_at = 0.0
+    _job_cache: SqueueCache | None = None  # the shared squeue that follows the job
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -438,6 +451,7 @@ class SlurmSSHSpawner(Spawner):
         self.hub_port = int(state.get("hub_port", 0))
         self.spawn_id = state.get("spawn_id", "")
         self.ssh_user = state.get("ssh_user", "")
+        self.end_note = state.get("end_note", "")
 
     def get_state(self) -> dict[str, Any]:
         state = super().get_state()
@@ -449,6 +463,8 @@ class SlurmSSHSpawner(Spawner):
                 spawn_id=self.spawn_id,
                 ssh_user=self.ssh_user,
             )
+        if self.end_note:  # kept after the job (clear_state leaves it) until a new start
+            state["end_note"] = self.end_note
         return state
 
     def clear_state(self) -> None:
@@ -551,6 +567,7 @@ class SlurmSSHSpawner(Spawner):
 
     async def start(self) -> tuple[str, int]:
         self._events.clear()
+        self.end_note = ""
         try:  # validate before anything is written or submitted anywhere
             resources = self.resources()
         except v.InvalidValue as e:
@@ -604,6 +621,7 @@ class SlurmSSHSpawner(Spawner):
                 report=self._progress,
             )
             conn.status.watch(self.job_id, self, self._status_interval)
+            self._job_cache = conn.status
         except asyncio.CancelledError:
             # A timeout or a Stop makes JupyterHub call stop(), which cancels the job; a
             # hub that is shutting down does not: the job and its saved state then
@@ -772,10 +790,13 @@ class SlurmSSHSpawner(Spawner):
                 self.http_timeout = max(self.http_timeout, self.start_timeout)
             elif not self._start_pending and self._is_own(conn):
                 conn.status.watch(self.job_id, self, self._status_interval)
+                self._job_cache = conn.status
             return None
         self.log.info(
             "%s: job %s is %s", self._log_name, self.job_id, st.state if st else "gone from SLURM"
         )
+        if st is not None and st.state in walltime.TIMEOUT_STATES:
+            self.end_note = walltime.timeout_message(self.job_id, self._time_limit(st))
         try:
             await self.tunnel_keys().revoke(self.spawn_id)
         except (OSError, ValueError) as e:
@@ -784,6 +805,25 @@ class SlurmSSHSpawner(Spawner):
         # a job killed outright (SIGKILL, node failure) never ran its cleanup
         await self._job_files(conn, f"{self.job_dir_root}/{self.spawn_id}").remove_secrets()
         return 1
+
+    def walltime_left(self) -> walltime.TimeLeft | None:
+        """The running job's end, from the shared squeue's last answer (no I/O), or None."""
+        if not self.job_id or self._job_cache is None:
+            return None
+        return walltime.time_left(self._job_cache.jobs.get(self.job_id))
+
+    def _time_limit(self, st: slurm.JobStatus) -> int | None:
+        """The ended job's time limit: SLURM's word, else the walltime it was given."""
+        limit = walltime.parse_duration(st.time_limit)
+        if limit is None and self._job_cache is not None:
+            last = self._job_cache.jobs.get(self.job_id)
+            limit = walltime.parse_duration(last.time_limit) if last else None
+        if limit is None:
+            try:
+                limit = self.resources().walltime_minutes * 60
+            except v.InvalidValue:
+                return None
+        return limit
 
     async def _job_status(self, conn: Connection) -> slurm.JobStatus | None:
         """The job's status; None only when SLURM confirms it knows no such job."""

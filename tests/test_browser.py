@@ -27,6 +27,7 @@ ARGS = [
     "--disable-dev-shm-usage",
 ]
 
+WARNINGS = [1500, 120]
 CASES = {
     # mode: (provider identity, hub user, how to get a notebook, code to run)
     "gateway": ("ada", "ada-l", "workshop"),
@@ -40,7 +41,14 @@ def mode_hub(request, cluster, provider, issuer, tmp_path_factory):
         pytest.fail("Debian's chromium is not installed (scripts/install.sh installs it)")
     mode = request.param
     h = make_hub(
-        tmp_path_factory.mktemp(f"browser-{mode}"), cluster, provider, mode=mode, poll_interval=5
+        tmp_path_factory.mktemp(f"browser-{mode}"),
+        cluster,
+        provider,
+        mode=mode,
+        poll_interval=5,
+        # a first warning 25 minutes before the walltime: the 20-minute job below is
+        # within it as soon as JupyterLab opens (no waiting for the default 10 minutes)
+        extra=f"c.SlurmSSHSpawner.walltime_warnings = {WARNINGS}",
     )
     yield mode, h
     stop_hub_and_proxy(h)
@@ -111,6 +119,23 @@ async def test_whole_path_in_a_browser(mode_hub, cluster):
             await expect(out).to_contain_text("job:", timeout=90_000)
             text = await out.inner_text()
             await page.screenshot(path=ARTIFACTS / f"{mode}-jupyterlab.png")
+            # the job's time left counts down in the status bar (xsedehub-jobext) ...
+            left = page.locator("#xh-walltime")
+            await expect(left).to_have_text(re.compile(r"^Job ends in 1\d:\d\d$"))
+            first = await left.text_content()
+            await expect(left).not_to_have_text(first or "", timeout=5_000)
+            # ... and the first warning is there: the job is within 25 minutes of its end
+            warning = page.locator(".Toastify__toast").filter(has_text="walltime")
+            await expect(warning).to_contain_text("Save your work now")
+            await expect(warning).to_contain_text(re.compile(r"in about (19|20) minutes"))
+            await page.screenshot(path=ARTIFACTS / f"{mode}-walltime-warning.png")
+            # the hub's home page: the time left next to the server
+            await page.goto(f"{HUB}/hub/home")
+            home_left = page.locator(".xh-walltime")
+            await expect(home_left).to_contain_text(
+                re.compile(r"runs in SLURM job \d+: 1\d:\d\d left of its 20 min walltime")
+            )
+            await page.screenshot(path=ARTIFACTS / f"{mode}-home-walltime.png")
         except Exception:
             await page.screenshot(path=ARTIFACTS / f"{mode}-failure.png")
             raise

@@ -265,8 +265,27 @@ def apply(c: Config, mode: str | None = None) -> str:
     c.SlurmSSHSpawner.mode = mode
     # batch jobs outlive the hub process: keep them, and the proxy routes to them
     c.JupyterHub.cleanup_servers = False
+    _add_walltime_pages(c)
     c[AUTH_SECTION[mode]].enable_auth_state = True
     key_file = _get(c.XSEDEHub, "crypt_key_file")
     if key_file:
         c.CryptKeeper.keys = [read_crypt_key(key_file)]
     return mode
+
+
+#: the hub's page templates of xsedehub (the home page with the jobs' walltime)
+TEMPLATES = str(Path(__file__).parent / "templates")
+
+
+def _add_walltime_pages(c: Config) -> None:
+    """The home page showing each job's time left and why it ended, and the API the
+    job-side extension asks for the time left (docs/howto/walltime.md).  A site's own
+    templates and handlers come first."""
+    from xsedehub.spawner.walltime import HANDLERS
+
+    paths = list(_get(c.JupyterHub, "template_paths") or [])
+    if TEMPLATES not in paths:
+        c.JupyterHub.template_paths = [*paths, TEMPLATES]
+    handlers = list(_get(c.JupyterHub, "extra_handlers") or [])
+    if not any(h in handlers for h in HANDLERS):
+        c.JupyterHub.extra_handlers = [*handlers, *HANDLERS]

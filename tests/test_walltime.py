@@ -1,0 +1,102 @@
+"""The walltime's pure parts: SLURM durations, the wording, the end from squeue's time
+left, and the hub wiring (home template, API handler).  End to end: tests/test_browser.py
+(the countdown and a warning in JupyterLab, the home page) and
+tests/test_faults.py::test_walltime_end_is_noticed (the page after a job's walltime)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from traitlets.config import Config
+from xsedehub.spawner import slurm, walltime
+
+
+@pytest.mark.parametrize(
+    "text,seconds",
+    [
+        ("0:59", 59),
+        ("1:00", 60),  # MM:SS: squeue's %l of a one-minute job
+        ("19:58", 19 * 60 + 58),
+        ("1:00:00", 3600),
+        ("12:34:56", 12 * 3600 + 34 * 60 + 56),
+        ("2-00:00:00", 2 * 86400),
+        ("1-02:03:04", 86400 + 7384),
+        ("UNLIMITED", None),
+        ("NOT_SET", None),
+        ("INVALID", None),
+        ("", None),
+        ("1:2:3:4", None),
+        ("-1:00", None),
+    ],
+)
+def test_parse_duration(text, seconds):
+    assert walltime.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(
+    "seconds,words",
+    [
+        (45, "45 s"),
+        (60, "1 min"),
+        (15 * 60, "15 min"),
+        (3600, "1 h"),
+        (5400, "1 h 30 min"),
+        (2 * 86400 + 4 * 3600, "2 d 4 h"),
+    ],
+)
+def test_describe(seconds, words):
+    assert walltime.describe(seconds) == words
+
+
+def test_timeout_message_names_the_walltime():
+    assert "job 42 reached its 1 h walltime" in walltime.timeout_message("42", 3600)
+    assert "job 42 reached its walltime" in walltime.timeout_message("42", None)
+
+
+def test_squeue_format_carries_time_left_and_limit_before_the_comment():
+    # the comment is last: it may hold anything, "|" included
+    text = (
+        "12|RUNNING|node1|None|2026-11-26T10:00:00|gateway|18:30|20:00|xsedehub:u3-a|b\n"
+        "13|PENDING||Resources|N/A|gateway|20:00|20:00|(null)\n"
+        "14|TIMEOUT|node2|TimeLimit|2026-11-26T09:00:00|gateway|0:00|1:00|xsedehub:u4-c\n"
+    )
+    jobs = slurm.parse_squeue(text, observed_at=1000.0)
+    assert slurm.SQUEUE_FORMAT.endswith("|%L|%l|%k")
+    assert jobs["12"].time_left == "18:30" and jobs["12"].time_limit == "20:00"
+    assert jobs["12"].comment == "xsedehub:u3-a|b" and jobs["12"].observed_at == 1000.0
+    assert jobs["13"].comment == ""
+    left = walltime.time_left(jobs["12"])
+    assert left == walltime.TimeLeft("12", 1000.0 + 18 * 60 + 30, 20 * 60)
+    assert left.seconds_left(now=1010.0) == 18 * 60 + 20
+    assert left.seconds_left(now=10**6) == 0
+    assert left.limit_text == "20 min"
+    assert walltime.time_left(jobs["13"]) is None  # not running: no end yet
+    assert walltime.time_left(jobs["14"]) is None
+    assert jobs["14"].state in walltime.TIMEOUT_STATES
+
+
+def test_time_left_needs_a_limit_and_the_time_of_the_query():
+    unlimited = slurm.parse_squeue("1|RUNNING|n|None|x|u|UNLIMITED|UNLIMITED|", 5.0)["1"]
+    assert walltime.time_left(unlimited) is None
+    unobserved = slurm.parse_squeue("1|RUNNING|n|None|x|u|10:00|20:00|")["1"]
+    assert walltime.time_left(unobserved) is None
+
+
+def test_apply_adds_the_home_page_and_the_walltime_api_after_the_sites_own():
+    from xsedehub.config import TEMPLATES, _add_walltime_pages
+
+    c = Config()
+    c.JupyterHub.template_paths = ["/site/templates"]
+    c.JupyterHub.extra_handlers = [("/api/site", object)]
+    _add_walltime_pages(c)
+    _add_walltime_pages(c)  # idempotent
+    assert c.JupyterHub.template_paths == ["/site/templates", TEMPLATES]
+    assert c.JupyterHub.extra_handlers == [("/api/site", object), *walltime.HANDLERS]
+    assert (Path(TEMPLATES) / "home.html").is_file()
+
+
+def test_walltime_warnings_default_ten_and_two_minutes():
+    from xsedehub.spawner.spawner import SlurmSSHSpawner
+
+    assert SlurmSSHSpawner().walltime_warnings == [600, 120]
