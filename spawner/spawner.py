@@ -433,6 +433,7 @@ class SlurmSSHSpawner(Spawner):
     end_note = Unicode("")
     _submitted_at = 0.0
     _job_cache: SqueueCache | None = None  # the shared squeue that follows the job
+    _last_end: walltime.TimeLeft | None = None  # the job's end, as last seen running
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -568,6 +569,7 @@ class SlurmSSHSpawner(Spawner):
     async def start(self) -> tuple[str, int]:
         self._events.clear()
         self.end_note = ""
+        self._last_end = None
         try:  # validate before anything is written or submitted anywhere
             resources = self.resources()
         except v.InvalidValue as e:
@@ -791,11 +793,12 @@ class SlurmSSHSpawner(Spawner):
             elif not self._start_pending and self._is_own(conn):
                 conn.status.watch(self.job_id, self, self._status_interval)
                 self._job_cache = conn.status
+            self._last_end = walltime.time_left(st) or self._last_end
             return None
         self.log.info(
             "%s: job %s is %s", self._log_name, self.job_id, st.state if st else "gone from SLURM"
         )
-        if st is not None and st.state in walltime.TIMEOUT_STATES:
+        if st is not None and walltime.reached(st.state, self.walltime_left(), time.time()):
             self.end_note = walltime.timeout_message(self.job_id, self._time_limit(st))
         try:
             await self.tunnel_keys().revoke(self.spawn_id)
@@ -808,16 +811,18 @@ class SlurmSSHSpawner(Spawner):
 
     def walltime_left(self) -> walltime.TimeLeft | None:
         """The running job's end, from the shared squeue's last answer (no I/O), or None."""
-        if not self.job_id or self._job_cache is None:
-            return None
-        return walltime.time_left(self._job_cache.jobs.get(self.job_id))
+        if self.job_id and self._job_cache is not None:
+            left = walltime.time_left(self._job_cache.jobs.get(self.job_id))
+            if left is not None and left.job_id == self.job_id:
+                self._last_end = left
+        last = self._last_end
+        return last if last is not None and last.job_id == self.job_id else None
 
     def _time_limit(self, st: slurm.JobStatus) -> int | None:
         """The ended job's time limit: SLURM's word, else the walltime it was given."""
         limit = walltime.parse_duration(st.time_limit)
-        if limit is None and self._job_cache is not None:
-            last = self._job_cache.jobs.get(self.job_id)
-            limit = walltime.parse_duration(last.time_limit) if last else None
+        if limit is None and self._last_end is not None:
+            limit = self._last_end.limit
         if limit is None:
             try:
                 limit = self.resources().walltime_minutes * 60

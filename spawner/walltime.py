@@ -55,6 +55,23 @@ def describe(seconds: int) -> str:
     return " ".join(parts)
 
 
+#: the job script asks SLURM for SIGTERM 60 s before the walltime (``--signal=B:TERM@60``,
+#: :func:`.slurm.sbatch_directives`) and ends on it, so a job "reaching its walltime"
+#: usually ends FAILED (143), not TIMEOUT; SLURM may send that signal up to 60 s early
+SIGNAL_LEAD = 60 + 60 + 5
+
+
+def reached(state: str, last: TimeLeft | None, now: float) -> bool:
+    """Whether a job that ended in ``state`` ended at its walltime: SLURM says TIMEOUT,
+    or it ended (not cancelled) within the time before its end in which SLURM sends the
+    job script its warning signal (``last``: the job's end as last seen running)."""
+    if state in TIMEOUT_STATES:
+        return True
+    if state == "CANCELLED" or last is None:
+        return False
+    return now >= last.end - SIGNAL_LEAD
+
+
 def timeout_message(job_id: str, limit_seconds: int | None) -> str:
     """What the hub page says of a job SLURM ended at its walltime."""
     limit = f" {describe(limit_seconds)}" if limit_seconds else ""

@@ -278,6 +278,9 @@ def test_walltime_end_is_noticed(hub):
     # the home page says why the server stopped, until the next start
     home = browser.get(f"{c.url}/hub/home", timeout=30).text
     assert f"Your job {job} reached its 1 min walltime" in home, home
+    # and so does the page of the stopped server (a JupyterLab tab reloaded)
+    page = browser.get(f"{c.url}/hub/user/admin/", timeout=30)
+    assert f"Your job {job} reached its 1 min walltime" in page.text, page.text
 
 
 def test_slurmctld_restart_loses_nothing(hub, cluster):

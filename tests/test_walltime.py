@@ -76,6 +76,30 @@ def test_squeue_format_carries_time_left_and_limit_before_the_comment():
     assert jobs["14"].state in walltime.TIMEOUT_STATES
 
 
+@pytest.mark.parametrize(
+    "state,seconds_before_end,reached",
+    [
+        ("TIMEOUT", 3000, True),  # SLURM's own word
+        ("DEADLINE", 3000, True),
+        # the job script ends on SLURM's TERM 60 s before the end (sent up to 60 s early)
+        ("FAILED", 100, True),
+        ("COMPLETED", 60, True),
+        ("FAILED", -30, True),  # noticed after the end
+        ("FAILED", 600, False),  # a server that failed ten minutes before the end
+        ("COMPLETED", 3000, False),
+        ("CANCELLED", 30, False),  # scancel / the user's stop, however late
+    ],
+)
+def test_reached_walltime(state, seconds_before_end, reached):
+    last = walltime.TimeLeft("7", end=10_000.0, limit=3600)
+    assert walltime.reached(state, last, 10_000.0 - seconds_before_end) is reached
+
+
+def test_reached_walltime_needs_the_end_unless_slurm_says_timeout():
+    assert walltime.reached("TIMEOUT", None, 0.0)
+    assert not walltime.reached("FAILED", None, 0.0)
+
+
 def test_time_left_needs_a_limit_and_the_time_of_the_query():
     unlimited = slurm.parse_squeue("1|RUNNING|n|None|x|u|UNLIMITED|UNLIMITED|", 5.0)["1"]
     assert walltime.time_left(unlimited) is None
