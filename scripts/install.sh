@@ -43,6 +43,7 @@ pkgs+=(chromium)   # the browser tests drive Debian's chromium (no browser downl
 # the local cluster (xsedehub/localcluster.py APT_PACKAGES checks the same list)
 pkgs+=(slurm-wlm munge openssh-server openssh-client)
 pkgs+=(bubblewrap)  # the attendee sandbox of gateway-mode jobs (SlurmSSHSpawner.sandbox)
+pkgs+=(sudo)  # the local cluster's site command extending a job's walltime
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

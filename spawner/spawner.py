@@ -143,6 +143,24 @@ class SlurmSSHSpawner(Spawner):
         status bar (the job environment needs ``xsedehub-jobext``, see
         docs/howto/walltime.md).  Empty: the countdown without warnings.""",
     )
+    walltime_extend_command = List(
+        Unicode(),
+        [],
+        config=True,
+        help="""Lets users extend their running job from JupyterLab (off when empty, the
+        default).  The command (an argv) runs on the login node as the job's account,
+        followed by the job id and the new time limit in minutes, e.g. ``["sudo", "-n",
+        "/usr/local/sbin/xsedehub-extend-walltime"]``: SLURM lets users only shorten
+        their jobs, so the site provides a command that may lengthen them (see
+        docs/howto/walltime.md).  Each extension adds
+        :attr:`walltime_extend_minutes`, up to the partition's ``max_walltime``.""",
+    )
+    walltime_extend_minutes = Integer(
+        30,
+        min=1,
+        config=True,
+        help="Minutes one extension adds to a job's time limit (see walltime_extend_command).",
+    )
     cores = Integer(1, config=True, help="Default CPU cores per server (``--cpus-per-task``).")
     memory = Unicode("2G", config=True, help="Default memory per server (``--mem``), e.g. ``2G``.")
     gpus = Integer(0, config=True, help="Default number of GPUs (``--gpus``), 0 for none.")
@@ -817,6 +835,70 @@ class SlurmSSHSpawner(Spawner):
                 self._last_end = left
         last = self._last_end
         return last if last is not None and last.job_id == self.job_id else None
+
+    def _extension(self) -> int | None:
+        """The time limit (minutes) the next extension asks for, or None (not allowed)."""
+        last = self.walltime_left()
+        if not self.walltime_extend_command or last is None:
+            return None
+        try:
+            resources = self.resources()
+            spec = {p.name: p for p in self.partition_specs()}.get(resources.partition)
+        except v.InvalidValue:
+            return None
+        if spec is None:
+            return None
+        return walltime.extended_limit(last.limit, self.walltime_extend_minutes, spec.max_walltime)
+
+    def walltime_status(self) -> dict[str, Any]:
+        """What the hub's walltime API answers (see :class:`.walltime.WalltimeAPIHandler`)."""
+        last = self.walltime_left()
+        new = self._extension()
+        return {
+            "job_id": self.job_id,
+            "seconds_left": round(last.seconds_left(), 1) if last else None,
+            "limit_seconds": last.limit if last else None,
+            "warnings": list(self.walltime_warnings),
+            "extend": new - last.limit // 60 if new and last and last.limit else 0,
+        }
+
+    async def extend_walltime(self) -> dict[str, Any]:
+        """Ask for more time (:attr:`walltime_extend_command`) and report the answer."""
+        if not self.walltime_extend_command:
+            return {
+                **self.walltime_status(),
+                "ok": False,
+                "message": "This site does not allow extending jobs.",
+            }
+        new = self._extension()
+        if new is None:
+            return {
+                **self.walltime_status(),
+                "ok": False,
+                "message": "The job is at its partition's time limit already.",
+            }
+        if not (self.job_id.isascii() and self.job_id.isdigit()):
+            return {**self.walltime_status(), "ok": False, "message": "No job to extend."}
+        argv = [*self.walltime_extend_command, self.job_id, str(new)]
+        try:
+            conn = await self.connection()
+            r = await conn.run(argv, timeout=60)
+            answer = (str(r.stdout).strip() + "\n" + str(r.stderr).strip()).strip()
+            ok = r.exit_status == 0
+            # the new limit, as SLURM tells it (the shared squeue, asked now)
+            await conn.status.get(self.job_id, max_age=0, not_before=time.monotonic())
+        except Exception as e:  # the cluster unreachable, an expired certificate...
+            self.log.warning("%s: extending job %s failed: %s", self._log_name, self.job_id, e)
+            answer, ok = f"The cluster did not answer: {e}", False
+        self.log.info(
+            "%s: extend job %s to %s min: %s (%s)",
+            self._log_name,
+            self.job_id,
+            new,
+            "done" if ok else "refused",
+            answer[:300],
+        )
+        return {**self.walltime_status(), "ok": ok, "message": answer[:500]}
 
     def _time_limit(self, st: slurm.JobStatus) -> int | None:
         """The ended job's time limit: SLURM's word, else the walltime it was given."""

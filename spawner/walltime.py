@@ -108,35 +108,45 @@ def time_left(st: JobStatus | None) -> TimeLeft | None:
     return TimeLeft(st.job_id, st.observed_at + left, parse_duration(st.time_limit))
 
 
-class WalltimeAPIHandler(APIHandler):
-    """``GET /hub/api/xsedehub/walltime/<server name>``: the server's time left, for its
-    owner (a token of the user, such as the server's own, or the user's browser session).
+def extended_limit(limit_seconds: int | None, step_minutes: int, max_minutes: int) -> int | None:
+    """The time limit (minutes) one extension asks for: ``step_minutes`` more, at most the
+    partition's ``max_minutes``; ``None`` when the job is at that limit already (or its
+    limit is unknown)."""
+    if limit_seconds is None:
+        return None
+    current = limit_seconds // 60
+    new = min(current + step_minutes, max_minutes)
+    return new if new > current else None
 
-    Answers ``{"job_id", "seconds_left", "limit_seconds", "warnings"}``; ``seconds_left``
-    is ``null`` while the hub does not know it (the job is not running yet, or the hub
-    has not seen it in squeue since it started).
+
+class WalltimeAPIHandler(APIHandler):
+    """``/hub/api/xsedehub/walltime/<server name>``, for the server's owner (a token of
+    the user, such as the server's own).
+
+    ``GET``: ``{"job_id", "seconds_left", "limit_seconds", "warnings", "extend"}``;
+    ``seconds_left`` is ``null`` while the hub does not know it (the job is not running
+    yet); ``extend`` is the minutes one extension adds, 0 when the site allows none
+    or the job is at its partition's limit.
+    ``POST``: extend the job (``SlurmSSHSpawner.walltime_extend_command``); answers the
+    same fields plus ``ok`` and ``message`` (SLURM's or the site command's answer).
     """
 
-    def get(self, server_name: str = "") -> None:
+    def _spawner(self, server_name: str) -> Any:
         user = self.current_user
         if user is None or getattr(user, "kind", "user") != "user":
             raise web.HTTPError(403)
         spawner = user.spawners.get(server_name) if server_name in user.spawners else None
-        if spawner is None or not spawner.active:
+        if spawner is None or not spawner.active or not hasattr(spawner, "walltime_status"):
             raise web.HTTPError(404, f"no server {server_name!r} running")
-        info = getattr(spawner, "walltime_left", lambda: None)()
-        body: dict[str, Any] = {
-            "job_id": getattr(spawner, "job_id", ""),
-            "seconds_left": None,
-            "limit_seconds": None,
-            "warnings": list(getattr(spawner, "walltime_warnings", [])),
-        }
-        if info is not None:
-            body.update(
-                job_id=info.job_id,
-                seconds_left=round(info.seconds_left(), 1),
-                limit_seconds=info.limit,
-            )
+        return spawner
+
+    def get(self, server_name: str = "") -> None:
+        body = self._spawner(server_name).walltime_status()
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(body))
+
+    async def post(self, server_name: str = "") -> None:
+        body = await self._spawner(server_name).extend_walltime()
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps(body))
 

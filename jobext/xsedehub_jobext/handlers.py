@@ -31,15 +31,35 @@ class HubWalltime:
     def configured(self) -> bool:
         return bool(self.api_url and self.token)
 
+    @property
+    def url(self) -> str:
+        return f"{self.api_url}/xsedehub/walltime/{quote(self.server_name, safe='')}"
+
     async def get(self) -> dict[str, Any]:
         now = time.monotonic()
         if self._answer is None or now - self._at > CACHE_SECONDS:
-            url = f"{self.api_url}/xsedehub/walltime/{quote(self.server_name, safe='')}"
             r = await AsyncHTTPClient().fetch(
-                url, headers={"Authorization": f"token {self.token}"}, request_timeout=20
+                self.url, headers={"Authorization": f"token {self.token}"}, request_timeout=20
             )
             self._answer = json.loads(r.body)
             self._at = now
+        return self._counted_down(now)
+
+    async def extend(self) -> dict[str, Any]:
+        """Ask the hub to extend the job; its answer (with SLURM's word) replaces the cache."""
+        r = await AsyncHTTPClient().fetch(
+            self.url,
+            method="POST",
+            body="{}",
+            headers={"Authorization": f"token {self.token}"},
+            request_timeout=90,
+        )
+        self._answer = json.loads(r.body)
+        self._at = time.monotonic()
+        return self._counted_down(self._at)
+
+    def _counted_down(self, now: float) -> dict[str, Any]:
+        assert self._answer is not None
         answer = dict(self._answer)
         left = answer.get("seconds_left")
         if isinstance(left, (int, float)):
@@ -57,6 +77,17 @@ class WalltimeHandler(APIHandler):
             raise web.HTTPError(404, "not running under JupyterHub")
         try:
             answer = await self.source.get()
+        except (HTTPClientError, OSError, ValueError) as e:
+            raise web.HTTPError(502, f"the hub did not answer: {e}") from None
+        self.finish(json.dumps(answer))
+
+    @web.authenticated
+    async def post(self) -> None:
+        """Extend the job (where the site allows it): ``{"ok", "message", ...}``."""
+        if not self.source.configured:
+            raise web.HTTPError(404, "not running under JupyterHub")
+        try:
+            answer = await self.source.extend()
         except (HTTPClientError, OSError, ValueError) as e:
             raise web.HTTPError(502, f"the hub did not answer: {e}") from None
         self.finish(json.dumps(answer))

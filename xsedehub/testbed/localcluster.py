@@ -71,6 +71,7 @@ APT_PACKAGES = [
     "git",
     "python3-venv",
     "bubblewrap",  # the attendee sandbox of gateway-mode jobs
+    "sudo",  # the site command that extends a job's walltime (extend_command)
 ]
 JOB_PACKAGES = ["jupyterlab>=4,<5", "nbgitpuller>=1.2"]
 #: xsedehub's job-side extension (jobext/: the walltime in JupyterLab), built into a wheel
@@ -356,6 +357,38 @@ def _start_daemons(root: Path, keys: dict[str, Path]) -> None:
     _wait(nodes_idle, "compute nodes to come up")
 
 
+EXTEND_SOURCE = Path(__file__).resolve().parents[2] / "scripts" / "site"
+EXTEND_NAME = "xsedehub-extend-walltime"
+SUDOERS = Path("/etc/sudoers.d/xsedehub-localcluster")
+
+
+def extend_command(root: Path = ROOT) -> list[str]:
+    """``SlurmSSHSpawner.walltime_extend_command`` for this cluster: the site command
+    (scripts/site/xsedehub-extend-walltime) through sudo, as a centre would set it up."""
+    return ["/usr/bin/sudo", "-n", str(root / "bin" / EXTEND_NAME)]
+
+
+def ensure_extend_command(root: Path) -> None:
+    """The walltime extension's site command (root-owned, 0755) and the sudoers rule that
+    lets the cluster's accounts run it, and nothing else, as root."""
+    bindir = root / "bin"
+    bindir.mkdir(mode=0o755, exist_ok=True)
+    target = bindir / EXTEND_NAME
+    shutil.copyfile(EXTEND_SOURCE / EXTEND_NAME, target)
+    target.chmod(0o755)
+    users = ",".join([GATEWAY_USER, *RESEARCHERS])
+    rule = (
+        "# xsedehub's local cluster: users may lengthen their own running jobs\n"
+        f"{users} ALL=(root) NOPASSWD: {target}\n"
+    )
+    if not SUDOERS.exists() or SUDOERS.read_text() != rule:
+        tmp = SUDOERS.with_name(".xsedehub-localcluster.new")
+        tmp.write_text(rule)
+        tmp.chmod(0o440)
+        _run(["visudo", "-c", "-q", "-f", str(tmp)])
+        tmp.replace(SUDOERS)
+
+
 def _info(root: Path, keys: dict[str, Path], workshop: Path) -> ClusterInfo:
     return ClusterInfo(
         root=str(root),
@@ -429,6 +462,7 @@ def up(root: Path = ROOT) -> ClusterInfo:
     keys = ensure_keys(root)
     write_slurm_conf(root)
     command_wrappers(root)
+    ensure_extend_command(root)
     workshop = ensure_workshop_repo(root)
     _setup_netns()
     _start_daemons(root, keys)

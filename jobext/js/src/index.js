@@ -67,7 +67,57 @@ const plugin = {
     });
     let endAt = null; // this browser's clock, ms
     let thresholds = [];
+    let extendMinutes = 0; // what one extension adds; 0: not allowed here
     const shown = new Set();
+
+    function extendActions() {
+      if (!extendMinutes) {
+        return [];
+      }
+      return [
+        {
+          label: `Extend by ${extendMinutes} min`,
+          caption: 'Ask SLURM for more time for this job',
+          callback: () => void extend()
+        }
+      ];
+    }
+
+    async function extend() {
+      const id = Notification.emit('Asking SLURM for more time...', 'in-progress', {
+        autoClose: false
+      });
+      try {
+        const r = await ServerConnection.makeRequest(
+          url,
+          { method: 'POST', body: '{}' },
+          settings
+        );
+        const w = r.ok ? await r.json() : { ok: false, message: `${r.status} ${r.statusText}` };
+        if (r.ok) {
+          apply(w);
+        }
+        const left =
+          endAt === null ? '' : ` The job now ends in ${formatLeft((endAt - Date.now()) / 1000)}.`;
+        Notification.update({
+          id,
+          message: w.ok ? `Extended: ${w.message}.${left}` : `Not extended: ${w.message}`,
+          type: w.ok ? 'success' : 'error',
+          autoClose: w.ok ? 10000 : false
+        });
+      } catch (e) {
+        Notification.update({ id, message: `Not extended: ${e}`, type: 'error', autoClose: false });
+      }
+    }
+
+    item.node.addEventListener('click', () => {
+      if (endAt !== null && extendMinutes) {
+        Notification.info(
+          `This job ends in ${formatLeft((endAt - Date.now()) / 1000)} (SLURM walltime).`,
+          { autoClose: 10000, actions: extendActions() }
+        );
+      }
+    });
 
     async function refresh() {
       try {
@@ -75,22 +125,26 @@ const plugin = {
         if (!r.ok) {
           return;
         }
-        const w = await r.json();
-        thresholds = (w.warnings || []).map(Number);
-        if (typeof w.seconds_left === 'number') {
-          const next = Date.now() + w.seconds_left * 1000;
-          if (endAt !== null && next - endAt > 60000) {
-            // the job was extended: warnings start over
-            shown.clear();
-          }
-          endAt = next;
-        } else {
-          endAt = null;
-        }
-        tick();
+        apply(await r.json());
       } catch (e) {
         console.warn('xsedehub-jobext: no walltime from the server', e);
       }
+    }
+
+    function apply(w) {
+      extendMinutes = Number(w.extend || 0);
+      thresholds = (w.warnings || []).map(Number);
+      if (typeof w.seconds_left === 'number') {
+        const next = Date.now() + w.seconds_left * 1000;
+        if (endAt !== null && next - endAt > 60000) {
+          // the job was extended: warnings start over
+          shown.clear();
+        }
+        endAt = next;
+      } else {
+        endAt = null;
+      }
+      tick();
     }
 
     function tick() {
@@ -111,7 +165,7 @@ const plugin = {
         Notification.warning(
           `Your job reaches its walltime in about ${minutesText(left)}: SLURM then ` +
             'stops this server. Save your work now.',
-          { autoClose: false }
+          { autoClose: false, actions: extendActions() }
         );
       }
     }
