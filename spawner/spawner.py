@@ -870,6 +870,12 @@ class SlurmSSHSpawner(Spawner):
                 "ok": False,
                 "message": "This site does not allow extending jobs.",
             }
+        if self.walltime_left() is None:
+            return {
+                **self.walltime_status(),
+                "ok": False,
+                "message": "The hub has not seen this job running yet; try again shortly.",
+            }
         new = self._extension()
         if new is None:
             return {

@@ -124,3 +124,96 @@ def test_walltime_warnings_default_ten_and_two_minutes():
     from xsedehub.spawner.spawner import SlurmSSHSpawner
 
     assert SlurmSSHSpawner().walltime_warnings == [600, 120]
+
+
+@pytest.mark.parametrize(
+    "limit,step,maximum,new",
+    [
+        (20 * 60, 30, 30, 30),  # capped at the partition's limit
+        (20 * 60, 5, 30, 25),
+        (30 * 60, 30, 30, None),  # at the limit already: nothing to ask for
+        (3600, 30, 8 * 60, 90),
+        (None, 30, 30, None),  # the limit unknown (UNLIMITED, not seen yet)
+    ],
+)
+def test_extended_limit(limit, step, maximum, new):
+    assert walltime.extended_limit(limit, step, maximum) == new
+
+
+def _site_command():
+    import importlib.machinery
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "scripts" / "site" / "xsedehub-extend-walltime"
+    loader = importlib.machinery.SourceFileLoader("xsedehub_extend_walltime", str(path))
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "text,minutes",
+    [
+        ("00:30:00", 30),
+        ("08:00:00", 480),
+        ("1-00:00:00", 1440),
+        ("1-02:30", 1440 + 150),  # D-H:M
+        ("1-02", 1440 + 120),  # D-H
+        ("45", 45),
+        ("30:00", 30),  # M:S
+        ("UNLIMITED", None),
+    ],
+)
+def test_site_command_reads_slurm_time_limits(text, minutes):
+    assert _site_command().minutes(text) == minutes
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["12"], ["12", "30", "x"], ["12;id", "30"], ["12", "-5"], ["12", "3O"]],
+)
+def test_site_command_refuses_anything_but_a_job_id_and_minutes(argv):
+    import subprocess
+    import sys
+
+    path = Path(__file__).parents[1] / "scripts" / "site" / "xsedehub-extend-walltime"
+    r = subprocess.run(
+        [sys.executable, str(path), *argv], capture_output=True, text=True, check=False
+    )
+    assert r.returncode != 0 and "usage:" in r.stderr
+
+
+def test_site_command_runs_only_through_sudo():
+    import subprocess
+    import sys
+
+    path = Path(__file__).parents[1] / "scripts" / "site" / "xsedehub-extend-walltime"
+    env = {"PATH": "/usr/bin:/bin"}
+    r = subprocess.run(
+        [sys.executable, str(path), "12", "30"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert r.returncode != 0 and "through sudo" in r.stderr
+
+
+async def test_extend_is_off_by_default_and_says_so():
+    from xsedehub.spawner.spawner import SlurmSSHSpawner
+
+    sp = SlurmSSHSpawner()
+    assert sp.walltime_extend_command == []
+    status = sp.walltime_status()
+    assert status["extend"] == 0 and status["seconds_left"] is None
+    answer = await sp.extend_walltime()
+    assert answer["ok"] is False and "does not allow" in answer["message"]
+
+
+async def test_extend_without_a_running_job_asks_nothing():
+    from xsedehub.spawner.spawner import SlurmSSHSpawner
+
+    sp = SlurmSSHSpawner(walltime_extend_command=["/usr/bin/sudo", "-n", "/x"])
+    answer = await sp.extend_walltime()
+    assert answer["ok"] is False and "not seen this job running" in answer["message"]
