@@ -149,8 +149,8 @@ async def test_whole_path_in_a_browser(mode_hub, cluster):
             await expect(warning).to_contain_text("Save your work now")
             await expect(warning).to_contain_text(re.compile(r"in about (19|20) minutes"))
             await page.screenshot(path=ARTIFACTS / f"{mode}-walltime-warning.png")
-            # extend: 30 minutes more, capped at the debug partition's 30-minute limit
-            await warning.get_by_role("button", name="Extend by 30 min").click()
+            # extend: 30 minutes more, capped at the debug partition's 30 minutes: 10 more
+            await warning.get_by_role("button", name="Extend by 10 min").click()
             extended = page.locator(".Toastify__toast").filter(has_text="Extended")
             await expect(extended).to_contain_text("time limit now 30 min", timeout=60_000)
             await expect(left).to_have_text(re.compile(r"^Job ends in 2\d:\d\d$"))
