@@ -159,7 +159,7 @@ async def test_whole_path_in_a_browser(mode_hub, cluster):
             await page.goto(f"{HUB}/hub/home")
             home_left = page.locator(".xh-walltime")
             await expect(home_left).to_contain_text(
-                re.compile(r"runs in SLURM job \d+: 2\d:\d\d left of its 30 min walltime")
+                re.compile(r"runs in SLURM job \d+:\s+2\d:\d\d left of its 30 min walltime")
             )
             await page.screenshot(path=ARTIFACTS / f"{mode}-home-walltime.png")
         except Exception:
