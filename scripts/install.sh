@@ -10,7 +10,9 @@
 #                       with this package editable and its test and docs extras
 #   $PREFIX/chp         configurable-http-proxy (npm, pinned)
 #   $PREFIX/job-env     the environment batch jobs run (jupyterhub = the hub's, jupyterlab,
-#                       nbgitpuller), built by `xsedehub cluster install`
+#                       nbgitpuller, xsedehub-jobext), built by `xsedehub cluster install`
+#   $PREFIX/wheels/jobext  the xsedehub-jobext wheel (scripts/build-jobext.sh: npm registry,
+#                       skipped when built for the same sources), installed into job-env
 #   $PREFIX/wheels/tljh The Littlest JupyterHub (from its source snapshot, default
 #                       ../shared/vendor/the-littlest-jupyterhub-*.tar.gz, or
 #                       $XSEDEHUB_TLJH_SOURCE), its hub environment and xsedehub's
@@ -41,6 +43,7 @@ pkgs+=(chromium)   # the browser tests drive Debian's chromium (no browser downl
 # the local cluster (xsedehub/localcluster.py APT_PACKAGES checks the same list)
 pkgs+=(slurm-wlm munge openssh-server openssh-client)
 pkgs+=(bubblewrap)  # the attendee sandbox of gateway-mode jobs (SlurmSSHSpawner.sandbox)
+pkgs+=(sudo)  # the local cluster's site command extending a job's walltime
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

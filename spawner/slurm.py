@@ -44,7 +44,9 @@ ALIVE_STATES = frozenset(
     }
 )
 
-SQUEUE_FORMAT = "%i|%T|%N|%r|%S|%u|%k"
+#: id, state, nodes, reason, expected start, owner, time left, time limit, comment (last:
+#: it may hold anything); time left and limit are durations (no clock, no time zone)
+SQUEUE_FORMAT = "%i|%T|%N|%r|%S|%u|%L|%l|%k"
 COMMENT_PREFIX = "xsedehub:"
 
 #: the ids the spawner gives its spawns: ``u<hub user id>-<12 hex>`` for a user's default
@@ -375,6 +377,9 @@ class JobStatus:
     start: str
     user: str
     comment: str = ""
+    time_left: str = ""  # squeue's %L, e.g. "58:03" (MM:SS), "1-00:00:00", "UNLIMITED"
+    time_limit: str = ""  # squeue's %l
+    observed_at: float = 0.0  # wall-clock time (epoch) of the squeue that printed it
 
     @property
     def spawn_id(self) -> str:
@@ -397,16 +402,28 @@ class JobStatus:
         return self.state == "RUNNING"
 
 
-def parse_squeue(text: str) -> dict[str, JobStatus]:
+def parse_squeue(text: str, observed_at: float = 0.0) -> dict[str, JobStatus]:
+    """Lines of :data:`SQUEUE_FORMAT` (or of the older format without time left and
+    limit); ``observed_at`` is when squeue ran (epoch), to turn the time left into an end."""
     out: dict[str, JobStatus] = {}
     for line in text.splitlines():
         parts = line.strip().split("|")
-        if len(parts) not in (6, 7) or not parts[0].isdigit() or not parts[1].strip():
+        if len(parts) < 6 or not parts[0].isdigit() or not parts[1].strip():
             continue
-        job_id, state, nodes, reason, start, user = parts[:6]
-        comment = parts[6] if len(parts) == 7 and parts[6] != "(null)" else ""
+        if len(parts) >= 9:
+            job_id, state, nodes, reason, start, user, left, limit = parts[:8]
+            comment = "|".join(parts[8:])
+        elif len(parts) in (6, 7):
+            job_id, state, nodes, reason, start, user = parts[:6]
+            left = limit = ""
+            comment = parts[6] if len(parts) == 7 else ""
+        else:
+            continue
+        comment = "" if comment == "(null)" else comment
         state = state.split()[0].rstrip("+")  # "CANCELLED by 1001" -> CANCELLED
-        out[job_id] = JobStatus(job_id, state, nodes, reason, start, user, comment)
+        out[job_id] = JobStatus(
+            job_id, state, nodes, reason, start, user, comment, left, limit, observed_at
+        )
     return out
 
 

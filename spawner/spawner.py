@@ -37,12 +37,13 @@ from traitlets import (
     validate,
 )
 
-from . import follow, form, identity, job, metrics, pending_cancel, slurm, versions
+from . import follow, form, identity, job, metrics, pending_cancel, slurm, versions, walltime
 from . import sandbox as sandbox_mod
 from . import validate as v
 from .errors import ClusterUnreachable, CredentialExpired, SpawnError
 from .progress import Progress
 from .services import HubServices
+from .squeue import SqueueCache
 from .ssh import Connection, LoginNode, SSHIdentity
 from .tunnel import TunnelKeys
 
@@ -142,6 +143,33 @@ class SlurmSSHSpawner(Spawner):
     partition = Unicode("compute", config=True, help="Default SLURM partition.")
     walltime = Unicode(
         "01:00:00", config=True, help="Default walltime, ``[D-]HH:MM[:SS]`` or minutes."
+    )
+    walltime_warnings = List(
+        Integer(min=1),
+        [600, 120],
+        config=True,
+        help="""Seconds before a job's walltime at which JupyterLab warns its user (a
+        notification telling them to save), with the time left counting down in the
+        status bar (the job environment needs ``xsedehub-jobext``, see
+        docs/howto/walltime.md).  Empty: the countdown without warnings.""",
+    )
+    walltime_extend_command = List(
+        Unicode(),
+        [],
+        config=True,
+        help="""Lets users extend their running job from JupyterLab (off when empty, the
+        default).  The command (an argv) runs on the login node as the job's account,
+        followed by the job id and the new time limit in minutes, e.g. ``["sudo", "-n",
+        "/usr/local/sbin/xsedehub-extend-walltime"]``: SLURM lets users only shorten
+        their jobs, so the site provides a command that may lengthen them (see
+        docs/howto/walltime.md).  Each extension adds
+        :attr:`walltime_extend_minutes`, up to the partition's ``max_walltime``.""",
+    )
+    walltime_extend_minutes = Integer(
+        30,
+        min=1,
+        config=True,
+        help="Minutes one extension adds to a job's time limit (see walltime_extend_command).",
     )
     cores = Integer(1, config=True, help="Default CPU cores per server (``--cpus-per-task``).")
     memory = Unicode("2G", config=True, help="Default memory per server (``--mem``), e.g. ``2G``.")
@@ -489,8 +517,12 @@ class SlurmSSHSpawner(Spawner):
     hub_port = Integer(0)
     spawn_id = Unicode("")
     ssh_user = Unicode("")
+    #: why the last job ended, when the hub page should say (it reached its walltime)
+    end_note = Unicode("")
     _submitted_at = 0.0
     _start_cancelled = False  # a start was cancelled and its stop has not run yet
+    _job_cache: SqueueCache | None = None  # the shared squeue that follows the job
+    _last_end: walltime.TimeLeft | None = None  # the job's end, as last seen running
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -509,6 +541,7 @@ class SlurmSSHSpawner(Spawner):
         self.hub_port = int(state.get("hub_port", 0))
         self.spawn_id = state.get("spawn_id", "")
         self.ssh_user = state.get("ssh_user", "")
+        self.end_note = state.get("end_note", "")
 
     def get_state(self) -> dict[str, Any]:
         state = super().get_state()
@@ -520,6 +553,8 @@ class SlurmSSHSpawner(Spawner):
                 spawn_id=self.spawn_id,
                 ssh_user=self.ssh_user,
             )
+        if self.end_note:  # kept after the job (clear_state leaves it) until a new start
+            state["end_note"] = self.end_note
         return state
 
     def clear_state(self) -> None:
@@ -640,6 +675,8 @@ class SlurmSSHSpawner(Spawner):
 
     async def _start(self) -> tuple[str, int]:
         self._events.clear()
+        self.end_note = ""
+        self._last_end = None
         try:  # validate before anything is written or submitted anywhere
             v.server_name(self.name)
             resources = self.resources()
@@ -698,6 +735,7 @@ class SlurmSSHSpawner(Spawner):
             )
             metrics.startup(self, resources.partition, running_at)
             conn.status.watch(self.job_id, self, self._status_interval)
+            self._job_cache = conn.status
         except asyncio.CancelledError:
             # A timeout or a Stop makes JupyterHub call stop(), which cancels the job; a
             # hub that is shutting down does not: the job and its saved state then
@@ -880,10 +918,14 @@ class SlurmSSHSpawner(Spawner):
                 self.http_timeout = max(self.http_timeout, self.start_timeout)
             elif not self._start_pending and self._is_own(conn):
                 conn.status.watch(self.job_id, self, self._status_interval)
+                self._job_cache = conn.status
+            self._last_end = walltime.time_left(st) or self._last_end
             return None
         self.log.info(
             "%s: job %s is %s", self._log_name, self.job_id, st.state if st else "gone from SLURM"
         )
+        if st is not None and walltime.reached(st.state, self.walltime_left(), time.time()):
+            self.end_note = walltime.timeout_message(self.job_id, self._time_limit(st))
         try:
             await self.tunnel_keys().revoke(self.spawn_id)
         except (OSError, ValueError) as e:
@@ -892,6 +934,97 @@ class SlurmSSHSpawner(Spawner):
         # a job killed outright (SIGKILL, node failure) never ran its cleanup
         await self._job_files(conn, f"{self.job_dir_root}/{self.spawn_id}").remove_secrets()
         return 1
+
+    def walltime_left(self) -> walltime.TimeLeft | None:
+        """The running job's end, from the shared squeue's last answer (no I/O), or None."""
+        if self.job_id and self._job_cache is not None:
+            left = walltime.time_left(self._job_cache.jobs.get(self.job_id))
+            if left is not None and left.job_id == self.job_id:
+                self._last_end = left
+        last = self._last_end
+        return last if last is not None and last.job_id == self.job_id else None
+
+    def _extension(self) -> int | None:
+        """The time limit (minutes) the next extension asks for, or None (not allowed)."""
+        last = self.walltime_left()
+        if not self.walltime_extend_command or last is None:
+            return None
+        try:
+            resources = self.resources()
+            spec = {p.name: p for p in self.partition_specs()}.get(resources.partition)
+        except v.InvalidValue:
+            return None
+        if spec is None:
+            return None
+        return walltime.extended_limit(last.limit, self.walltime_extend_minutes, spec.max_walltime)
+
+    def walltime_status(self) -> dict[str, Any]:
+        """What the hub's walltime API answers (see :class:`.walltime.WalltimeAPIHandler`)."""
+        last = self.walltime_left()
+        new = self._extension()
+        return {
+            "job_id": self.job_id,
+            "seconds_left": round(last.seconds_left(), 1) if last else None,
+            "limit_seconds": last.limit if last else None,
+            "warnings": list(self.walltime_warnings),
+            "extend": new - last.limit // 60 if new and last and last.limit else 0,
+        }
+
+    async def extend_walltime(self) -> dict[str, Any]:
+        """Ask for more time (:attr:`walltime_extend_command`) and report the answer."""
+        if not self.walltime_extend_command:
+            return {
+                **self.walltime_status(),
+                "ok": False,
+                "message": "This site does not allow extending jobs.",
+            }
+        if self.walltime_left() is None:
+            return {
+                **self.walltime_status(),
+                "ok": False,
+                "message": "The hub has not seen this job running yet; try again shortly.",
+            }
+        new = self._extension()
+        if new is None:
+            return {
+                **self.walltime_status(),
+                "ok": False,
+                "message": "The job is at its partition's time limit already.",
+            }
+        if not (self.job_id.isascii() and self.job_id.isdigit()):
+            return {**self.walltime_status(), "ok": False, "message": "No job to extend."}
+        argv = [*self.walltime_extend_command, self.job_id, str(new)]
+        try:
+            conn = await self.connection()
+            r = await conn.run(argv, timeout=60)
+            answer = (str(r.stdout).strip() + "\n" + str(r.stderr).strip()).strip()
+            ok = r.exit_status == 0
+            # the new limit, as SLURM tells it (the shared squeue, asked now)
+            await conn.status.get(self.job_id, max_age=0, not_before=time.monotonic())
+        except Exception as e:  # the cluster unreachable, an expired certificate...
+            self.log.warning("%s: extending job %s failed: %s", self._log_name, self.job_id, e)
+            answer, ok = f"The cluster did not answer: {e}", False
+        self.log.info(
+            "%s: extend job %s to %s min: %s (%s)",
+            self._log_name,
+            self.job_id,
+            new,
+            "done" if ok else "refused",
+            answer[:300],
+        )
+        return {**self.walltime_status(), "ok": ok, "message": answer[:500]}
+
+    def _time_limit(self, st: slurm.JobStatus) -> int | None:
+        """The ended job's time limit: SLURM's word, else the walltime it was given."""
+        limit = walltime.parse_duration(st.time_limit)
+        if limit is None and self._last_end is not None:
+            limit = self._last_end.limit
+        if limit is None:
+            try:
+                limit = self.resources().walltime_minutes * 60
+            except v.InvalidValue:
+                return None
+        return limit
 
     async def _job_status(self, conn: Connection) -> slurm.JobStatus | None:
         """The job's status; None only when SLURM confirms it knows no such job."""

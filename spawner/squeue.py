@@ -140,13 +140,13 @@ class SqueueCache:
         return await asyncio.shield(self._inflight)
 
     async def _query(self) -> dict[str, slurm.JobStatus]:
-        started = time.monotonic()
+        started, wall = time.monotonic(), time.time()
         r = await self.conn.run(slurm.squeue_argv(self.conn.ident.username), timeout=30)
         if r.exit_status != 0:
             raise ClusterUnreachable(
                 f"squeue failed ({r.exit_status}): {str(r.stderr).strip()[:300]}"
             )
-        self.jobs = slurm.parse_squeue(str(r.stdout))
+        self.jobs = slurm.parse_squeue(str(r.stdout), observed_at=wall)
         self.fetched_at = started
         return self.jobs
 
@@ -197,9 +197,10 @@ class SqueueCache:
                 )
             else:
                 log.warning("sacct -j %s failed (%s): %s", job_id, r.exit_status, err[:300])
+        wall = time.time()
         r = await self.conn.run(slurm.squeue_argv(self.conn.ident.username, [job_id]), timeout=30)
         if r.exit_status == 0:
-            return slurm.parse_squeue(str(r.stdout)).get(job_id)
+            return slurm.parse_squeue(str(r.stdout), observed_at=wall).get(job_id)
         if "Invalid job id" in str(r.stderr):
             return None
         raise ClusterUnreachable(

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
 import time
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+
+from xsedehub.testbed import localcluster
 
 from .conftest import fill_nodes, make_hub, stop_hub_and_proxy
 
@@ -29,6 +32,8 @@ ARGS = [
     "--disable-sync",
     "--disable-dev-shm-usage",
 ]
+
+WARNINGS = [1500, 120]
 
 
 async def _open_browser(p):
@@ -56,13 +61,37 @@ CASES = {
 }
 
 
+def _as_user(user: str, argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """``argv`` as ``user`` on the login node."""
+    from .test_gateway import nsenter_argv
+
+    return subprocess.run(
+        [*nsenter_argv("xh-cluster"), "runuser", "-u", user, "--", *argv],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
 @pytest.fixture(scope="module", params=sorted(CASES))
 def mode_hub(request, cluster, provider, issuer, tmp_path_factory):
     if not Path(CHROMIUM).exists():
         pytest.fail("Debian's chromium is not installed (scripts/install.sh installs it)")
     mode = request.param
     h = make_hub(
-        tmp_path_factory.mktemp(f"browser-{mode}"), cluster, provider, mode=mode, poll_interval=5
+        tmp_path_factory.mktemp(f"browser-{mode}"),
+        cluster,
+        provider,
+        mode=mode,
+        poll_interval=5,
+        # a first warning 25 minutes before the walltime: the 20-minute job below is
+        # within it as soon as JupyterLab opens (no waiting for the default 10 minutes)
+        extra=(
+            f"c.SlurmSSHSpawner.walltime_warnings = {WARNINGS}\n"
+            # the site command (sudo) that lets users lengthen their own jobs
+            "c.SlurmSSHSpawner.walltime_extend_command = "
+            f"{localcluster.extend_command(Path(cluster.root))!r}"
+        ),
     )
     yield mode, h
     stop_hub_and_proxy(h)
@@ -126,6 +155,29 @@ async def test_whole_path_in_a_browser(mode_hub, cluster):
             # a quiet first start: JupyterLab asked nothing (SlurmSSHSpawner.lab_disabled_plugins)
             assert await page.get_by_text("official Jupyter news").count() == 0
             await page.screenshot(path=ARTIFACTS / f"{mode}-jupyterlab.png")
+            # the job's time left counts down in the status bar (xsedehub-jobext) ...
+            left = page.locator("#xh-walltime")
+            await expect(left).to_have_text(re.compile(r"^Job ends in 1\d:\d\d$"))
+            first = await left.text_content()
+            await expect(left).not_to_have_text(first or "", timeout=5_000)
+            # ... and the first warning is there: the job is within 25 minutes of its end
+            warning = page.locator(".Toastify__toast").filter(has_text="walltime")
+            await expect(warning).to_contain_text("Save your work now")
+            await expect(warning).to_contain_text(re.compile(r"in about (19|20) minutes"))
+            await page.screenshot(path=ARTIFACTS / f"{mode}-walltime-warning.png")
+            # extend: 30 minutes more, capped at the debug partition's 30 minutes: 10 more
+            await warning.get_by_role("button", name="Extend by 10 min").click()
+            extended = page.locator(".Toastify__toast").filter(has_text="Extended")
+            await expect(extended).to_contain_text("time limit now 30 min", timeout=60_000)
+            await expect(left).to_have_text(re.compile(r"^Job ends in 2\d:\d\d$"))
+            await page.screenshot(path=ARTIFACTS / f"{mode}-walltime-extended.png")
+            # the hub's home page: the time left next to the server
+            await page.goto(f"{HUB}/hub/home")
+            home_left = page.locator(".xh-walltime")
+            await expect(home_left).to_contain_text(
+                re.compile(r"runs in SLURM job \d+:\s+2\d:\d\d left of its 30 min walltime")
+            )
+            await page.screenshot(path=ARTIFACTS / f"{mode}-home-walltime.png")
         except Exception:
             await page.screenshot(path=ARTIFACTS / f"{mode}-failure.png")
             raise
@@ -137,10 +189,19 @@ async def test_whole_path_in_a_browser(mode_hub, cluster):
     assert "Submitted batch job" in log, log
     from .test_gateway import in_cluster_root
 
-    assert in_cluster_root(["squeue", "-h", "-j", job, "-o", "%P %T"]).split() == [
+    assert in_cluster_root(["squeue", "-h", "-j", job, "-o", "%P %T %l"]).split() == [
         "debug",
         "RUNNING",
+        "30:00",
     ]
+    # the site command lengthens only the caller's own jobs, within the partition
+    cmd = localcluster.extend_command(Path(cluster.root))
+    other = "bob" if mode == "xsede" else "alice"
+    refused = _as_user(other, [*cmd, job, "30"])
+    assert refused.returncode != 0 and f"job {job} is not yours" in refused.stderr
+    owner = "alice" if mode == "xsede" else cluster.gateway_user
+    too_long = _as_user(owner, [*cmd, job, "31"])
+    assert too_long.returncode != 0 and "allows at most 00:30:00" in too_long.stderr
     if mode == "xsede":
         assert "user: alice" in text
     hub.client.stop(user)

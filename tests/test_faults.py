@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 from xsedehub.spawner.tunnel import TunnelKeys
 
 from xsedehub.testbed import localcluster, netns
@@ -251,17 +252,38 @@ def test_walltime_end_is_noticed(hub):
     # a user of its own: JupyterHub keeps a server's last user_options for its next start
     # without any, and a one-minute walltime must not follow grace into later tests
     c = hub.client
-    c.login("admin")
+    browser = c.login("admin")
     r = c.start("admin", {"partition": "debug", "walltime": "00:01:00"})
     assert r.status_code in (201, 202), r.text
     c.wait_ready("admin")
     job = jobs_named("admin")[0]
+    # while it runs: the time left, from the hub's API (as the job-side extension asks
+    # it), through the server's own extension on the node, and on the home page
+    tok = c.user_token("admin")
+    auth = {"Authorization": f"token {tok}"}
+    hub_says = requests.get(f"{c.url}/hub/api/xsedehub/walltime/", headers=auth, timeout=30)
+    assert hub_says.status_code == 200, hub_says.text
+    w = hub_says.json()
+    print(f"the hub's walltime answer: {w}")
+    assert w["job_id"] == job and w["limit_seconds"] == 60 and 0 < w["seconds_left"] <= 60
+    assert w["warnings"] == [600, 120]
+    node_says = requests.get(f"{c.url}/user/admin/xsedehub/walltime", headers=auth, timeout=30)
+    assert node_says.status_code == 200, node_says.text
+    assert node_says.json()["job_id"] == job and node_says.json()["seconds_left"] <= 60
+    home = browser.get(f"{c.url}/hub/home", timeout=30).text
+    assert f"runs in SLURM job {job}:" in home and "of its 1 min walltime" in home, home
     wait_for(lambda: not jobs_named("admin"), 150, "the walltime")
     ended = time.monotonic()
     c.wait_stopped("admin", timeout=2 * POLL + 10)
     took = time.monotonic() - ended
     print(f"walltime end of job {job} noticed after {took:.1f}s (poll interval {POLL}s)")
     assert took <= 2 * POLL + 5
+    # the home page says why the server stopped, until the next start
+    home = browser.get(f"{c.url}/hub/home", timeout=30).text
+    assert f"Your job {job} reached its 1 min walltime" in home, home
+    # and so does the page of the stopped server (a JupyterLab tab reloaded)
+    page = browser.get(f"{c.url}/hub/user/admin/", timeout=30)
+    assert f"Your job {job} reached its 1 min walltime" in page.text, page.text
 
 
 def test_slurmctld_restart_loses_nothing(hub, cluster):

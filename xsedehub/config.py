@@ -323,12 +323,25 @@ def apply(c: Config, mode: str | None = None) -> str:
     c.SlurmSSHSpawner.mode = mode
     # batch jobs outlive the hub process: keep them, and the proxy routes to them
     c.JupyterHub.cleanup_servers = False
-    # the home page's additions ("start again as last time"), after the site's templates
+    # the home page's additions (each job's time left, "start again as last time") and
+    # the not-running page's walltime note, after the site's own templates
     paths = list(c.JupyterHub.template_paths) if "template_paths" in c.JupyterHub else []
     if HUB_TEMPLATES not in paths:
         c.JupyterHub.template_paths = [*paths, HUB_TEMPLATES]
+    _add_walltime_pages(c)
     c[AUTH_SECTION[mode]].enable_auth_state = True
     key_file = _get(c.XSEDEHub, "crypt_key_file")
     if key_file:
         c.CryptKeeper.keys = [read_crypt_key(key_file)]
     return mode
+
+
+def _add_walltime_pages(c: Config) -> None:
+    """The API the job-side extension asks for the time left (docs/howto/walltime.md);
+    the pages that show it are among :data:`HUB_TEMPLATES`.  A site's own handlers come
+    first."""
+    from xsedehub.spawner.walltime import HANDLERS
+
+    handlers = list(_get(c.JupyterHub, "extra_handlers") or [])
+    if not any(h in handlers for h in HANDLERS):
+        c.JupyterHub.extra_handlers = [*handlers, *HANDLERS]

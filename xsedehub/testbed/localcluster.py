@@ -39,6 +39,7 @@ from .clusterconf import (
     LOGIN_IP,
     NODE_CPUS,
     NODES,
+    PREFIX,
     RESEARCHERS,
     ROOT,
     SSH_PORT,
@@ -70,8 +71,13 @@ APT_PACKAGES = [
     "git",
     "python3-venv",
     "bubblewrap",  # the attendee sandbox of gateway-mode jobs
+    "sudo",  # the site command that extends a job's walltime (extend_command)
 ]
 JOB_PACKAGES = ["jupyterlab>=4,<5", "nbgitpuller>=1.2"]
+#: xsedehub's job-side extension (jobext/: the walltime in JupyterLab), built into a wheel
+#: by this script (npm registry, at install time) and installed into the job environment
+JOBEXT_BUILD = Path(__file__).resolve().parents[2] / "scripts" / "build-jobext.sh"
+JOBEXT_MARK = "xsedehub-jobext.wheel"  # in the job env: the wheel installed there
 
 
 @dataclass
@@ -188,7 +194,8 @@ def job_env_problem(path: Path = JOB_ENV, jupyterhub: str | None = None) -> str 
         [
             str(py),
             "-c",
-            "import jupyterhub, jupyterlab, nbgitpuller; print(jupyterhub.__version__)",
+            "import jupyterhub, jupyterlab, nbgitpuller, xsedehub_jobext; "
+            "print(jupyterhub.__version__)",
         ],
         capture_output=True,
         text=True,
@@ -204,7 +211,9 @@ def job_env_problem(path: Path = JOB_ENV, jupyterhub: str | None = None) -> str 
 def ensure_job_env(path: Path = JOB_ENV, jupyterhub: str | None = None) -> None:
     """World-readable venv from the system Python with the same jupyterhub as the hub
     (or ``jupyterhub``: the version another hub runs, e.g. TLJH's)."""
-    if job_env_problem(path, jupyterhub) is None:
+    problem = job_env_problem(path, jupyterhub)
+    if problem is None or "xsedehub_jobext" in problem:
+        ensure_jobext(path)
         return
     want = jupyterhub or metadata.version("jupyterhub")
     _log(f"building the job environment {path} (jupyterhub=={want})")
@@ -213,7 +222,26 @@ def ensure_job_env(path: Path = JOB_ENV, jupyterhub: str | None = None) -> None:
     _run(["/usr/bin/python3", "-m", "venv", "--clear", str(path)])
     _run([str(path / "bin/pip"), "install", "-q", "--upgrade", "pip"])
     _run([str(path / "bin/pip"), "install", "-q", f"jupyterhub=={want}", *JOB_PACKAGES])
-    _run(["chmod", "-R", "a+rX", str(path)])
+    ensure_jobext(path)
+
+
+def ensure_jobext(path: Path) -> None:
+    """Build the xsedehub-jobext wheel for the job environment at ``path`` (skipped when
+    built for the same sources and JupyterLab) and install it there if it is not yet."""
+    wheel = (
+        _run(
+            ["bash", str(JOBEXT_BUILD), str(path / "bin/python"), str(PREFIX / "wheels" / "jobext")]
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+    mark = path / JOBEXT_MARK
+    if not mark.exists() or mark.read_text().strip() != wheel:
+        _log(f"installing {wheel} into {path}")
+        pip = [str(path / "bin/pip"), "install", "-q", "--no-deps", "--force-reinstall"]
+        _run([*pip, wheel])
+        mark.write_text(wheel + "\n")
+    _run(["chmod", "-R", "a+rX", str(path), str(PREFIX / "wheels" / "jobext")])
 
 
 def missing_pieces() -> list[str]:
@@ -329,6 +357,38 @@ def _start_daemons(root: Path, keys: dict[str, Path]) -> None:
     _wait(nodes_idle, "compute nodes to come up")
 
 
+EXTEND_SOURCE = Path(__file__).resolve().parents[2] / "scripts" / "site"
+EXTEND_NAME = "xsedehub-extend-walltime"
+SUDOERS = Path("/etc/sudoers.d/xsedehub-localcluster")
+
+
+def extend_command(root: Path = ROOT) -> list[str]:
+    """``SlurmSSHSpawner.walltime_extend_command`` for this cluster: the site command
+    (scripts/site/xsedehub-extend-walltime) through sudo, as a centre would set it up."""
+    return ["/usr/bin/sudo", "-n", str(root / "bin" / EXTEND_NAME)]
+
+
+def ensure_extend_command(root: Path) -> None:
+    """The walltime extension's site command (root-owned, 0755) and the sudoers rule that
+    lets the cluster's accounts run it, and nothing else, as root."""
+    bindir = root / "bin"
+    bindir.mkdir(mode=0o755, exist_ok=True)
+    target = bindir / EXTEND_NAME
+    shutil.copyfile(EXTEND_SOURCE / EXTEND_NAME, target)
+    target.chmod(0o755)
+    users = ",".join([GATEWAY_USER, *RESEARCHERS])
+    rule = (
+        "# xsedehub's local cluster: users may lengthen their own running jobs\n"
+        f"{users} ALL=(root) NOPASSWD: {target}\n"
+    )
+    if not SUDOERS.exists() or SUDOERS.read_text() != rule:
+        tmp = SUDOERS.with_name(".xsedehub-localcluster.new")
+        tmp.write_text(rule)
+        tmp.chmod(0o440)
+        _run(["visudo", "-c", "-q", "-f", str(tmp)])
+        tmp.replace(SUDOERS)
+
+
 def _info(root: Path, keys: dict[str, Path], workshop: Path) -> ClusterInfo:
     return ClusterInfo(
         root=str(root),
@@ -402,6 +462,7 @@ def up(root: Path = ROOT) -> ClusterInfo:
     keys = ensure_keys(root)
     write_slurm_conf(root)
     command_wrappers(root)
+    ensure_extend_command(root)
     workshop = ensure_workshop_repo(root)
     _setup_netns()
     _start_daemons(root, keys)
