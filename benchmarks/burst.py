@@ -123,6 +123,20 @@ class Api:
         return self.s.request(method, f"{HUB}/hub/api{path}", timeout=300, **kw)
 
 
+def stop_hub(hub: subprocess.Popen, workdir: Path, info) -> None:
+    """The hub, its proxy, and every job of the gateway account."""
+    hub.send_signal(signal.SIGTERM)
+    try:
+        hub.wait(60)
+    except subprocess.TimeoutExpired:
+        hub.kill()
+    localhub.stop_proxy(workdir)
+    subprocess.run(
+        [*netns.nsenter_argv(info.cluster_netns), "scancel", "-u", info.gateway_user],
+        check=False,
+    )
+
+
 def run_one(impl: str, n: int, info, poll: int, steady_cycles: int, tunnel_key: str) -> Result:
     res = Result(impl, n)
     workdir = Path(tempfile.mkdtemp(prefix=f"xh-bench-{impl}-{n}-"))
@@ -229,18 +243,8 @@ def run_one(impl: str, n: int, info, poll: int, steady_cycles: int, tunnel_key: 
         res.hub_cpu_total_s = cpu_seconds(hub.pid) - cpu0
         res.hub_peak_mb = peak_mb(hub.pid)
     finally:
-        hub.send_signal(signal.SIGTERM)
-        try:
-            hub.wait(60)
-        except subprocess.TimeoutExpired:
-            hub.kill()
-        localhub.stop_proxy(workdir)
-        # nothing may be left running between rounds
-        subprocess.run(
-            [*netns.nsenter_argv(info.cluster_netns), "scancel", "-u", info.gateway_user],
-            check=False,
-        )
-        time.sleep(3)
+        stop_hub(hub, workdir, info)
+        time.sleep(3)  # nothing may be left running between rounds
     return res
 
 
@@ -444,16 +448,7 @@ def run_phases(info, poll: int, repeats: int) -> list[dict[str, float]]:
             while time.time() < deadline and api("GET", f"/users/{name}").json()["servers"]:
                 time.sleep(0.5)
     finally:
-        hub.send_signal(signal.SIGTERM)
-        try:
-            hub.wait(60)
-        except subprocess.TimeoutExpired:
-            hub.kill()
-        localhub.stop_proxy(workdir)
-        subprocess.run(
-            [*netns.nsenter_argv(info.cluster_netns), "scancel", "-u", info.gateway_user],
-            check=False,
-        )
+        stop_hub(hub, workdir, info)
     return out
 
 

@@ -13,7 +13,7 @@ import html
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from . import slurm
 from . import validate as v
@@ -256,32 +256,27 @@ def _default_partition(s: FormSettings, specs: Sequence[PartitionSpec]) -> str:
     return s.partition if any(p.name == s.partition for p in specs) else specs[0].name
 
 
+def _limits(s: FormSettings, specs: Sequence[PartitionSpec]) -> dict[str, Any]:
+    """What the settings allow besides the partitions: the checks' keyword arguments."""
+    return {
+        "default_partition": _default_partition(s, specs),
+        "accounts": s.accounts,
+        "allow_account": account_choice(s),
+        "default_account": s.account or None,
+        "qos": s.qos or None,
+    }
+
+
 def validate_for(s: FormSettings, options: Mapping[str, object]) -> slurm.JobResources:
     """:func:`validate_options` with the settings' partitions, accounts and QOS."""
     specs = partition_specs(s)
-    return validate_options(
-        options,
-        specs,
-        default_partition=_default_partition(s, specs),
-        accounts=s.accounts,
-        allow_account=account_choice(s),
-        default_account=s.account or None,
-        qos=s.qos or None,
-    )
+    return validate_options(options, specs, **_limits(s, specs))
 
 
 def prefill_for(s: FormSettings, last: object) -> Prefill:
     """:func:`prefill` with the settings' partitions, accounts and QOS."""
     specs = partition_specs(s)
-    return prefill(
-        last,
-        specs,
-        default_partition=_default_partition(s, specs),
-        accounts=s.accounts,
-        allow_account=account_choice(s),
-        default_account=s.account or None,
-        qos=s.qos or None,
-    )
+    return prefill(last, specs, **_limits(s, specs))
 
 
 #: the option of the home page's "Start again as last time" link (``?opt-relaunch=last``

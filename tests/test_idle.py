@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import make_hub, stop_hub_and_proxy
+from .test_faults import wait_for
 from .test_gateway import in_cluster_root
 
 POLL = 3
@@ -67,15 +68,6 @@ def _job_alive(job: str) -> bool:
     return bool(out) and out[0] in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING")
 
 
-def _wait(pred, timeout: float, what: str) -> float:
-    t0 = time.monotonic()
-    while not pred():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.2)
-    return time.monotonic() - t0
-
-
 def test_idle_servers_give_the_allocation_back(hub, cluster):
     c = hub.client
     culler = _culler_pid(hub.proc.pid)
@@ -91,13 +83,13 @@ def test_idle_servers_give_the_allocation_back(hub, cluster):
     frozen = time.monotonic()
     try:
         # grace's server ends itself, and with it the job: the allocation is free
-        took = _wait(lambda: not _job_alive(jobs["grace"]), 150, "grace's job to end")
+        took = wait_for(lambda: not _job_alive(jobs["grace"]), 150, "grace's job to end")
         print(f"grace's job ended {took:.1f} s after the hub froze")
         assert _job_alive(jobs["ada-l"]), "Ada's server (default idle limit) ended too"
     finally:
         hub.proc.send_signal(signal.SIGCONT)
     thawed = time.monotonic()
-    noticed = _wait(lambda: not c.user("grace")["servers"], 60, "the hub to notice")
+    noticed = wait_for(lambda: not c.user("grace")["servers"], 60, "the hub to notice")
     print(
         f"the hub noticed grace's job had ended {noticed:.1f} s after it was thawed "
         f"(poll interval {POLL} s; frozen for {thawed - frozen:.1f} s)"
@@ -107,7 +99,7 @@ def test_idle_servers_give_the_allocation_back(hub, cluster):
     assert f"cancelled job {jobs['grace']}" not in log
     # now the culler: Ada's server has been idle for longer than its 10 s
     os.kill(culler, signal.SIGCONT)
-    culled = _wait(lambda: not c.user("ada-l")["servers"], 60, "the culler to stop Ada's server")
+    culled = wait_for(lambda: not c.user("ada-l")["servers"], 60, "the culler to stop Ada's server")
     print(f"the culler stopped Ada's idle server {culled:.1f} s after it was thawed")
     assert not _job_alive(jobs["ada-l"])
     assert f"cancelled job {jobs['ada-l']}" in hub.log
