@@ -60,6 +60,7 @@ POLL = 30  # SlurmSSHSpawner's default poll_interval
 class Result:
     db: str
     n: int
+    started: int = 0  # servers running (fewer than n where memory ran short)
     all_ready_s: float = 0.0
     failures: int = 0
     routes: int = 0
@@ -284,7 +285,9 @@ def wait_no_jobs(info, timeout: float) -> bool:
     return False
 
 
-def run_one(db: str, n: int, info, cycles: int, pg: Postgres | None, threads: int) -> Result:
+def run_one(
+    db: str, n: int, info, cycles: int, pg: Postgres | None, threads: int, wave: int, floor_mb: int
+) -> Result:
     res = Result(db, n)
     workdir = Path(tempfile.mkdtemp(prefix=f"xh-scale-{db}-{n}-"))
     db_line = ""
@@ -319,32 +322,52 @@ def run_one(db: str, n: int, info, cycles: int, pg: Postgres | None, threads: in
             if r.status_code not in (201, 202):
                 res.notes.append(f"{name}: start {r.status_code} {r.text[:100]}")
 
-        with concurrent.futures.ThreadPoolExecutor(threads) as ex:
-            list(ex.map(start, names))
-        print(f"   {n} start requests answered in {time.time() - t0:.0f} s", flush=True)
+        # in waves: before each wave, the memory the running jobs took so far says whether
+        # the next wave fits above the floor; if not, the run goes on with those running
         ready: set[str] = set()
-        deadline = time.time() + 300 + 1.5 * n
-        last_print = last_check = time.time()
-        while len(ready) < n and time.time() < deadline:
-            routes = proxy.get(PROXY_API, timeout=60).json()
-            ready |= {nm for nm in names if f"/user/{nm}" in routes}
-            now = time.time()
-            if now - last_print > 30:
-                last_print = now
-                print(f"   {len(ready)}/{n} routed after {now - t0:.0f} s", flush=True)
-            if now - last_check > 60:  # a rare look at the hub: did spawns fail?
-                last_check = now
-                users = api("GET", "/users?limit=5000").json()
-                failed = sum(
-                    1
-                    for u in users
-                    if u["name"] not in ready and not u.get("servers") and not u.get("pending")
-                )
-                if failed and failed + len(ready) >= n:
+        requested: list[str] = []
+        for w in range(0, n, wave):
+            batch = names[w : w + wave]
+            if ready:
+                per_job = (mem0 - mem_available_mb()) / len(ready)
+                left = mem_available_mb() - per_job * len(batch)
+                if left < floor_mb:
+                    res.notes.append(
+                        f"stopped at {len(ready)} servers: {per_job:.1f} MB per job so far, "
+                        f"{mem_available_mb():.0f} MB available; {len(batch)} more would "
+                        f"leave {left:.0f} MB, under the {floor_mb} MB floor"
+                    )
+                    print(f"   {res.notes[-1]}", flush=True)
                     break
-            time.sleep(1)
+            with concurrent.futures.ThreadPoolExecutor(threads) as ex:
+                list(ex.map(start, batch))
+            requested += batch
+            deadline = time.time() + 300 + 1.5 * len(batch)
+            last_print = last_check = time.time()
+            while len(ready) < len(requested) and time.time() < deadline:
+                routes = proxy.get(PROXY_API, timeout=60).json()
+                ready |= {nm for nm in requested if f"/user/{nm}" in routes}
+                now = time.time()
+                if now - last_print > 30:
+                    last_print = now
+                    print(f"   {len(ready)}/{n} routed after {now - t0:.0f} s", flush=True)
+                if now - last_check > 60:  # a rare look at the hub: did spawns fail?
+                    last_check = now
+                    users = api("GET", "/users?limit=5000").json()
+                    failed = sum(
+                        1
+                        for u in users
+                        if u["name"] in requested
+                        and u["name"] not in ready
+                        and not u.get("servers")
+                        and not u.get("pending")
+                    )
+                    if failed and failed + len(ready) >= len(requested):
+                        break
+                time.sleep(1)
         res.all_ready_s = time.time() - t0
-        res.failures = n - len(ready)
+        res.started = len(ready)
+        res.failures = len(requested) - len(ready)
         print(f"   {len(ready)}/{n} routed in {res.all_ready_s:.0f} s", flush=True)
         # steady state: the servers run for `cycles` poll intervals
         time.sleep(5)
@@ -428,6 +451,7 @@ def table(results: list[Result]) -> str:
     cols = [
         ("db", "db"),
         ("N", "n"),
+        ("running", "started"),
         ("all routed (s)", "all_ready_s"),
         ("failures", "failures"),
         ("routes", "routes"),
@@ -463,6 +487,13 @@ def main() -> int:
     ap.add_argument("--db", nargs="+", default=["sqlite", "postgresql"])
     ap.add_argument("--cycles", type=int, default=2, help="poll intervals to measure (30 s)")
     ap.add_argument("--threads", type=int, default=32, help="concurrent start/stop requests")
+    ap.add_argument("--wave", type=int, default=100, help="servers started per wave")
+    ap.add_argument(
+        "--floor-mb",
+        type=int,
+        default=2048,
+        help="start no wave that would leave less MemAvailable than this (MB)",
+    )
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     r = subprocess.run([sys.executable, "-m", "xsedehub.cli", "cluster", "up"], check=False)
@@ -486,7 +517,14 @@ def main() -> int:
             for n in args.n:
                 print(f"== {db}, N={n} ...", flush=True)
                 res = run_one(
-                    db, n, info, args.cycles, pg if db == "postgresql" else None, args.threads
+                    db,
+                    n,
+                    info,
+                    args.cycles,
+                    pg if db == "postgresql" else None,
+                    args.threads,
+                    args.wave,
+                    args.floor_mb,
                 )
                 results.append(res)
                 print(json.dumps(asdict(res)), flush=True)
