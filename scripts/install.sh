@@ -44,6 +44,7 @@ pkgs+=(chromium)   # the browser tests drive Debian's chromium (no browser downl
 pkgs+=(slurm-wlm munge openssh-server openssh-client)
 pkgs+=(bubblewrap)  # the attendee sandbox of gateway-mode jobs (SlurmSSHSpawner.sandbox)
 pkgs+=(sudo)  # the local cluster's site command extending a job's walltime
+pkgs+=(postgresql)  # benchmarks/scale.py starts its own PostgreSQL for the hub's database
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -63,8 +64,8 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 pipi() { "$ENV/bin/python" -m pip install -q "$@" >"$log" 2>&1 || { cat "$log"; exit 1; }; }
 pipi --upgrade pip
-echo "[install] pip install -e .[test,docs] into $ENV"
-pipi -e ".[test,docs]"
+echo "[install] pip install -e .[test,docs,bench] into $ENV"
+pipi -e ".[test,docs,bench]"
 "$ENV/bin/python" -c "import xsedehub.spawner.spawner, xsedehub.auth.github"
 
 chp_have=$(cat "$PREFIX/chp/node_modules/configurable-http-proxy/package.json" 2>/dev/null \

@@ -27,7 +27,10 @@ VETH_HUB, VETH_CLUSTER = "xh-veth-h", "xh-veth-c"
 SSH_PORT = 22
 HUB_API_PORT = 8081
 NODES = {"node1": 17001, "node2": 17002}
-NODE_CPUS, NODE_MEM_MB = 64, 64000
+# declared, not real (SlurmdParameters=config_overrides): 1,024 one-CPU jobs fit, which
+# benchmarks/scale.py needs for its 1,000 servers; memory is not a consumable resource
+# (CR_Core), so RealMemory only bounds what one job may ask for
+NODE_CPUS, NODE_MEM_MB = 512, 64000
 RESEARCHERS = ("alice", "bob")
 GATEWAY_USER = "gateway"
 TUNNEL_USER = "tunnelbot"
@@ -160,6 +163,8 @@ def write_slurm_conf(root: Path) -> None:
         "KillWait=5",
         "InactiveLimit=0",
         "SchedulerParameters=sched_min_interval=100000",
+        # SLURM's default, written out: benchmarks/scale.py holds 1,000 jobs at once
+        "MaxJobCount=10000",
     ]
     for node, port in NODES.items():
         lines.append(
@@ -201,7 +206,9 @@ def sshd_conf(root: Path, keys: dict[str, Path], side: str) -> Path:
             [
                 f"AllowUsers {TUNNEL_USER}",
                 "AuthorizedKeysFile none",
-                "MaxStartups 300:30:600",
+                # every job holds two connections here; benchmarks/scale.py's 1,000 jobs
+                # open up to a few hundred at once while they start
+                "MaxStartups 1000:30:2000",
                 *match_block(
                     TUNNEL_USER,
                     f"{root}/hub/tunnelbot_authorized_keys",
