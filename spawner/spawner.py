@@ -50,6 +50,8 @@ from .tunnel import TunnelKeys
 __all__ = ["CredentialExpired", "SlurmSSHSpawner", "SpawnError"]
 
 STATE_VERSION = 1
+#: the least time between two walltime extensions asked for one server (seconds)
+EXTEND_INTERVAL = 30.0
 
 
 def _commit(orm: Any) -> None:
@@ -520,6 +522,8 @@ class SlurmSSHSpawner(Spawner):
     #: why the last job ended, when the hub page should say (it reached its walltime)
     end_note = Unicode("")
     _submitted_at = 0.0
+    _extending = False  # a walltime extension is being asked for
+    _last_extend: float | None = None  # when the last one was (time.monotonic())
     _start_cancelled = False  # a start was cancelled and its stop has not run yet
     _job_cache: SqueueCache | None = None  # the shared squeue that follows the job
     _last_end: walltime.TimeLeft | None = None  # the job's end, as last seen running
@@ -993,9 +997,37 @@ class SlurmSSHSpawner(Spawner):
             }
         if not (self.job_id.isascii() and self.job_id.isdigit()):
             return {**self.walltime_status(), "ok": False, "message": "No job to extend."}
+        # one attempt at a time, and not more often than EXTEND_INTERVAL: each runs a
+        # site command on the login node (through the connection every attendee shares,
+        # in gateway mode), and a refused one would be offered again at once
+        last = self._last_extend
+        wait = 0.0 if last is None else last + EXTEND_INTERVAL - time.monotonic()
+        if self._extending or wait > 0:
+            return {
+                **self.walltime_status(),
+                "ok": False,
+                "message": "An extension was asked for just now; "
+                f"try again in {max(wait, 1):.0f} s.",
+            }
+        self._extending = True
+        self._last_extend = time.monotonic()
+        try:
+            return await self._extend_to(new)
+        finally:
+            self._extending = False
+
+    async def _extend_to(self, new: int) -> dict[str, Any]:
         argv = [*self.walltime_extend_command, self.job_id, str(new)]
         try:
             conn = await self.connection()
+            if not self._is_own(conn):
+                # xsede mode with the owner's certificate expired: the site account's
+                # connection must never run the owner's extension
+                return {
+                    **self.walltime_status(),
+                    "ok": False,
+                    "message": "Your cluster credential has expired: log in again to extend.",
+                }
             r = await conn.run(argv, timeout=60)
             answer = (str(r.stdout).strip() + "\n" + str(r.stderr).strip()).strip()
             ok = r.exit_status == 0

@@ -120,8 +120,9 @@ def extended_limit(limit_seconds: int | None, step_minutes: int, max_minutes: in
 
 
 class WalltimeAPIHandler(APIHandler):
-    """``/hub/api/xsedehub/walltime/<server name>``, for the server's owner (a token of
-    the user, such as the server's own).
+    """``/hub/api/xsedehub/walltime/<server name>``, for the server's owner, with a token
+    that may use that server (``access:servers!server=<owner>/<name>``: the server's own
+    token, the owner's session).
 
     ``GET``: ``{"job_id", "seconds_left", "limit_seconds", "warnings", "extend"}``;
     ``seconds_left`` is ``null`` while the hub does not know it (the job is not running
@@ -135,6 +136,11 @@ class WalltimeAPIHandler(APIHandler):
         user = self.current_user
         if user is None or getattr(user, "kind", "user") != "user":
             raise web.HTTPError(403)
+        # the owner's token is not enough: it must be one that may use this server (the
+        # server's own token, the owner's session), not a narrower one the owner handed
+        # to a script, or that a shared server of someone else received at its login
+        if not self.has_scope(f"access:servers!server={user.name}/{server_name}"):
+            raise web.HTTPError(403, "this token may not use that server")
         spawner = user.spawners.get(server_name) if server_name in user.spawners else None
         if spawner is None or not spawner.active or not hasattr(spawner, "walltime_status"):
             raise web.HTTPError(404, f"no server {server_name!r} running")

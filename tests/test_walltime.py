@@ -170,7 +170,16 @@ def test_site_command_reads_slurm_time_limits(text, minutes):
 
 @pytest.mark.parametrize(
     "argv",
-    [["12"], ["12", "30", "x"], ["12;id", "30"], ["12", "-5"], ["12", "3O"]],
+    [
+        ["12"],
+        ["12", "30", "x"],
+        ["12;id", "30"],
+        ["12", "-5"],
+        ["12", "3O"],
+        ["12", "\u00b2"],  # a digit to str.isdigit(), not to int()
+        ["\u0661\u0662", "30"],  # Arabic-Indic digits
+        ["12", "12345678901"],
+    ],
 )
 def test_site_command_refuses_anything_but_a_job_id_and_minutes(argv):
     import subprocess
@@ -181,6 +190,21 @@ def test_site_command_refuses_anything_but_a_job_id_and_minutes(argv):
         [sys.executable, str(path), *argv], capture_output=True, text=True, check=False
     )
     assert r.returncode != 0 and "usage:" in r.stderr
+
+
+def test_site_command_never_asks_for_more_than_a_week():
+    import subprocess
+    import sys
+
+    path = Path(__file__).parents[1] / "scripts" / "site" / "xsedehub-extend-walltime"
+    r = subprocess.run(
+        [sys.executable, str(path), "12", str(7 * 24 * 60 + 1)],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "SUDO_USER": "alice"},
+        check=False,
+    )
+    assert r.returncode != 0 and "at most 10080 minutes" in r.stderr
 
 
 def test_site_command_runs_only_through_sudo():
