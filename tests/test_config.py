@@ -436,3 +436,26 @@ def test_tljh_post_install_is_idempotent(tmp_path, monkeypatch):
     shadow = (root / "etc" / "shadow").read_text().splitlines()
     assert [ln.split(":")[1] for ln in shadow if ln.startswith("tunnelbot:")] == ["*"]
     assert Path("/etc/passwd").read_bytes() == host_passwd
+
+
+@pytest.mark.parametrize("order", ["site appends first", "site sets a list first", "culler first"])
+def test_idle_culler_goes_with_a_sites_own_services_in_any_order(order):
+    """docs/howto/metrics.md appends a Prometheus service and role; idle_culler(c) before
+    or after that must keep both (it raised TypeError on traitlets' lazy value)."""
+    from jupyterhub.app import JupyterHub
+    from traitlets.config import Config
+
+    from xsedehub.config import idle_culler
+
+    c = Config()
+    if order == "site appends first":
+        c.JupyterHub.services.append({"name": "prometheus"})
+        c.JupyterHub.load_roles.append({"name": "prometheus", "services": ["prometheus"]})
+    elif order == "site sets a list first":
+        c.JupyterHub.services = [{"name": "prometheus"}]
+    idle_culler(c)
+    if order == "culler first":
+        c.JupyterHub.services.append({"name": "prometheus"})
+    app = JupyterHub(config=c)
+    assert sorted(s["name"] for s in app.services) == ["idle-culler", "prometheus"]
+    assert "idle-culler" in [r["name"] for r in app.load_roles]

@@ -72,8 +72,9 @@ def idle_culler(
     for name, value in (("timeout", timeout), ("every", every)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"idle_culler: {name} must be a whole number of seconds >= 1")
-    services = list(_get(c.JupyterHub, "services", None) or [])
-    services.append(
+    # append, as a site's own config would: to a list set before, or to traitlets'
+    # lazy value when the config appended first (or not at all)
+    c.JupyterHub.services.append(
         {
             "name": "idle-culler",
             "command": [
@@ -86,9 +87,7 @@ def idle_culler(
             ],
         }
     )
-    c.JupyterHub.services = services
-    roles = list(_get(c.JupyterHub, "load_roles", None) or [])
-    roles.append(
+    c.JupyterHub.load_roles.append(
         {
             "name": "idle-culler",
             "description": "Stop idle servers (their batch jobs are cancelled)",
@@ -96,7 +95,6 @@ def idle_culler(
             "services": ["idle-culler"],
         }
     )
-    c.JupyterHub.load_roles = roles
 
 
 @dataclass(frozen=True)
