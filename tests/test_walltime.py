@@ -240,3 +240,27 @@ async def test_extend_without_a_running_job_asks_nothing():
     sp = SlurmSSHSpawner(walltime_extend_command=["/usr/bin/sudo", "-n", "/x"])
     answer = await sp.extend_walltime()
     assert answer["ok"] is False and "not seen this job running" in answer["message"]
+
+
+def test_the_countdowns_own_requests_are_not_activity():
+    """JupyterLab asks the job-side extension every 30 s: were that activity, an abandoned
+    tab would keep the server from its idle shutdown (and the hub's culler) forever.
+    Checked with the job environment's jupyter_server, on this checkout's jobext."""
+    import subprocess
+
+    from xsedehub.testbed.clusterconf import JOB_ENV
+
+    python = JOB_ENV / "bin" / "python"
+    if not python.exists():
+        pytest.fail(f"no job environment at {JOB_ENV} (scripts/install.sh builds it)")
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]);"
+        "from xsedehub_jobext.handlers import WalltimeHandler as H;"
+        "from jupyter_server.base.handlers import APIHandler;"
+        "assert issubclass(H, APIHandler) and H._track_activity is False, H._track_activity"
+    )
+    jobext = Path(__file__).parents[1] / "jobext"
+    r = subprocess.run(
+        [str(python), "-I", "-c", code, str(jobext)], capture_output=True, text=True, check=False
+    )
+    assert r.returncode == 0, r.stderr

@@ -68,6 +68,11 @@ class HubWalltime:
 
 
 class WalltimeHandler(APIHandler):
+    #: JupyterLab asks every 30 s, open tab or not: that is not the user's activity, or
+    #: an abandoned tab would keep the server (and its allocation) from ever idling out
+    #: (ServerApp.shutdown_no_activity_timeout, the hub's idle culler).  Extending is.
+    _track_activity = False
+
     def initialize(self, source: HubWalltime) -> None:
         self.source = source
 
@@ -84,6 +89,7 @@ class WalltimeHandler(APIHandler):
     @web.authenticated
     async def post(self) -> None:
         """Extend the job (where the site allows it): ``{"ok", "message", ...}``."""
+        self._track_activity = True  # a user's click
         if not self.source.configured:
             raise web.HTTPError(404, "not running under JupyterHub")
         try:
