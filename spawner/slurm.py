@@ -166,6 +166,19 @@ class JobScript:
             v.slurm_name(val, f"--{key}")
 
 
+#: how long before the walltime the batch script is sent SIGTERM (a clean end: the
+#: server stops, the secret files go), for jobs of four minutes or more
+SIGNAL_LEAD_SECONDS = 60
+
+
+def signal_lead(walltime_minutes: int) -> int:
+    """Seconds before the walltime for ``--signal=B:TERM@``: a minute, or a quarter of a
+    shorter walltime.  SLURM checks time limits about every 30 s and may send the signal
+    that much early: a one-minute job warned 60 s ahead was ended at its first check,
+    often before its server had started."""
+    return min(SIGNAL_LEAD_SECONDS, walltime_minutes * 60 // 4)
+
+
 def sbatch_directives(job: JobScript) -> list[str]:
     r = job.resources
     lines = [
@@ -178,7 +191,7 @@ def sbatch_directives(job: JobScript) -> list[str]:
         f"--mem={r.memory_mb}M",
         f"--output={job.job_dir}/job.log",
         "--open-mode=append",
-        "--signal=B:TERM@60",
+        f"--signal=B:TERM@{signal_lead(r.walltime_minutes)}",
     ]
     if job.spawn_id:
         lines.append(f"--comment={COMMENT_PREFIX}{job.spawn_id}")

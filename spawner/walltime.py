@@ -55,9 +55,10 @@ def describe(seconds: int) -> str:
     return " ".join(parts)
 
 
-#: the job script asks SLURM for SIGTERM 60 s before the walltime (``--signal=B:TERM@60``,
-#: :func:`.slurm.sbatch_directives`) and ends on it, so a job "reaching its walltime"
-#: usually ends FAILED (143), not TIMEOUT; SLURM may send that signal up to 60 s early
+#: the job script asks SLURM for SIGTERM up to 60 s before the walltime
+#: (``--signal=B:TERM@...``, :func:`.slurm.signal_lead`) and ends on it, so a job
+#: "reaching its walltime" usually ends FAILED (143), not TIMEOUT; SLURM may send that
+#: signal up to 60 s early
 SIGNAL_LEAD = 60 + 60 + 5
 
 

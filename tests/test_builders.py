@@ -245,3 +245,22 @@ def test_numbers_are_ascii_digits_only(field, value):
     with pytest.raises(v.InvalidValue) as e:
         form.validate_options({field: value}, parts, default_partition="compute")
     assert e.value.field == field
+
+
+@pytest.mark.parametrize("minutes,lead", [(1, 15), (2, 30), (3, 45), (4, 60), (60, 60)])
+def test_the_walltime_warning_signal_leaves_short_jobs_time_to_run(minutes, lead):
+    """SLURM checks time limits about every 30 s and may send --signal that much early:
+    a one-minute job warned 60 s ahead was ended at its first check."""
+    from xsedehub.spawner import slurm
+
+    assert slurm.signal_lead(minutes) == lead
+    job = slurm.JobScript(
+        job_name="jupyter-ada",
+        resources=slurm.JobResources("debug", minutes, 1, 512),
+        job_dir=".xsedehub/jobs/u0-0123456789ab",
+        work_dir=".",
+        singleuser=["jupyterhub-singleuser"],
+        tunnel=slurm.Tunnel("10.0.0.1", 22, "tunnelbot", 20001, "127.0.0.1", 8081),
+        python="/usr/bin/python3",
+    )
+    assert f"#SBATCH --signal=B:TERM@{lead}" in slurm.sbatch_directives(job)
