@@ -84,8 +84,11 @@ async def job_env_version(conn: Connection, cmd: list[str], *, timeout: float = 
     r = await conn.run(["/usr/bin/env", "PYTHONNOUSERSITE=1", *cmd, "--version"], timeout=timeout)
     out = version_line(str(r.stdout))
     if r.exit_status != 0 or not out:
-        raise RuntimeError((str(r.stderr).strip() or f"exit {r.exit_status}")[-300:])
-    return out
+        # one line, printable: the account's own environment writes this text, and it
+        # goes into the hub's log
+        said = " | ".join(str(r.stderr).strip().splitlines()) or f"exit {r.exit_status}"
+        raise RuntimeError(said[-300:].encode("ascii", "backslashreplace").decode())
+    return out[:100].encode("ascii", "backslashreplace").decode()
 
 
 async def warn_if_mismatched(
