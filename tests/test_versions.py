@@ -49,7 +49,7 @@ def _other_env() -> str:
     singleuser = localtljh.JOB_ENV / "bin" / "jupyterhub-singleuser"
     if not singleuser.exists():
         reason = f"{singleuser} is not installed (scripts/install.sh, with TLJH's source)"
-        if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
+        if os.environ.get("CI") == "true":
             pytest.fail(f"{reason}; CI must run this test", pytrace=False)
         pytest.skip(reason)
     return str(singleuser)
