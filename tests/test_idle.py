@@ -1,16 +1,20 @@
 """Idle servers give their allocation back, from both ends, with short timeouts.
 
 One hub runs jupyterhub-idle-culler as ``xsedehub.config.idle_culler`` configures it
-(10 s, checked every 2 s).  Two servers start together: grace's server has a 5 s
-``server_idle_timeout`` (a pre-spawn hook), Ada's the default.  Right after both are
-ready the hub and its culler are frozen (SIGSTOP), as a hub that cannot be reached:
-grace's server still ends itself (jupyter-server checks once a minute), so its job
-leaves the queue while the hub is away.  The hub, thawed, sees the job's end in its next
-poll; then the culler, thawed, stops Ada's idle server and its job is cancelled.
+(10 s, checked every 2 s).  The culler is frozen (SIGSTOP) before any server starts, so
+its 10 s cannot run out while the servers start.  Two servers start together: grace's
+server has a 5 s ``server_idle_timeout`` (a pre-spawn hook), Ada's the default.  Right
+after both are ready the hub is frozen too, as a hub that cannot be reached: grace's
+server still ends itself (jupyter-server checks once a minute), so its job leaves the
+queue while the hub is away.  The hub, thawed (the culler still frozen), sees the job's
+end in its next poll: at most two shared squeues after it was thawed, by the hub's own
+count of them (``xsedehub_squeue_seconds_count``).  Then the culler, thawed, stops Ada's
+idle server and its job is cancelled.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -21,6 +25,7 @@ import pytest
 from .conftest import make_hub, stop_hub_and_proxy
 from .test_faults import wait_for
 from .test_gateway import in_cluster_root
+from .test_spawn_options import scrape
 
 POLL = 3
 
@@ -69,16 +74,33 @@ def _job_alive(job: str) -> bool:
 
 
 def test_idle_servers_give_the_allocation_back(hub, cluster):
-    c = hub.client
     culler = _culler_pid(hub.proc.pid)
+    # frozen before the servers start: its 10 s must not run out before the hub is frozen
+    os.kill(culler, signal.SIGSTOP)
+    try:
+        _give_back(hub, cluster, culler)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(culler, signal.SIGCONT)  # a no-op if the test thawed it already
+
+
+def _squeues(c, cluster) -> float:
+    """The shared squeues the hub has run so far (a Prometheus histogram's count)."""
+    key = ("xsedehub_squeue_seconds_count", frozenset({("cluster", cluster.login_ip)}))
+    return scrape(c).get(key, 0.0)
+
+
+def _give_back(hub, cluster, culler: int) -> None:
+    c = hub.client
     for user in ("ada-l", "grace"):
         r = c.start(user)
         assert r.status_code in (201, 202), r.text
     for user in ("ada-l", "grace"):
         c.wait_ready(user)
     jobs = {u: c.user(u)["servers"][""]["state"]["job_id"] for u in ("ada-l", "grace")}
-    # the hub (and its culler) cannot be reached from now on
-    os.kill(culler, signal.SIGSTOP)
+    # the hub cannot be reached from now on (its culler is frozen already); a frozen hub
+    # runs no squeue, so this count is still the count when it is thawed
+    squeues = _squeues(c, cluster)
     hub.proc.send_signal(signal.SIGSTOP)
     frozen = time.monotonic()
     try:
@@ -90,10 +112,15 @@ def test_idle_servers_give_the_allocation_back(hub, cluster):
         hub.proc.send_signal(signal.SIGCONT)
     thawed = time.monotonic()
     noticed = wait_for(lambda: not c.user("grace")["servers"], 60, "the hub to notice")
+    ran = _squeues(c, cluster) - squeues
     print(
-        f"the hub noticed grace's job had ended {noticed:.1f} s after it was thawed "
-        f"(poll interval {POLL} s; frozen for {thawed - frozen:.1f} s)"
+        f"the hub noticed grace's job had ended {noticed:.1f} s after it was thawed, "
+        f"after {ran:.0f} shared squeues (poll interval {POLL} s; frozen for "
+        f"{thawed - frozen:.1f} s)"
     )
+    # within one poll interval: the first squeue after the thaw (one more if a squeue
+    # was under way when the hub was frozen, its answer older than the job's end)
+    assert 1 <= ran <= 2, f"the hub ran {ran:.0f} squeues before it noticed the job's end"
     log = hub.log
     assert f"job {jobs['grace']} is" in log  # the poll saw the job end: no stop was needed
     assert f"cancelled job {jobs['grace']}" not in log
