@@ -123,7 +123,7 @@ def test_idle_culler_service_with_documented_defaults():
         "--timeout=3600",
         "--cull-every=300",
     ]
-    role = c.JupyterHub.load_roles[-1]
+    role = c.JupyterHub.load_roles.get_value([])[-1]  # appended to traitlets' lazy value
     assert role["services"] == ["idle-culler"] and "delete:servers" in role["scopes"]
     # the TLJH plugin sizes TLJH's own culler the same way
     assert tljh.CULLER == {"timeout": 3600, "every": 300}
