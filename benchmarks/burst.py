@@ -41,13 +41,12 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 import xh_bench_baseline as baseline  # noqa: E402
+from benchlib import Api, cpu_seconds, markdown_table, peak_mb, percentile  # noqa: E402
 
 from xsedehub.testbed import localcluster, localhub, netns  # noqa: E402
 
-HUB = "http://127.0.0.1:8000"
 PROXY_API = "http://127.0.0.1:8001/api/routes"
 PROXY_TOKEN = "xsedehub-bench-" + os.urandom(8).hex()
-TICK = os.sysconf("SC_CLK_TCK")
 LISTENING = re.compile(
     r"^\[I (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) ServerApp\] Jupyter Server .* is running at"
 )
@@ -77,18 +76,6 @@ class Result:
     notes: list[str] = field(default_factory=list)
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(x) for x in fields[11:15]) / TICK  # utime stime cutime cstime
-
-
-def peak_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def handshakes(info) -> int:
     log = Path(info.root) / "log" / "sshd_login.log"
     return log.read_text(errors="replace").count(f"Accepted publickey for {info.gateway_user}")
@@ -103,24 +90,6 @@ def listening_time(log: Path) -> float | None:
     except OSError:
         return None
     return None
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
-
-
-class Api:
-    def __init__(self, token: str):
-        self.s = requests.Session()
-        self.s.headers["Authorization"] = f"token {token}"
-        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=128)
-        self.s.mount("http://", adapter)
-
-    def __call__(self, method: str, path: str, **kw):
-        return self.s.request(method, f"{HUB}/hub/api{path}", timeout=300, **kw)
 
 
 def stop_hub(hub: subprocess.Popen, workdir: Path, info) -> None:
@@ -476,26 +445,14 @@ def table(results: list[Result]) -> str:
         ("SSH handshakes", "handshakes_total"),
         ("sbatch", "sbatch"),
         ("squeue (burst)", "squeue_burst"),
-        ("squeue per poll cycle", None),
+        ("squeue per poll cycle", lambda r: r.squeue_steady / max(1, r.poll_cycles)),
         ("scancel", "scancel"),
         ("hub CPU/spawn (s)", "hub_cpu_per_spawn_s"),
         ("hub CPU/poll cycle (s)", "hub_cpu_per_poll_cycle_s"),
         ("hub peak MB", "hub_peak_mb"),
         ("failures", "failures"),
     ]
-    head = "| " + " | ".join(c[0] for c in cols) + " |"
-    sep = "|" + "|".join("---" for _ in cols) + "|"
-    rows = []
-    for r in results:
-        cells = []
-        for _, attr in cols:
-            if attr is None:
-                val = r.squeue_steady / max(1, r.poll_cycles)
-            else:
-                val = getattr(r, attr)
-            cells.append(f"{val:.3g}" if isinstance(val, float) else str(val))
-        rows.append("| " + " | ".join(cells) + " |")
-    return "\n".join([head, sep, *rows])
+    return markdown_table(results, cols)
 
 
 def ratios(results: list[Result]) -> str:

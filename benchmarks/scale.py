@@ -43,15 +43,14 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
+from benchlib import Api, cpu_seconds, markdown_table, peak_mb  # noqa: E402
 from xsedehub.spawner import slurm  # noqa: E402
 
 from xsedehub.testbed import localcluster, localhub, netns  # noqa: E402
 
 RESPONDER = HERE / "responder.py"
-HUB = "http://127.0.0.1:8000"
 PROXY_API = "http://127.0.0.1:8001/api/routes"
 PROXY_TOKEN = "xsedehub-scale-" + os.urandom(8).hex()
-TICK = os.sysconf("SC_CLK_TCK")
 PG_BIN = Path("/usr/lib/postgresql")
 POLL = 30  # SlurmSSHSpawner's default poll_interval
 
@@ -89,30 +88,6 @@ class Result:
 
 
 # ------------------------------------------------------------------------- measures
-# (as in burst.py, which this script does not import: burst.py needs batchspawner)
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(x) for x in fields[11:15]) / TICK  # utime stime cutime cstime
-
-
-def peak_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-class Api:
-    def __init__(self, token: str):
-        self.s = requests.Session()
-        self.s.headers["Authorization"] = f"token {token}"
-        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=128)
-        self.s.mount("http://", adapter)
-
-    def __call__(self, method: str, path: str, **kw):
-        return self.s.request(method, f"{HUB}/hub/api{path}", timeout=300, **kw)
-
-
 def mem_available_mb() -> float:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemAvailable:"):
@@ -469,16 +444,7 @@ def table(results: list[Result]) -> str:
         ("restart: spawners initialized (s)", "restart_initialized_s"),
         ("stop all (s)", "stop_all_s"),
     ]
-    head = "| " + " | ".join(c[0] for c in cols) + " |"
-    sep = "|" + "|".join("---" for _ in cols) + "|"
-    rows = []
-    for r in results:
-        cells = []
-        for _, attr in cols:
-            val = getattr(r, attr)
-            cells.append(f"{val:.3g}" if isinstance(val, float) else str(val))
-        rows.append("| " + " | ".join(cells) + " |")
-    return "\n".join([head, sep, *rows])
+    return markdown_table(results, cols)
 
 
 def main() -> int:
