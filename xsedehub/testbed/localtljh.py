@@ -115,7 +115,10 @@ def install() -> None:
     """Build the wheelhouse (needs PyPI) and the job environment, unless up to date."""
     snapshot = source()
     if not snapshot.exists():
-        print(f"[tljh] no TLJH source at {snapshot}: the TLJH test will be skipped")
+        print(
+            f"[tljh] no TLJH source at {snapshot}: "
+            "the TLJH tests will fail in CI and be skipped elsewhere"
+        )
         return
     if wheelhouse_problem(snapshot):
         print(f"[tljh] pip wheel TLJH ({snapshot.name}) and its hub environment into {WHEELHOUSE}")
