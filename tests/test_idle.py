@@ -128,5 +128,6 @@ def _give_back(hub, cluster, culler: int) -> None:
     os.kill(culler, signal.SIGCONT)
     culled = wait_for(lambda: not c.user("ada-l")["servers"], 60, "the culler to stop Ada's server")
     print(f"the culler stopped Ada's idle server {culled:.1f} s after it was thawed")
-    assert not _job_alive(jobs["ada-l"])
+    # cancelled: SLURM may still show it COMPLETING for a moment
+    wait_for(lambda: not _job_alive(jobs["ada-l"]), 30, "Ada's cancelled job to leave the queue")
     assert f"cancelled job {jobs['ada-l']}" in hub.log

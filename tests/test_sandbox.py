@@ -222,7 +222,9 @@ async def test_two_attendees_cannot_reach_each_other(hub, cluster):
     assert res["list_workshops"] == ["ok", [A]]
     assert res["list_gw_home"] == ["ok", [".xsedehub", "workshop"]]
     assert res["jobs"] == ["ok", [dirs[A].name]]
-    assert res["own_job_dir"] == ["ok", ["server.sock"]]
+    # its server's socket, and the JupyterLab page config the job wrote for it
+    # (lab_disabled_plugins: no secret in it)
+    assert res["own_job_dir"] == ["ok", ["jupyter", "server.sock"]]
     # B's processes: not visible, no signal reaches them
     assert res["kill_b"] == ["err", "ProcessLookupError"]
     assert res["signal0_b"] == ["err", "ProcessLookupError"]
