@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -78,22 +79,20 @@ class WalltimeHandler(APIHandler):
 
     @web.authenticated
     async def get(self) -> None:
-        if not self.source.configured:
-            raise web.HTTPError(404, "not running under JupyterHub")
-        try:
-            answer = await self.source.get()
-        except (HTTPClientError, OSError, ValueError) as e:
-            raise web.HTTPError(502, f"the hub did not answer: {e}") from None
-        self.finish(json.dumps(answer))
+        await self._relay(self.source.get)
 
     @web.authenticated
     async def post(self) -> None:
         """Extend the job (where the site allows it): ``{"ok", "message", ...}``."""
         self._track_activity = True  # a user's click
+        await self._relay(self.source.extend)
+
+    async def _relay(self, ask: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+        """The hub's answer to ``ask``, or why there is none."""
         if not self.source.configured:
             raise web.HTTPError(404, "not running under JupyterHub")
         try:
-            answer = await self.source.extend()
+            answer = await ask()
         except (HTTPClientError, OSError, ValueError) as e:
             raise web.HTTPError(502, f"the hub did not answer: {e}") from None
         self.finish(json.dumps(answer))
