@@ -149,4 +149,7 @@ async def test_demo_gateway_mode_stops_on_sigterm(demo, tmp_path):
     )
     assert out.strip() == "/home/gateway/workshop/attendee1"
     assert len(_xsedehub_jobs("gateway")) == 1
+    # the demo's hub runs the idle culler with the documented HPC defaults
+    culler = [c for c in cmdlines().values() if "-m xsedehub.idleculler" in c]
+    assert len(culler) == 1 and "--timeout=3600 --cull-every=300" in culler[0], culler
     _stopped_cleanly(proc, output, tmp_path / "demo-gateway", "gateway", signal.SIGTERM)
