@@ -18,5 +18,5 @@ echo "[test] local cluster"
 "$ENV/bin/xsedehub" cluster up
 trap '"$ENV/bin/xsedehub" cluster down' EXIT
 echo "[test] pytest"
-"$ENV/bin/python" -m pytest -q -p no:cacheprovider --durations=25 "$@"
+"$ENV/bin/python" -m pytest -q -p no:cacheprovider -rfE --durations=25 "$@"
 echo "[test] install, lint and tests took $(( $(date +%s) - t0 ))s"

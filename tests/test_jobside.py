@@ -88,6 +88,9 @@ class Job:
         )
         assert "server listening on its socket" in self.log, self.log
         wait_for(lambda: not port_free(self.hub_port), 30, "the reverse tunnel")
+        # the forward may open last: the script waits for it before it watches the
+        # server and the agent (a test that ends the job earlier tests something else)
+        wait_for(lambda: "hub API forwarded to local port" in self.log, 30, "the forward")
 
     def wait_ended(self, last_line: str = "job ended") -> None:
         """Until the job's last line is logged and nothing of it runs.  "job ended" is
@@ -275,5 +278,27 @@ def test_a_hub_api_forward_that_never_opens_fails_the_job(cluster, keys):
         assert "starting the single-user server" in log
         assert not (job.dir / "env").exists() and not (job.dir / "tunnel_key").exists()
         assert job.state() in ("FAILED", ""), job.state()
+    finally:
+        finish(job, keys)
+
+
+def test_an_agent_that_dies_before_the_forward_opens_ends_the_job_and_says_so(cluster, keys):
+    """The hub's sshd refuses the key, so the forward keeps failing; the agent is killed
+    (the OOM killer) while the script waits for it: the job ends, naming what happened,
+    and leaves neither secrets nor processes."""
+    job = submit(cluster, keys, granted=False, api_timeout=120)
+    try:
+        wait_for(lambda: "Permission denied" in job.log, 60, f"job {job.id}'s first refusal")
+        _agent_killed(job)
+        wait_for(
+            lambda: "job ended" in job.log and not job_processes(job.dir),
+            60,
+            f"job {job.id} to end: {job_processes(job.dir)}",
+        )
+        log = job.log
+        print(log)
+        assert "ending the job: the job agent ended before the hub API forward opened" in log
+        assert "[xsedehub] ending the job: the hub API forward did not open" not in log
+        assert not (job.dir / "env").exists() and not (job.dir / "tunnel_key").exists()
     finally:
         finish(job, keys)

@@ -344,16 +344,31 @@ def _start_daemons(root: Path, keys: dict[str, Path]) -> None:
                 )
             )
 
-    def nodes_idle() -> bool:
+    def node_states() -> dict[str, str] | None:
         r = subprocess.run(
-            _in_cluster(["sinfo", "-h", "-N", "-o", "%t"]),
+            _in_cluster(["sinfo", "-h", "-N", "-o", "%N %t"]),
             capture_output=True,
             text=True,
             check=False,
         )
-        states = set(r.stdout.split())
-        return r.returncode == 0 and bool(states) and states <= {"idle", "mix", "alloc"}
+        if r.returncode != 0:
+            return None
+        return dict(line.split() for line in r.stdout.splitlines() if line.strip())
 
+    def nodes_idle() -> bool:
+        states = node_states()
+        return bool(states) and set(states.values()) <= {"idle", "mix", "alloc"}
+
+    # A node slurmctld failed to ping (munge was down, say) stays "not responding" (its
+    # state ends in "*") until the next ping, up to SlurmdTimeout/3 = 100 s later.  A
+    # slurmd that starts registers at once, so those nodes' slurmd start again; the jobs
+    # on them live on in their slurmstepd.
+    _wait(lambda: node_states() is not None, "slurmctld to answer")
+    for node, state in (node_states() or {}).items():
+        if state.endswith("*") and node in NODES:
+            _log(f"{node} is not responding to slurmctld: restarting its slurmd")
+            stop_daemon(f"slurmd_{node}", root)
+            _run(_in_cluster(["/usr/sbin/slurmd", "-N", node]))
     _wait(nodes_idle, "compute nodes to come up")
 
 
