@@ -108,9 +108,9 @@ def _config(cluster, tmp_path, mode="gateway", extra=""):
     return localhub.write_config(tmp_path, cluster, mode=mode, extra=extra)
 
 
-def _run(cfg, **kw):
+def _run(cfg, job_timeout: float = 30, **kw):
     lines: list[str] = []
-    report = run_check(str(cfg), out=lines.append, job_timeout=30, **kw)
+    report = run_check(str(cfg), out=lines.append, job_timeout=job_timeout, **kw)
     return report, "\n".join(lines)
 
 
@@ -234,7 +234,9 @@ def test_check_names_each_broken_setup(cluster, tmp_path, case, extra, failed, s
         (tmp_path / "rogue_kh").write_text(f"@cert-authority * {rogue}")
         extra = f'c.SlurmSSHSpawner.known_hosts = "{tmp_path / "rogue_kh"}"'
     extra = extra.replace("ELSEWHERE", str(tmp_path / "not-the-sshd-file"))
-    report, text = _run(_config(cluster, tmp_path, extra=extra))
+    # a tunnel that never opens is waited for until the job timeout: a short one here
+    timeout = 15 if failed == "tunnel-failed" else 30
+    report, text = _run(_config(cluster, tmp_path, extra=extra), job_timeout=timeout)
     assert report.failed == [failed], text
     assert says in text
     assert f"fix: {fix}" in text.replace("\n", " "), text

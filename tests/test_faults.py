@@ -166,21 +166,6 @@ def test_hub_killed_with_one_running_and_one_queued_server(hub, cluster):
 
 
 # ---------------------------------------------------------------------------- login node
-def test_login_node_down_60s_during_a_spawn(hub, cluster):
-    c = hub.client
-    localcluster.stop_daemon("sshd_login")
-    try:
-        r = c.start("grace")
-        assert r.status_code in (201, 202)
-        time.sleep(60)
-        assert c.user("grace").get("pending") == "spawn"
-        assert "grace: Login node unreachable (writing job files); retrying in" in hub.log
-    finally:
-        localcluster.up()
-    c.wait_ready("grace", timeout=120)
-    c.stop("grace")
-
-
 def failed_then_recovered(hub, since: int, timeout: float = 90) -> tuple[str, str]:
     """Wait until the hub's log (past offset ``since``) shows a failed squeue and, after
     it, squeue answering again; return both lines."""
@@ -196,7 +181,10 @@ def failed_then_recovered(hub, since: int, timeout: float = 90) -> tuple[str, st
     raise AssertionError(f"no failed-then-recovered squeue in the log: {hub.log[since:][-3000:]}")
 
 
-def test_login_node_down_60s_during_a_session(hub, cluster):
+def test_login_node_down_60s_during_a_session_and_a_spawn(hub, cluster):
+    """One 60 s outage of the login node's sshd, lived through by a running session
+    (grace: it stays listed and reachable, the poll says it could not reach the cluster)
+    and by a spawn asked for during it (ada-l: it waits and retries, then starts)."""
     c = hub.client
     c.start("grace")
     c.wait_ready("grace")
@@ -206,16 +194,22 @@ def test_login_node_down_60s_during_a_session(hub, cluster):
     localcluster.stop_daemon("sshd_login")
     try:
         t0 = time.monotonic()
+        r = c.start("ada-l")
+        assert r.status_code in (201, 202)
         while time.monotonic() - t0 < 60:
             assert c.user("grace")["servers"].get(""), "server removed while the node was down"
             assert reachable(hub, "grace", tok)
             time.sleep(3)
+        assert c.user("ada-l").get("pending") == "spawn"
+        assert "ada-l: Login node unreachable (writing job files); retrying in" in hub.log
         assert "poll could not reach the cluster" in hub.log[since:]
     finally:
         localcluster.up()
     failed, recovered = failed_then_recovered(hub, since)
     print(f"{failed}\n{recovered}")
     assert reachable(hub, "grace", tok)
+    c.wait_ready("ada-l", timeout=120)
+    c.stop("ada-l")
     c.stop("grace")
     assert job not in jobs_named("grace")
 

@@ -121,7 +121,15 @@ def test_paths_never_escape(text):
 # ---------------------------------------------------------------------------- real hub
 @pytest.fixture(scope="module")
 def hub(cluster, provider, tmp_path_factory):
-    h = make_hub(tmp_path_factory.mktemp("fuzzhub"), cluster, provider, poll_interval=5)
+    # each accepted example's job waits in the queue: the POST answers 202 after half a
+    # second, not after JupyterHub's default 10 s slow_spawn_timeout
+    h = make_hub(
+        tmp_path_factory.mktemp("fuzzhub"),
+        cluster,
+        provider,
+        poll_interval=5,
+        extra="c.JupyterHub.slow_spawn_timeout = 0.5\n",
+    )
     h.client.login("ada")
     yield h
     stop_hub_and_proxy(h)
