@@ -128,7 +128,7 @@ def hub(cluster, provider, tmp_path_factory):
         cluster,
         provider,
         poll_interval=5,
-        extra="c.JupyterHub.slow_spawn_timeout = 0.5\n",
+        extra='c.JupyterHub.tornado_settings = {"slow_spawn_timeout": 0.5}\n',
     )
     h.client.login("ada")
     yield h
@@ -212,7 +212,7 @@ def test_rest_api_fuzz_accepted_values_reach_sbatch_as_meant(hub, cluster):
     try:
 
         @settings(
-            max_examples=8,
+            max_examples=16,
             deadline=None,
             suppress_health_check=[HealthCheck.function_scoped_fixture],
         )
@@ -235,5 +235,5 @@ def test_rest_api_fuzz_accepted_values_reach_sbatch_as_meant(hub, cluster):
         one()
     finally:
         in_cluster_root(["scancel", *fillers])
-    assert len(recorded) >= 6  # of the 8 examples, most are accepted values
+    assert len(recorded) >= 12  # of the 16 examples, most are accepted values
     assert canaries() == [], "an injected command ran"
