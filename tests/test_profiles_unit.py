@@ -351,3 +351,11 @@ def test_the_environment_runs_outside_the_sandbox_before_it():
 def test_environment_words_are_quoted_even_if_they_got_past_validation(word):
     lines = slurm.environment_lines([["module", "load", word]])
     assert lines[1].startswith(f"module load {shlex.quote(word)} || ")
+
+
+def test_the_home_page_names_the_last_profile():
+    from .test_named_relaunch_unit import render_home_part
+
+    last = {"profile": "gpu-workshop", "walltime": "00:40:00"}
+    html = render_home_part([SimpleNamespace(name="", user_options=last, server=None)])
+    assert "profile gpu-workshop, walltime 00:40:00" in html
