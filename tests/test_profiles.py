@@ -82,7 +82,7 @@ def hub(cluster, provider, envdir, tmp_path_factory):
         },
     }
     extra = (
-        'c.JupyterHub.load_groups = {"workshop": {"users": ["ada"]}}\n'
+        'c.JupyterHub.load_groups = {"workshop": {"users": ["ada-l"]}}\n'
         f"c.SlurmSSHSpawner.profiles = {profiles!r}\n"
     )
     h = make_hub(
@@ -154,15 +154,15 @@ def reservation(cluster):
 
 def test_a_reservation_profile_runs_on_its_reservation(hub, reservation):
     c = hub.client
-    r = c.start("ada", {"profile": "workshop"})
+    r = c.start("ada-l", {"profile": "workshop"})  # ada's hub name: her GitHub login
     assert r.status_code in (201, 202), r.text
-    c.wait_ready("ada")
-    job = job_id_of(hub, "ada")
+    c.wait_ready("ada-l")
+    job = job_id_of(hub, "ada-l")
     script = in_cluster_root(["scontrol", "write", "batch_script", job, "-"])
     assert f"#SBATCH --reservation={RESERVATION}" in script.splitlines()
     out = in_cluster_root(["squeue", "-h", "-j", job, "-o", "%v %N %P"]).split()
     assert out == [RESERVATION, reservation, "debug"]
-    c.stop("ada")
+    c.stop("ada-l")
 
 
 def test_a_profiles_environment_reaches_the_server(hub, envdir):
