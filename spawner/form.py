@@ -15,10 +15,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from . import profiles as prof
 from . import slurm
 from . import validate as v
 
-FIELDS = ("partition", "walltime", "cores", "memory", "gpus", "account")
+#: the options a spawn may have ("profile" only on a hub with profiles)
+FIELDS = ("profile", "partition", "walltime", "cores", "memory", "gpus", "account")
 
 
 @dataclass(frozen=True)
@@ -64,21 +66,102 @@ def validate_options(
     allow_account: bool = False,
     default_account: str | None = None,
     qos: str | None = None,
+    profiles: Sequence[prof.Profile] = (),
+    user: str | None = None,
+    groups: Sequence[str] = (),
 ) -> slurm.JobResources:
     """``user_options`` -> job resources, or :class:`~.validate.InvalidValue` naming the field."""
+    return choose(
+        options,
+        partitions,
+        default_partition=default_partition,
+        accounts=accounts,
+        allow_account=allow_account,
+        default_account=default_account,
+        qos=qos,
+        profiles=profiles,
+        user=user,
+        groups=groups,
+    ).resources
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What a spawn's options come to: the job's resources, the profile chosen (None on a
+    hub without profiles) and the limits they were checked against."""
+
+    resources: slurm.JobResources
+    profile: prof.Profile | None
+    spec: PartitionSpec
+
+
+def _profile(
+    options: Mapping[str, object],
+    profiles: Sequence[prof.Profile],
+    user: str | None,
+    groups: Sequence[str],
+) -> prof.Profile:
+    """The profile ``options`` name (or the first one the user may use): refused alike
+    when it does not exist and when the user may not use it (others' profiles stay
+    unseen)."""
+    mine = prof.allowed(profiles, user, groups)
+    val = options.get("profile")
+    if val in ("", None):
+        if not mine:
+            raise v.InvalidValue("profile", "no profile of this hub is open to you")
+        return mine[0]
+    name = prof.profile_name(val, "profile")
+    for p in mine:
+        if p.name == name:
+            return p
+    raise v.InvalidValue(
+        "profile", f"{name!r} is not one of your profiles ({[p.name for p in mine]})"
+    )
+
+
+def choose(
+    options: Mapping[str, object],
+    partitions: Sequence[PartitionSpec],
+    *,
+    default_partition: str,
+    accounts: Sequence[str] = (),
+    allow_account: bool = False,
+    default_account: str | None = None,
+    qos: str | None = None,
+    profiles: Sequence[prof.Profile] = (),
+    user: str | None = None,
+    groups: Sequence[str] = (),
+) -> Choice:
+    """:func:`validate_options`, with the profile chosen.  With ``profiles`` the options
+    name one (``profile``; default: the first the user may use) and its defaults and
+    limits apply; a ``partition`` option must then be the profile's."""
     if not isinstance(options, Mapping):
         raise v.InvalidValue("options", "must be an object")
-    unknown = sorted(set(options) - set(FIELDS), key=str)
+    fields = FIELDS if profiles else FIELDS[1:]
+    unknown = sorted(set(options) - set(fields), key=str)
     if unknown:
         name = repr(unknown[0])[:40]
-        raise v.InvalidValue("options", f"{name} is not an option this hub offers ({FIELDS})")
-    by_name = {p.name: p for p in partitions}
-    pname = v.slurm_name(options.get("partition", default_partition), "partition")
-    if pname not in by_name:
-        raise v.InvalidValue(
-            "partition", f"{pname!r} is not offered (choose from {sorted(by_name)})"
-        )
-    p = by_name[pname]
+        raise v.InvalidValue("options", f"{name} is not an option this hub offers ({fields})")
+    profile = None
+    if profiles:
+        profile = _profile(options, profiles, user, groups)
+        p = profile.spec
+        pname = p.name
+        asked = options.get("partition")
+        if asked not in ("", None) and v.slurm_name(asked, "partition") != pname:
+            raise v.InvalidValue(
+                "partition", f"profile {profile.name} runs in partition {pname}, not {asked!r}"
+            )
+        where = f"profile {profile.name}"
+    else:
+        by_name = {p.name: p for p in partitions}
+        pname = v.slurm_name(options.get("partition", default_partition), "partition")
+        if pname not in by_name:
+            raise v.InvalidValue(
+                "partition", f"{pname!r} is not offered (choose from {sorted(by_name)})"
+            )
+        p = by_name[pname]
+        where = f"partition {pname}"
 
     def get(field: str, default: object) -> object:
         val = options.get(field, default)
@@ -86,18 +169,17 @@ def validate_options(
 
     walltime = v.walltime_minutes(get("walltime", p.default_walltime))
     if walltime > p.max_walltime:
-        raise v.InvalidValue(
-            "walltime", f"at most {v.format_walltime(p.max_walltime)} in partition {pname}"
-        )
+        raise v.InvalidValue("walltime", f"at most {v.format_walltime(p.max_walltime)} in {where}")
     cores = v.positive_int(get("cores", p.default_cores), "cores")
     if cores > p.max_cores:
-        raise v.InvalidValue("cores", f"at most {p.max_cores} in partition {pname}")
+        raise v.InvalidValue("cores", f"at most {p.max_cores} in {where}")
     memory = v.memory_mb(get("memory", p.default_memory))
     if memory > p.max_memory:
-        raise v.InvalidValue("memory", f"at most {p.max_memory // 1024}G in partition {pname}")
-    gpus = v.positive_int(get("gpus", 0), "gpus", low=0, high=64)
+        raise v.InvalidValue("memory", f"at most {_memory_text(p.max_memory)} in {where}")
+    gpus_default = profile.default_gpus if profile else 0
+    gpus = v.positive_int(get("gpus", gpus_default), "gpus", low=0, high=64)
     if gpus > p.max_gpus:
-        raise v.InvalidValue("gpus", f"at most {p.max_gpus} in partition {pname}")
+        raise v.InvalidValue("gpus", f"at most {p.max_gpus} in {where}")
     account = options.get("account") or None
     if account is not None:
         if not allow_account:
@@ -105,7 +187,7 @@ def validate_options(
         account = v.slurm_name(account, "account")
         if accounts and account not in accounts:
             raise v.InvalidValue("account", f"{account!r} is not one of {list(accounts)}")
-    return slurm.JobResources(
+    resources = slurm.JobResources(
         partition=pname,
         walltime_minutes=walltime,
         cpus=cores,
@@ -113,7 +195,9 @@ def validate_options(
         gpus=gpus,
         account=account or default_account,
         qos=qos,
+        reservation=profile.reservation if profile else None,
     )
+    return Choice(resources, profile, p)
 
 
 # ---------------------------------------------------------------------------- last choices
@@ -140,50 +224,64 @@ def prefill(
     allow_account: bool = False,
     default_account: str | None = None,
     qos: str | None = None,
+    profiles: Sequence[prof.Profile] = (),
+    user: str | None = None,
+    groups: Sequence[str] = (),
 ) -> Prefill:
     """What the form proposes after ``last`` (the options of the server's last start).
 
     Every value goes through :func:`validate_options` again, one at a time, with today's
-    partitions and limits: a value that passes is proposed (in its canonical form), one
-    that no longer does is left out with a note, so the form falls back on the
-    partition's default for it and never submits it unseen.  Values are checked against
-    the partition proposed (the last one if still offered, else the default one)."""
+    partitions (or profiles) and limits: a value that passes is proposed (in its
+    canonical form), one that no longer does is left out with a note, so the form falls
+    back on the default for it and never submits it unseen.  Values are checked against
+    the partition (profile) proposed: the last one if still offered (and open to the
+    user), else the default one."""
     if not isinstance(last, Mapping) or not last:
         return Prefill({}, ())
-    kw: dict[str, object] = dict(
+    kw: dict[str, Any] = dict(
         default_partition=default_partition,
         accounts=accounts,
         allow_account=allow_account,
         default_account=default_account,
         qos=qos,
+        profiles=profiles,
+        user=user,
+        groups=groups,
     )
     values: dict[str, str] = {}
     notes: list[str] = []
+    fields = FIELDS if profiles else FIELDS[1:]
 
     def shown(val: object) -> str:
         return repr(val if isinstance(val, str | int) else str(val))[:40]
 
-    for key in sorted((k for k in last if k not in FIELDS), key=str)[:3]:
+    for key in sorted((k for k in last if k not in fields), key=str)[:3]:
         notes.append(f"{shown(key)} is not an option this hub offers: left out")
     # each value is checked on its own: the others at their least, never a default (a
     # partition's default may be above a limit the admin lowered since)
     least = {"walltime": 1, "cores": 1, "memory": 1, "gpus": 0}
-    if last.get("partition") not in ("", None):
+    choice = "profile" if profiles else "partition"
+    if last.get(choice) not in ("", None):
         try:
-            r = validate_options({**least, "partition": last["partition"]}, partitions, **kw)  # type: ignore[arg-type]
-            values["partition"] = r.partition
+            c = choose({**least, choice: last[choice]}, partitions, **kw)
+            values[choice] = c.profile.name if c.profile else c.resources.partition
         except v.InvalidValue as e:
+            instead = "the first of yours" if profiles else default_partition
             notes.append(
-                f"partition {shown(last['partition'])}: {e.message}; "
-                f"{default_partition} is proposed instead"
+                f"{choice} {shown(last[choice])}: {e.message}; {instead} is proposed instead"
             )
-    base = {**least, "partition": values.get("partition", default_partition)}
-    for field in FIELDS[1:]:
+    base: dict[str, object] = dict(least)
+    if profiles:
+        if "profile" in values:
+            base["profile"] = values["profile"]
+    else:
+        base["partition"] = values.get("partition", default_partition)
+    for field in ("walltime", "cores", "memory", "gpus", "account"):
         val = last.get(field)
         if val in ("", None):
             continue
         try:
-            r = validate_options({**base, field: val}, partitions, **kw)  # type: ignore[arg-type]
+            r = validate_options({**base, field: val}, partitions, **kw)
         except v.InvalidValue as e:
             notes.append(f"{field} {shown(val)}: {e.message}; the default is proposed instead")
             continue
@@ -256,25 +354,49 @@ def _default_partition(s: FormSettings, specs: Sequence[PartitionSpec]) -> str:
     return s.partition if any(p.name == s.partition for p in specs) else specs[0].name
 
 
+def profile_list(s: FormSettings, specs: Sequence[PartitionSpec]) -> list[prof.Profile]:
+    """The settings' profiles (:attr:`profiles`; none: the partitions are the choice)."""
+    config = getattr(s, "profiles", None) or {}
+    return prof.parse_profiles(config, specs, _default_partition(s, specs)) if config else []
+
+
+def user_of(s: FormSettings) -> tuple[str | None, list[str]]:
+    """The name and JupyterHub groups of the user the settings' spawner is for."""
+    user = getattr(s, "user", None)
+    if user is None:
+        return None, []
+    return getattr(user, "name", None), sorted(g.name for g in getattr(user, "groups", None) or ())
+
+
 def _limits(s: FormSettings, specs: Sequence[PartitionSpec]) -> dict[str, Any]:
     """What the settings allow besides the partitions: the checks' keyword arguments."""
+    user, groups = user_of(s)
     return {
         "default_partition": _default_partition(s, specs),
         "accounts": s.accounts,
         "allow_account": account_choice(s),
         "default_account": s.account or None,
         "qos": s.qos or None,
+        "profiles": profile_list(s, specs),
+        "user": user,
+        "groups": groups,
     }
 
 
-def validate_for(s: FormSettings, options: Mapping[str, object]) -> slurm.JobResources:
-    """:func:`validate_options` with the settings' partitions, accounts and QOS."""
+def choose_for(s: FormSettings, options: Mapping[str, object]) -> Choice:
+    """:func:`choose` with the settings' partitions, profiles, accounts and QOS, for the
+    settings' user."""
     specs = partition_specs(s)
-    return validate_options(options, specs, **_limits(s, specs))
+    return choose(options, specs, **_limits(s, specs))
+
+
+def validate_for(s: FormSettings, options: Mapping[str, object]) -> slurm.JobResources:
+    """:func:`validate_options` with the settings' partitions, profiles, accounts and QOS."""
+    return choose_for(s, options).resources
 
 
 def prefill_for(s: FormSettings, last: object) -> Prefill:
-    """:func:`prefill` with the settings' partitions, accounts and QOS."""
+    """:func:`prefill` with the settings' partitions, profiles, accounts and QOS."""
     specs = partition_specs(s)
     return prefill(last, specs, **_limits(s, specs))
 
@@ -302,10 +424,12 @@ def relaunch_options(s: FormSettings, last: object) -> dict[str, str]:
 
 
 def offers_choice(s: FormSettings) -> bool:
-    """Whether the form has anything to choose (no form otherwise)."""
+    """Whether the form has anything to choose (no form otherwise).  With profiles there
+    is always a form: its cards say what each one gives."""
     specs = partition_specs(s)
     return (
-        len(specs) > 1
+        bool(getattr(s, "profiles", None))
+        or len(specs) > 1
         or account_choice(s)
         or any(
             p.max_walltime > p.default_walltime
@@ -321,14 +445,17 @@ def form_for(s: FormSettings, availability: Mapping[str, Availability], last: ob
     """:func:`render_form` with the settings' partitions and accounts, pre-filled from
     ``last`` (the server's last options, see :func:`prefill`)."""
     specs = partition_specs(s)
+    limits = _limits(s, specs)
     return render_form(
         specs,
-        default_partition=_default_partition(s, specs),
+        default_partition=limits["default_partition"],
         availability=availability,
         accounts=s.accounts,
-        allow_account=account_choice(s),
+        allow_account=limits["allow_account"],
         default_account=s.account,
-        prefilled=prefill_for(s, last),
+        prefilled=prefill(last, specs, **limits),
+        profiles=prof.allowed(limits["profiles"], limits["user"], limits["groups"]),
+        with_profiles=bool(limits["profiles"]),
     )
 
 
@@ -383,15 +510,20 @@ def render_form(
     allow_account: bool = False,
     default_account: str = "",
     prefilled: Prefill | None = None,
+    profiles: Sequence[prof.Profile] = (),
+    with_profiles: bool = False,
 ) -> str:
+    """The form's HTML: a table of the partitions, or (``with_profiles``) a card for each
+    of ``profiles`` (those open to the user), then the resources within the choice's
+    limits, pre-filled from ``prefilled``."""
     e = html.escape
     chosen = prefilled.values if prefilled else {}
     notes = prefilled.notes if prefilled else ()
-    default_partition = chosen.get("partition", default_partition)
     default_account = chosen.get("account", default_account)
     avail = availability or {}
-    specs = {
-        p.name: {
+
+    def limits(p: PartitionSpec) -> dict[str, Any]:
+        return {
             "max_walltime": v.format_walltime(p.max_walltime),
             "max_cores": p.max_cores,
             "max_memory": p.max_memory // 1024 or 1,
@@ -400,20 +532,77 @@ def render_form(
             "default_cores": p.default_cores,
             "default_memory": max(1, p.default_memory // 1024),
         }
-        for p in partitions
-    }
-    first = next((p for p in partitions if p.name == default_partition), partitions[0])
-    rows = []
-    for p in partitions:
-        a = avail.get(p.name)
-        state = f"{a.cpus_idle} of {a.cpus_total} cores idle on {a.nodes} nodes" if a else "—"
-        checked = " checked" if p is first else ""
-        rows.append(
-            f'<tr><td><label><input type="radio" name="partition" value="{e(p.name)}"{checked}> '
-            f"<strong>{e(p.name)}</strong></label></td><td>{e(p.description)}</td>"
-            f"<td>{e(v.format_walltime(p.max_walltime))}</td><td>{p.max_cores}</td>"
-            f'<td class="xh-avail" data-partition="{e(p.name)}">{e(state)}</td></tr>'
-        )
+
+    def now(partition: str) -> str:
+        a = avail.get(partition)
+        return f"{a.cpus_idle} of {a.cpus_total} cores idle on {a.nodes} nodes" if a else "—"
+
+    if with_profiles:
+        if not profiles:
+            return (
+                '<div class="xsedehub-form"><div class="alert alert-warning xh-no-profile">'
+                "No profile of this hub is open to you: ask its administrators to add you "
+                "to one.</div></div>"
+            )
+        field = "profile"
+        specs = {
+            pr.name: {
+                **limits(pr.spec),
+                "default_memory_text": _memory_text(pr.spec.default_memory),
+                "default_gpus": pr.default_gpus,
+            }
+            for pr in profiles
+        }
+        first_name = chosen.get("profile", profiles[0].name)
+        first_profile = next((pr for pr in profiles if pr.name == first_name), profiles[0])
+        first_name = first_profile.name
+        cards = []
+        for pr in profiles:
+            checked = " checked" if pr is first_profile else ""
+            sp = pr.spec
+            facts = [
+                f"partition {sp.name}",
+                f"up to {v.format_walltime(sp.max_walltime)}, {sp.max_cores} cores, "
+                f"{_memory_text(sp.max_memory)}" + (f", {sp.max_gpus} GPUs" if sp.max_gpus else ""),
+            ]
+            if pr.reservation:
+                facts.append(f"reservation {pr.reservation}")
+            if pr.environment.summary():
+                facts.append(pr.environment.summary())
+            cards.append(
+                f'<div class="panel panel-default xh-profile" data-profile="{e(pr.name)}">'
+                '<div class="panel-body"><label>'
+                f'<input type="radio" name="profile" value="{e(pr.name)}"{checked}> '
+                f"<strong>{e(pr.display_name)}</strong></label>"
+                f'<p class="xh-profile-description">{e(pr.description)}</p>'
+                f'<p class="xh-profile-facts"><small>{e("; ".join(facts))}</small></p>'
+                f'<p><small>Now: <span class="xh-avail" data-partition="{e(sp.name)}">'
+                f"{e(now(sp.name))}</span></small></p></div></div>"
+            )
+        choice_html = f'<div class="xh-profiles">{"".join(cards)}</div>'
+        gpu_hidden = "" if any(pr.spec.max_gpus for pr in profiles) else ' style="display:none"'
+    else:
+        field = "partition"
+        default_partition = chosen.get("partition", default_partition)
+        specs = {p.name: limits(p) for p in partitions}
+        first = next((p for p in partitions if p.name == default_partition), partitions[0])
+        first_name = first.name
+        rows = []
+        for p in partitions:
+            checked = " checked" if p is first else ""
+            rows.append(
+                f'<tr><td><label><input type="radio" name="partition" value="{e(p.name)}"'
+                f"{checked}> <strong>{e(p.name)}</strong></label></td>"
+                f"<td>{e(p.description)}</td>"
+                f"<td>{e(v.format_walltime(p.max_walltime))}</td><td>{p.max_cores}</td>"
+                f'<td class="xh-avail" data-partition="{e(p.name)}">{e(now(p.name))}</td></tr>'
+            )
+        choice_html = f"""<table class="table table-condensed">
+<thead><tr><th>Partition</th><th></th><th>Max walltime</th><th>Max cores</th><th>Now</th>
+</tr></thead>
+<tbody>{"".join(rows)}</tbody>
+</table>"""
+        gpu_hidden = "" if any(p.max_gpus for p in partitions) else ' style="display:none"'
     account_field = ""
     if allow_account:
         if accounts:
@@ -433,11 +622,11 @@ def render_form(
                 f'pattern="[A-Za-z0-9][A-Za-z0-9_.\\-]{{0,63}}" value="{e(default_account)}" '
                 'placeholder="your default account"></div>'
             )
-    s = dict(specs[first.name])
+    s = dict(specs[first_name])
     walltime = chosen.get("walltime", s["default_walltime"])
     cores = chosen.get("cores", str(s["default_cores"]))
-    memory = chosen.get("memory", f"{s['default_memory']}G")
-    gpus = chosen.get("gpus", "0")
+    memory = chosen.get("memory", s.get("default_memory_text", f"{s['default_memory']}G"))
+    gpus = chosen.get("gpus", str(s.get("default_gpus", 0)))
     banner = ""
     if notes:
         items = "".join(f"<li>{e(n)}</li>" for n in notes)
@@ -447,15 +636,10 @@ def render_form(
         )
     elif chosen:
         banner = '<p class="xh-prefill">Filled in with your last choices for this server.</p>'
-    gpu_hidden = "" if any(p.max_gpus for p in partitions) else ' style="display:none"'
     return f"""
 <div class="xsedehub-form">
 {banner}
-<table class="table table-condensed">
-<thead><tr><th>Partition</th><th></th><th>Max walltime</th><th>Max cores</th><th>Now</th>
-</tr></thead>
-<tbody>{"".join(rows)}</tbody>
-</table>
+{choice_html}
 <div class="form-group"><label for="xh-walltime">Walltime (HH:MM:SS)</label>
 <input class="form-control" id="xh-walltime" name="walltime" value="{e(walltime)}"
  pattern="(\\d+-)?\\d{{1,3}}:\\d{{2}}(:\\d{{2}})?|\\d+" required>
@@ -479,10 +663,11 @@ def render_form(
     document.getElementById("xh-walltime").value = s.default_walltime;
     document.getElementById("xh-walltime-help").textContent = "at most " + s.max_walltime;
     var c = document.getElementById("xh-cores"); c.max = s.max_cores; c.value = s.default_cores;
-    document.getElementById("xh-memory").value = s.default_memory + "G";
-    document.getElementById("xh-gpus").max = s.max_gpus;
+    document.getElementById("xh-memory").value = s.default_memory_text || s.default_memory + "G";
+    var g = document.getElementById("xh-gpus"); g.max = s.max_gpus;
+    if (s.default_gpus !== undefined) g.value = s.default_gpus;
   }}
-  document.querySelectorAll('.xsedehub-form input[name="partition"]').forEach(function (r) {{
+  document.querySelectorAll('.xsedehub-form input[name="{field}"]').forEach(function (r) {{
     r.addEventListener("change", function () {{ apply(r.value); }});
   }});
 }})();

@@ -85,6 +85,8 @@ def script(sp: SlurmSSHSpawner, job_dir: str, hub_port: int) -> str:
     prologue: list[list[str]] = []
     if sp.mode == "gateway" and sp.workshop_repo:
         prologue.append([sp.gitpuller, sp.workshop_repo, sp.workshop_branch, checkout_name(sp)])
+    profile = sp.profile()
+    environment = profile.environment if profile else None
     job = slurm.JobScript(
         job_name=job_name(sp),
         resources=sp.resources(),
@@ -105,6 +107,8 @@ def script(sp: SlurmSSHSpawner, job_dir: str, hub_port: int) -> str:
         ),
         python=sp.job_python,
         prologue=prologue,
+        environment=environment.prologue() if environment else [],
+        server_prefix=list(environment.container) if environment else [],
         extra_directives=sp.extra_sbatch,
         spawn_id=sp.spawn_id,
         sandbox=sp.sandbox_settings(),

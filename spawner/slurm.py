@@ -130,6 +130,12 @@ class JobScript:
     tunnel: Tunnel
     python: str  # a python3 (3.8 or newer) on the compute node: runs the job agent
     prologue: list[list[str]] = field(default_factory=list)  # argv lists run before the server
+    #: argv lists run in the job's own shell before the prologue and outside the sandbox
+    #: (a profile's environment: ``.`` a file, ``module load``, ``conda activate``); the
+    #: job ends with a message if one fails
+    environment: list[list[str]] = field(default_factory=list)
+    #: argv the server's command is appended to (a profile's container command)
+    server_prefix: list[str] = field(default_factory=list)
     extra_directives: Mapping[str, str] = field(default_factory=dict)
     spawn_id: str = ""  # goes into --comment=xsedehub:<spawn_id> (finds orphans)
     sandbox: sb.Sandbox | None = None  # gateway mode: the attendee's sandbox (sandbox.py)
@@ -291,6 +297,22 @@ def lab_config_lines(job: JobScript) -> list[str]:
     return lines
 
 
+def environment_lines(environment: list[list[str]]) -> list[str]:
+    """Job-script lines that set up a profile's environment in the script's own shell
+    (so the server inherits it), each argv quoted; the first one that fails ends the job
+    with a message naming it.  ``set -u`` is off meanwhile: site shell set-ups (Lmod's,
+    conda's) read unset variables."""
+    if not environment:
+        return []
+    lines = ["set +u"]
+    for argv in environment:
+        text = " ".join(shlex.quote(a) for a in argv)
+        why = shlex.quote(f"the profile's environment failed at: {text}")
+        lines.append(f"{text} || {{ set -u; log {why}; exit 2; }}")
+    lines += ["set -u", 'log "profile environment ready"']
+    return lines
+
+
 def build_job_script(job: JobScript) -> str:
     """The batch script.  No secret and no user-chosen text except validated values."""
     q = shlex.quote
@@ -318,7 +340,7 @@ def build_job_script(job: JobScript) -> str:
         return " ".join(q(a) for a in argv)
 
     prologue = [words(argv) for argv in job.prologue]
-    singleuser = words(job.singleuser)
+    singleuser = words([*job.server_prefix, *job.singleuser])
     if job.sandbox is not None:
         # the sandbox's folders and trial run first; then the prologue (the workshop
         # checkout) and the server run in it: the checkout's .git is the attendee's to
@@ -326,7 +348,7 @@ def build_job_script(job: JobScript) -> str:
         inside = sb.words(sb.argv(job.sandbox)) + " "
         prologue = sb.setup_lines(job.sandbox) + [inside + line for line in prologue]
         singleuser = inside + singleuser
-    prologue += lab_config_lines(job)
+    prologue = environment_lines(job.environment) + prologue + lab_config_lines(job)
 
     return render_job_script(
         directives=Verbatim("\n".join(sbatch_directives(job))),

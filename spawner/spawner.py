@@ -38,6 +38,7 @@ from traitlets import (
 )
 
 from . import follow, form, identity, job, metrics, pending_cancel, slurm, versions, walltime
+from . import profiles as profiles_mod
 from . import sandbox as sandbox_mod
 from . import validate as v
 from .errors import ClusterUnreachable, CredentialExpired, SpawnError
@@ -189,6 +190,25 @@ class SlurmSSHSpawner(Spawner):
         "max_cores": 16, "max_memory": "64G", "max_gpus": 0, "default_walltime": "01:00:00",
         "default_cores": 1, "default_memory": "2G"}}``.  Empty: only :attr:`partition`, with
         the defaults above as the only choice (and no form).""",
+    )
+    profiles = Dict(
+        config=True,
+        help="""Named choices users pick from on the form (or with ``{"profile": NAME}``
+        in the REST API's options), each a partition of :attr:`partitions` with its own
+        defaults and limits (within the partition's), a software environment, a SLURM
+        reservation, and who may use it, e.g. ``{"gpu-workshop": {"display_name": "GPU
+        workshop", "description": "reserved nodes, Tuesday", "partition": "gpu",
+        "default_walltime": "01:00:00", "max_walltime": "02:00:00", "default_gpus": 1,
+        "max_gpus": 1, "max_cores": 8, "max_memory": "32G", "environment": {"source":
+        ["/etc/profile.d/lmod.sh"], "modules": ["cuda/12.2"], "conda": "pytorch",
+        "venv": "/opt/envs/ml", "container": ["apptainer", "exec", "--nv",
+        "/images/pytorch.sif"]}, "reservation": "workshop-tue", "groups": ["workshop"],
+        "users": []}}``.  Every key but ``partition`` (default: :attr:`partition`) is
+        optional; ``groups`` (JupyterHub groups) and ``users`` (hub user names) say who
+        may use it, neither: everyone.  Users see, and may start, only their profiles;
+        the first one open to them is the default.  Problems stop the hub at start-up,
+        each named with its path (``profiles.gpu-workshop.max_gpus``).  Empty: users
+        choose among the partitions.  See docs/howto/profiles.md.""",
     )
     accounts = List(
         Unicode(),
@@ -431,6 +451,10 @@ class SlurmSSHSpawner(Spawner):
     def validate_options(self, options: dict) -> slurm.JobResources:
         """The gate for every spawn's options (form, URL query or REST API)."""
         return form.validate_for(self, options)
+
+    def profile(self) -> profiles_mod.Profile | None:
+        """The profile of this spawn's options (None on a hub without profiles)."""
+        return form.choose_for(self, self.user_options or {}).profile
 
     @default("options_from_form")
     def _options_from_form_default(self):
@@ -953,12 +977,9 @@ class SlurmSSHSpawner(Spawner):
         last = self.walltime_left()
         if not self.walltime_extend_command or last is None:
             return None
-        try:
-            resources = self.resources()
-            spec = {p.name: p for p in self.partition_specs()}.get(resources.partition)
+        try:  # the limit of the profile chosen, or of the partition
+            spec = form.choose_for(self, self.user_options or {}).spec
         except v.InvalidValue:
-            return None
-        if spec is None:
             return None
         return walltime.extended_limit(last.limit, self.walltime_extend_minutes, spec.max_walltime)
 

@@ -24,9 +24,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from traitlets import TraitError
 from traitlets.config import Config
+
+if TYPE_CHECKING:
+    from xsedehub.spawner.spawner import SlurmSSHSpawner
 
 MODES = ("gateway", "xsede")
 AUTHENTICATORS = {
@@ -289,6 +293,7 @@ def check(c: Config, mode: str, *, environ: dict[str, str] | None = None) -> lis
     except TraitError as e:
         problems.append(Problem("SlurmSSHSpawner", str(e), "correct the value's type"))
         return problems
+    problems += profile_problems(spawner)
     if mode == "gateway":
         from xsedehub.spawner.validate import InvalidValue
 
@@ -304,6 +309,26 @@ def check(c: Config, mode: str, *, environ: dict[str, str] | None = None) -> lis
                 )
             )
     return problems
+
+
+def profile_problems(spawner: SlurmSSHSpawner) -> list[Problem]:
+    """Every problem of ``SlurmSSHSpawner.profiles`` (and of the partitions they name),
+    each with its path, e.g. ``SlurmSSHSpawner.profiles.gpu-workshop.max_gpus``."""
+    if not spawner.profiles:
+        return []
+    from xsedehub.spawner import form
+    from xsedehub.spawner.profiles import ProfileProblems
+    from xsedehub.spawner.validate import InvalidValue
+
+    fix = "correct it (docs/howto/profiles.md)"
+    try:
+        specs = form.partition_specs(spawner)
+        form.profile_list(spawner, specs)
+    except ProfileProblems as e:
+        return [Problem(f"SlurmSSHSpawner.{p.field}", p.message, fix) for p in e.problems]
+    except InvalidValue as e:
+        return [Problem(f"SlurmSSHSpawner.{e.field}", e.message, fix)]
+    return []
 
 
 def apply(c: Config, mode: str | None = None) -> str:
