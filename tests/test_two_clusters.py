@@ -241,5 +241,6 @@ def test_up_completes_a_partly_running_pair(sites):
     assert st["healthy"] is True and all(st["daemons"].values())
     after = pids()
     restarted = {k for k in before if before[k] != after[k]}
-    assert restarted == {"minidelta:slurmctld", "minidelta:munged"}
+    assert {"minidelta:slurmctld", "minidelta:munged"} <= restarted  # (and maybe its slurmd)
+    assert all(k.startswith("minidelta:") for k in restarted)  # the mini-Comet untouched
     assert os.path.ismount(delta.mount_ns)
