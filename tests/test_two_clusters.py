@@ -243,4 +243,4 @@ def test_up_completes_a_partly_running_pair(sites):
     restarted = {k for k in before if before[k] != after[k]}
     assert {"minidelta:slurmctld", "minidelta:munged"} <= restarted  # (and maybe its slurmd)
     assert all(k.startswith("minidelta:") for k in restarted)  # the mini-Comet untouched
-    assert os.path.ismount(delta.mount_ns)
+    assert st["namespaces"][delta.mount_ns] is True

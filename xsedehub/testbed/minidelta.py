@@ -257,12 +257,19 @@ def setup_namespaces(root: Path) -> None:
     setup_mount_ns(root)
 
 
+def _mounted(path: Path) -> bool:
+    """Something is mounted on ``path`` (os.path.ismount misses a directory bound onto
+    itself: same device)."""
+    points = (ln.split()[4] for ln in Path("/proc/self/mountinfo").read_text().splitlines())
+    return str(path) in points
+
+
 def setup_mount_ns(root: Path) -> None:
     MNT_DIR.mkdir(mode=0o755, exist_ok=True)
-    if not os.path.ismount(MNT_DIR):
+    if not _mounted(MNT_DIR):
         _run(["mount", "--bind", str(MNT_DIR), str(MNT_DIR)])
         _run(["mount", "--make-private", str(MNT_DIR)])
-    if os.path.ismount(MNT_NS):
+    if _mounted(MNT_NS):
         return
     MNT_NS.touch()
     r = site_root(root)
@@ -282,8 +289,15 @@ def setup_mount_ns(root: Path) -> None:
 
 
 def remove_mount_ns() -> None:
-    if os.path.ismount(MNT_NS):
-        subprocess.run(["umount", str(MNT_NS)], check=False, capture_output=True)
+    """Unmount the namespace's file (the namespace ends with its last process) and the
+    private directory it sits in, each as many times as it is mounted."""
+    for _ in range(20):
+        if _mounted(MNT_NS):
+            _run(["umount", str(MNT_NS)])
+        elif _mounted(MNT_DIR):
+            _run(["umount", str(MNT_DIR)])
+        else:
+            break
     MNT_NS.unlink(missing_ok=True)
 
 
@@ -357,3 +371,8 @@ def info(root: Path, keys: dict[str, Path]) -> dict[str, object]:
         "pid_files": {k: str(v) for k, v in pid_files(root).items()},
         "commands_log": str(r / "log" / "commands.log"),
     }
+
+
+def mounted() -> bool:
+    """The mount namespace is there (kept by its file)."""
+    return _mounted(MNT_NS)
