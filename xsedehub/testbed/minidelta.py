@@ -257,19 +257,25 @@ def setup_namespaces(root: Path) -> None:
     setup_mount_ns(root)
 
 
-def _mounted(path: Path) -> bool:
-    """Something is mounted on ``path`` (os.path.ismount misses a directory bound onto
-    itself: same device)."""
+def _dir_bound() -> bool:
+    """MNT_DIR is a mount point (os.path.ismount misses a directory bound onto itself:
+    the same device)."""
     points = (ln.split()[4] for ln in Path("/proc/self/mountinfo").read_text().splitlines())
-    return str(path) in points
+    return str(MNT_DIR) in points
+
+
+def mounted() -> bool:
+    """The mount namespace's file is there (an nsfs file: another device than its
+    directory's; the path as it resolves now, not a mount hidden under another)."""
+    return os.path.ismount(MNT_NS)
 
 
 def setup_mount_ns(root: Path) -> None:
     MNT_DIR.mkdir(mode=0o755, exist_ok=True)
-    if not _mounted(MNT_DIR):
+    if not _dir_bound():
         _run(["mount", "--bind", str(MNT_DIR), str(MNT_DIR)])
         _run(["mount", "--make-private", str(MNT_DIR)])
-    if _mounted(MNT_NS):
+    if mounted():
         return
     MNT_NS.touch()
     r = site_root(root)
@@ -290,11 +296,11 @@ def setup_mount_ns(root: Path) -> None:
 
 def remove_mount_ns() -> None:
     """Unmount the namespace's file (the namespace ends with its last process) and the
-    private directory it sits in, each as many times as it is mounted."""
-    for _ in range(20):
-        if _mounted(MNT_NS):
+    private directory it sits in, the top mount first, as many times as each is mounted."""
+    for _ in range(50):
+        if mounted():
             _run(["umount", str(MNT_NS)])
-        elif _mounted(MNT_DIR):
+        elif _dir_bound():
             _run(["umount", str(MNT_DIR)])
         else:
             break
@@ -371,8 +377,3 @@ def info(root: Path, keys: dict[str, Path]) -> dict[str, object]:
         "pid_files": {k: str(v) for k, v in pid_files(root).items()},
         "commands_log": str(r / "log" / "commands.log"),
     }
-
-
-def mounted() -> bool:
-    """The mount namespace is there (kept by its file)."""
-    return _mounted(MNT_NS)
