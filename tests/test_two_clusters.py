@@ -251,3 +251,21 @@ def test_up_completes_a_partly_running_pair(sites):
     )
     assert munge_ok.returncode == 0, munge_ok.stderr
     assert st["namespaces"][delta.mount_ns] is True
+
+
+def _mount_points_under(top: Path) -> list[str]:
+    lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    return [p for p in (ln.split()[4] for ln in lines) if p == str(top) or p.startswith(f"{top}/")]
+
+
+def test_setting_up_the_mount_namespace_again_stacks_nothing(cluster, sites):
+    """The private directory bound onto itself and the namespace's file: one mount each,
+    however often ``up`` sets them up (a directory bound onto itself is the same device,
+    so a check by device alone took it for unmounted and stacked another bind, which
+    hid the namespace's file and left ``down`` a stack it could not undo)."""
+    before = _mount_points_under(minidelta.MNT_DIR)
+    assert sorted(before) == sorted([str(minidelta.MNT_DIR), str(minidelta.MNT_NS)]), before
+    minidelta.setup_mount_ns(Path(cluster.root))
+    minidelta.setup_mount_ns(Path(cluster.root))
+    assert _mount_points_under(minidelta.MNT_DIR) == before
+    assert minidelta.mounted()
