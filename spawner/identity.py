@@ -77,3 +77,64 @@ async def certificate_identity(user: Any) -> SSHIdentity:
         asyncssh.import_certificate(cred.certificate),
         label="certificate",
     )
+
+
+#: auth_state key of the certificates obtained for clusters with their own issuer
+CLUSTER_STATE_KEY = "xsedehub_cluster_credentials"
+#: a cluster certificate this close to its end is replaced before a connection (seconds)
+CLUSTER_RENEW_MARGIN = 600.0
+
+
+async def cluster_certificate_identity(user: Any, cluster: Any, log: Any = None) -> SSHIdentity:
+    """``user``'s identity on ``cluster`` (a :class:`.clusters.ClusterSpec` with its own
+    ``issuer_url``): a certificate from that cluster's issuer, which maps the person
+    (their login's ID token) to their account there.  Obtained at first use and when
+    near its end, and kept, like the login's, only in the encrypted auth_state."""
+    from xsedehub.auth.cilogon import XSEDECILogonAuthenticator
+    from xsedehub.auth.issuer_client import (
+        Credential,
+        IssuerError,
+        IssuerRefused,
+        obtain_credential,
+        read_hub_secret,
+    )
+
+    state = await user.get_auth_state() or {}
+    kept = dict(state.get(CLUSTER_STATE_KEY) or {})
+    cred = Credential.from_state(kept.get(cluster.name))
+    if cred is None or cred.expires_within(CLUSTER_RENEW_MARGIN):
+        id_token = XSEDECILogonAuthenticator._id_token(state)
+        if not id_token:
+            raise SpawnError("No login token to ask for a cluster certificate: log in again.")
+        try:
+            cred = await obtain_credential(
+                cluster.issuer_url,
+                id_token,
+                hub_secret=read_hub_secret(cluster.issuer_secret_file),
+            )
+        except IssuerRefused as e:
+            raise SpawnError(
+                f"No account on cluster {cluster.display_name} for this login: {e.message}"
+            ) from None
+        except IssuerError as e:
+            raise SpawnError(
+                f"The certificate service of cluster {cluster.display_name} is unavailable: "
+                f"{e.message}"
+            ) from None
+        kept[cluster.name] = cred.to_state()
+        state[CLUSTER_STATE_KEY] = kept
+        await user.save_auth_state(state)
+        if log is not None:
+            log.info(
+                "certificate for %s on cluster %s: principal %s, serial %d",
+                user.name,
+                cluster.name,
+                cred.principal,
+                cred.serial,
+            )
+    return SSHIdentity(
+        v.posix_username(cred.principal, "certificate principal"),
+        asyncssh.import_private_key(cred.private_key),
+        asyncssh.import_certificate(cred.certificate),
+        label=f"certificate ({cluster.name})",
+    )

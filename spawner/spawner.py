@@ -37,6 +37,7 @@ from traitlets import (
     validate,
 )
 
+from . import clusters as clusters_mod
 from . import follow, form, identity, job, metrics, pending_cancel, slurm, versions, walltime
 from . import profiles as profiles_mod
 from . import sandbox as sandbox_mod
@@ -50,7 +51,8 @@ from .tunnel import TunnelKeys
 
 __all__ = ["CredentialExpired", "SlurmSSHSpawner", "SpawnError"]
 
-STATE_VERSION = 1
+#: 2: the state names its cluster (``cluster``); a state without it is the first cluster's
+STATE_VERSION = 2
 #: the least time between two walltime extensions asked for one server (seconds)
 EXTEND_INTERVAL = 30.0
 
@@ -140,6 +142,31 @@ class SlurmSSHSpawner(Spawner):
         unreachable, or a certificate expired); later polls and starts over the same
         account, and ``xsedehub orphans``, cancel them.  Relative paths are from the hub's
         working directory, like ``jupyterhub.sqlite``.""",
+    )
+
+    clusters = Dict(
+        config=True,
+        help="""The clusters users' servers run on, by name, each with its own login node,
+        partitions, accounts, tunnel, job directories and identity, e.g. ``{"expanse":
+        {"display_name": "Expanse (SDSC)", "login_host": "login.expanse.example.org",
+        "known_hosts": "/etc/xsedehub/expanse_known_hosts", "partitions": {"shared":
+        {"max_cores": 16}, "gpu-shared": {"max_gpus": 1}}, "accounts": ["abc123"]},
+        "delta": {"login_host": "login.delta.example.org", "known_hosts":
+        "/etc/xsedehub/delta_known_hosts", "tunnel_port_range": [30000, 39999],
+        "tunnel_authorized_keys": "/etc/xsedehub/delta_tunnel_keys"}}``.  A cluster's
+        keys are the settings of the same name (login_host, login_port, known_hosts,
+        slurm_bin_dir, partition, partitions, accounts, account, qos, tunnel_host,
+        tunnel_port, tunnel_known_hosts, tunnel_authorized_keys, tunnel_port_range,
+        job_python, job_dir_root, gateway_workdir_root, xsede_workdir, gateway_user,
+        gateway_key, site_user, site_key), and each one left out is that top-level
+        setting; besides them ``display_name``, ``description`` and (xsede mode)
+        ``issuer_url`` with ``issuer_secret_file``: the certificate issuer that gives a
+        user's certificate for this cluster, with their account name there (default: the
+        certificate of their login).  With several clusters users choose through
+        :attr:`profiles`, each of which names its ``cluster`` (default: the first).
+        Problems stop the hub at start-up, each named with its path
+        (``clusters.expanse.partitions.gpu.max_gpus``).  Empty: one cluster, the
+        top-level settings.  See docs/howto/clusters.md.""",
     )
 
     # ----------------------------------------------------------------- batch job
@@ -449,7 +476,9 @@ class SlurmSSHSpawner(Spawner):
         return form.partition_specs(self)
 
     def validate_options(self, options: dict) -> slurm.JobResources:
-        """The gate for every spawn's options (form, URL query or REST API)."""
+        """The gate for every spawn's options (form, URL query or REST API).  On a hub
+        with several clusters the profile chosen also chooses the cluster."""
+        self._use_cluster_of(options)
         return form.validate_for(self, options)
 
     def profile(self) -> profiles_mod.Profile | None:
@@ -493,6 +522,24 @@ class SlurmSSHSpawner(Spawner):
         except (SpawnError, ClusterUnreachable, OSError) as e:
             self.log.info("no availability for the form: %s", e)
             return {}
+
+    async def cluster_status(self) -> list[form.ClusterStatus]:
+        """Each cluster's availability for the form, asked of all at once (each within
+        the form's wait, each cached on its own): one that does not answer is shown
+        unavailable and holds up no other."""
+
+        async def one(c: clusters_mod.ClusterSpec) -> form.ClusterStatus:
+            status = partial(form.ClusterStatus, c.name, c.display_name, c.description)
+            if not self.show_availability:
+                return status(availability={})
+            try:
+                conn = await self.connection(c)
+                return status(availability=await self.services.availability.get(conn))
+            except (SpawnError, ClusterUnreachable, OSError, CredentialExpired) as e:
+                self.log.info("no availability from cluster %s for the form: %s", c.name, e)
+                return status(availability=None, note=f"its login node does not answer ({e})")
+
+        return list(await asyncio.gather(*(one(c) for c in self.cluster_list())))
 
     @validate("slurm_bin_dir")
     def _valid_slurm_bin_dir(self, proposal: dict) -> str:
@@ -543,6 +590,10 @@ class SlurmSSHSpawner(Spawner):
     hub_port = Integer(0)
     spawn_id = Unicode("")
     ssh_user = Unicode("")
+    #: the cluster the job runs on ("" on a hub with one cluster)
+    cluster_name = Unicode("")
+    _base_settings: dict[str, Any] | None = None  # the top-level cluster settings
+    _lost_cluster = ""  # the state's cluster, no longer configured
     #: why the last job ended, when the hub page should say (it reached its walltime)
     end_note = Unicode("")
     _submitted_at = 0.0
@@ -570,6 +621,19 @@ class SlurmSSHSpawner(Spawner):
         self.spawn_id = state.get("spawn_id", "")
         self.ssh_user = state.get("ssh_user", "")
         self.end_note = state.get("end_note", "")
+        if self.job_id and self.multi_cluster():
+            # a state from before clusters (version 1) ran on the first, the default one
+            name = state.get("cluster") or self.cluster_list()[0].name
+            try:
+                self.use_cluster(name)
+            except v.InvalidValue:
+                self._lost_cluster = name
+                self.log.error(
+                    "%s: job %s runs on cluster %r, which is no longer configured",
+                    self._log_name,
+                    self.job_id,
+                    name,
+                )
 
     def get_state(self) -> dict[str, Any]:
         state = super().get_state()
@@ -581,6 +645,8 @@ class SlurmSSHSpawner(Spawner):
                 spawn_id=self.spawn_id,
                 ssh_user=self.ssh_user,
             )
+            if self.cluster_name:
+                state["cluster"] = self.cluster_name
         if self.end_note:  # kept after the job (clear_state leaves it) until a new start
             state["end_note"] = self.end_note
         return state
@@ -601,23 +667,92 @@ class SlurmSSHSpawner(Spawner):
             lambda: self._spawn_future is not None and self._spawn_future.done()
         )
 
+    # ----------------------------------------------------------------- clusters
+    def multi_cluster(self) -> bool:
+        """Whether :attr:`clusters` is configured (one cluster or more, by name)."""
+        return bool(self.clusters)
+
+    def cluster_list(self) -> list[clusters_mod.ClusterSpec]:
+        """The hub's clusters (checked; the first is the default), or, without
+        :attr:`clusters`, the one the top-level settings describe."""
+        if not self.clusters:
+            return [clusters_mod.parse_clusters({}, self._settings_now(), self.mode)[0]]
+        if self._base_settings is None:  # before any cluster's settings are applied
+            self._base_settings = self._settings_now()
+        return clusters_mod.parse_clusters(self.clusters, self._base_settings, self.mode)
+
+    def _settings_now(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in clusters_mod.SETTINGS}
+
+    def cluster(self) -> clusters_mod.ClusterSpec:
+        """The cluster this server runs on (or would, started now)."""
+        found = self.cluster_list()
+        return clusters_mod.by_name(found, self.cluster_name) if self.cluster_name else found[0]
+
+    def use_cluster(self, name: str) -> clusters_mod.ClusterSpec:
+        """Run this server on cluster ``name``: its settings become the spawner's (the
+        login node, partitions, tunnel, directories, identity); every piece that reads
+        them then works on that cluster.  :class:`~.validate.InvalidValue` if there is
+        no such cluster."""
+        spec = clusters_mod.by_name(self.cluster_list(), name)
+        if self.multi_cluster():
+            for key, value in spec.settings().items():
+                setattr(self, key, value)
+            self.cluster_name = spec.name
+        return spec
+
+    def _use_cluster_of(self, options: dict) -> None:
+        """Before a spawn: the cluster of the profile ``options`` name (or of the first
+        one open to the user).  A server with a job stays on its state's cluster."""
+        if not self.multi_cluster() or self.job_id:
+            return
+        try:
+            profiles = form.profile_list(self, [])
+        except v.InvalidValue:
+            return  # the gate reports it
+        user, groups = form.user_of(self)
+        mine = profiles_mod.allowed(profiles, user, groups)
+        name = options.get("profile") if isinstance(options, dict) else None
+        chosen = next((p for p in mine if p.name == name), None)
+        if chosen is None and name in ("", None) and mine:
+            chosen = mine[0]
+        if chosen is not None:
+            self.use_cluster(chosen.cluster)
+
     # ----------------------------------------------------------------- identity
-    def login_node(self) -> LoginNode:
+    def login_node(self, cluster: clusters_mod.ClusterSpec | None = None) -> LoginNode:
+        """The login node of ``cluster`` (default: this server's)."""
+        if cluster is None:
+            return identity.login_node(
+                self.login_host, self.login_port, self.known_hosts, self.slurm_bin_dir
+            )
         return identity.login_node(
-            self.login_host, self.login_port, self.known_hosts, self.slurm_bin_dir
+            cluster.login_host, cluster.login_port, cluster.known_hosts, cluster.slurm_bin_dir
         )
 
-    async def ssh_identity(self) -> SSHIdentity:
-        """The identity this user's jobs are submitted with (override to change how)."""
+    async def ssh_identity(self, cluster: clusters_mod.ClusterSpec | None = None) -> SSHIdentity:
+        """The identity this user's jobs are submitted with on ``cluster`` (default: this
+        server's); override to change how."""
         if self.mode == "gateway":
+            if cluster is None:
+                return identity.gateway_identity(
+                    self.services.key_files, self.gateway_key, self.gateway_user
+                )
             return identity.gateway_identity(
-                self.services.key_files, self.gateway_key, self.gateway_user
+                self.services.key_files, cluster.gateway_key, cluster.gateway_user
             )
+        issuer = cluster if cluster is not None else self.cluster() if self.clusters else None
+        if issuer is not None and issuer.issuer_url:
+            return await identity.cluster_certificate_identity(self.user, issuer, self.log)
         return await identity.certificate_identity(self.user)
 
-    async def connection(self) -> Connection:
+    async def connection(self, cluster: clusters_mod.ClusterSpec | None = None) -> Connection:
+        """The connection to ``cluster``'s login node (default: this server's)."""
         pool = self.services.pool
         pool.idle_timeout = self.ssh_idle_timeout
+        if cluster is not None:  # another cluster (the form's availability)
+            ident = await self.ssh_identity(cluster)
+            return pool.get(self.login_node(cluster), ident, max_sessions=self.ssh_max_sessions)
         try:
             ident = await self.ssh_identity()
         except CredentialExpired:
@@ -809,7 +944,12 @@ class SlurmSSHSpawner(Spawner):
         cancelled goes on the durable pending-cancel list, for a later poll, start or
         ``xsedehub orphans``.  True if SLURM took the cancel."""
         if self.job_id:
-            self.services.pool.unwatch(self.job_id)
+            # job ids are per cluster: another cluster's job of the same id stays watched
+            try:
+                node = self.login_node()
+            except (SpawnError, v.InvalidValue):
+                node = None
+            self.services.pool.unwatch(self.job_id, node)
         if self.spawn_id:
             try:
                 await self.tunnel_keys().revoke(self.spawn_id)
@@ -926,6 +1066,14 @@ class SlurmSSHSpawner(Spawner):
             self.log.warning("%s: could not reconcile tunnel keys: %s", self._log_name, e)
         if not self.job_id:
             return 0
+        if self._lost_cluster:  # keep it: its tunnel may still serve it
+            self.log.error(
+                "%s: cannot poll job %s: its cluster %r is no longer configured",
+                self._log_name,
+                self.job_id,
+                self._lost_cluster,
+            )
+            return None
         try:
             conn = await self.connection()
             await self._retry_pending_cancels(conn)
@@ -1111,6 +1259,17 @@ class SlurmSSHSpawner(Spawner):
         self._start_cancelled = False  # JupyterHub marks the stop pending meanwhile
         if not self.job_id:
             return
+        if self._lost_cluster:
+            self.log.error(
+                "%s: job %s on cluster %r, which is no longer configured, was not "
+                "cancelled: cancel it there by hand",
+                self._log_name,
+                self.job_id,
+                self._lost_cluster,
+            )
+            self.clear_state()
+            self._lost_cluster = ""
+            return
         if await self._end_job(None):
             self.log.info("%s: cancelled job %s", self._log_name, self.job_id)
         self.clear_state()
@@ -1120,4 +1279,7 @@ async def _render_options_form(spawner: SlurmSSHSpawner) -> str:
     """The form, or "" (no form) when there is nothing to choose."""
     if not form.offers_choice(spawner):
         return ""
+    if len(spawner.clusters) > 1:
+        status = await spawner.cluster_status()
+        return form.form_for(spawner, {}, spawner.last_options(), status)
     return form.form_for(spawner, await spawner.availability(), spawner.last_options())

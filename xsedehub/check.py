@@ -253,12 +253,15 @@ class Checker:
         hub_api: str | None = None,
         config_file: str = "jupyterhub_config.py",
         sshd: str = "/usr/sbin/sshd",
+        cluster: str = "",
     ):
         from .spawner.spawner import SlurmSSHSpawner
 
         self.cfg, self.r, self.job_timeout = cfg, report, job_timeout
         self.config_file = config_file
         self.sp = SlurmSSHSpawner(config=cfg)
+        if cluster:  # that cluster's settings (SlurmSSHSpawner.clusters)
+            self.sp.use_cluster(cluster)
         self.certificate = certificate
         self.sshd = sshd
         hub = cfg.JupyterHub
@@ -605,12 +608,37 @@ def run_check(
     except ConfigError as e:
         report.fail("config", detail="\n".join(str(p) for p in e.problems))
         return report
-    checker = Checker(
-        cfg,
-        report,
-        job_timeout=job_timeout,
-        certificate=certificate,
-        hub_api=hub_api,
-        config_file=config_file,
+    return asyncio.run(
+        _check_every_cluster(cfg, report, config_file, job_timeout, certificate, hub_api)
     )
-    return asyncio.run(checker.run())
+
+
+async def _check_every_cluster(
+    cfg: Config,
+    report: Report,
+    config_file: str,
+    job_timeout: float,
+    certificate: tuple[str, str] | None,
+    hub_api: str | None,
+) -> Report:
+    """Every step on each cluster of ``SlurmSSHSpawner.clusters`` in turn (one cluster,
+    the top-level settings, without it), all in one report."""
+    from .spawner.spawner import SlurmSSHSpawner
+
+    sp = SlurmSSHSpawner(config=cfg)
+    names = [c.name for c in sp.cluster_list()] if sp.clusters else [""]
+    for name in names:
+        if name:
+            report.lines.append(f"cluster {name}:")
+            report.out(report.lines[-1])
+        checker = Checker(
+            cfg,
+            report,
+            job_timeout=job_timeout,
+            certificate=certificate,
+            hub_api=hub_api,
+            config_file=config_file,
+            cluster=name,
+        )
+        await checker.run()
+    return report

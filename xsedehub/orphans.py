@@ -25,7 +25,7 @@ from traitlets.config import Config
 
 from .check import Checker, Report, load_config
 from .spawner import pending_cancel, slurm
-from .spawner.ssh import Connection
+from .spawner.ssh import ClusterUnreachable, Connection
 
 
 def hub_url_from_config(cfg: Config) -> str:
@@ -44,7 +44,10 @@ def hub_url_from_config(cfg: Config) -> str:
     return f"http://{host}:{hub.get('hub_port', 8081)}"
 
 
-def hub_job_ids(hub_url: str, token: str) -> set[str]:
+def hub_job_ids(hub_url: str, token: str, cluster: str = "", first: str = "") -> set[str]:
+    """The job ids the hub's servers hold; with ``cluster`` (a hub with several), those
+    on that cluster only (job ids repeat between clusters; a state that names none is
+    the first cluster's, ``first``)."""
     r = requests.get(
         f"{hub_url.rstrip('/')}/hub/api/users",
         params={"include_stopped_servers": "1"},
@@ -58,6 +61,8 @@ def hub_job_ids(hub_url: str, token: str) -> set[str]:
             if "state" not in server:
                 raise PermissionError("the token cannot read server state (admin:server_state)")
             state = server["state"] or {}
+            if cluster and (state.get("cluster") or first) != cluster:
+                continue
             if state.get("job_id"):
                 ids.add(str(state["job_id"]))
     return ids
@@ -199,11 +204,40 @@ def find_orphans(
     cfg = load_config(config_file)
     url = hub_url or hub_url_from_config(cfg)
     checker = Checker(cfg, Report(out=lambda s: None), certificate=certificate)
+    if not checker.sp.clusters:
+        return _find_orphans(checker, url, token, cancel, min_age, out)
+    # each cluster in turn, all of them even when one fails (then an error at the end)
+    names = [c.name for c in checker.sp.cluster_list()]
+    found: list[slurm.JobStatus] = []
+    errors: list[str] = []
+    for name in names:
+        out(f"cluster {name}:")
+        checker = Checker(cfg, Report(out=lambda s: None), certificate=certificate, cluster=name)
+        try:
+            found += _find_orphans(checker, url, token, cancel, min_age, out, name, names[0])
+        except (OrphansError, ClusterUnreachable) as e:
+            out(f"cluster {name}: {e}")
+            errors.append(f"cluster {name}: {e}")
+    if errors:
+        raise OrphansError("; ".join(errors))
+    return found
+
+
+def _find_orphans(
+    checker: Checker,
+    url: str,
+    token: str,
+    cancel: bool,
+    min_age: float,
+    out: Callable[[str], None],
+    cluster: str = "",
+    first: str = "",
+) -> list[slurm.JobStatus]:
     listed = pending_cancels(checker)
     sweep = asyncio.run(
         _sweep(
             checker,
-            lambda: hub_job_ids(url, token),
+            lambda: hub_job_ids(url, token, cluster, first),
             cancel=cancel,
             min_age=min_age,
             pending={j.job_id: j.spawn_id for j in listed},
