@@ -1,0 +1,137 @@
+"""One hub, two clusters (issue 16), against the test ground's real pair: the
+mini-Comet and minidelta (each its own SLURM, munge, login sshd and host key).
+
+One hub for the module, in gateway mode with named servers, configured with both
+clusters from cluster.json and a profile on each.  One test, to spend one pair of
+spawns: a user's two named servers run at once, one on each cluster; then the
+mini-Comet's login node goes down, and meanwhile the form shows the mini-Comet
+unavailable and minidelta available, and a spawn on minidelta succeeds, while the
+server on the mini-Comet stays listed."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+
+from xsedehub.testbed import localcluster
+
+from .conftest import make_hub, stop_all_servers, stop_hub_and_proxy
+from .test_named_servers import servers, wait_server
+
+pytestmark = pytest.mark.cluster
+
+USER = "ada-l"  # ada's hub name (her GitHub login)
+
+
+@pytest.fixture(scope="module")
+def sites(cluster):
+    return cluster.site("minicomet"), cluster.site("minidelta")
+
+
+@pytest.fixture(scope="module")
+def hub(cluster, sites, provider, tmp_path_factory):
+    comet, delta = sites
+    delta_part = delta.default_partition
+    clusters = {
+        # the mini-Comet: the top-level settings the local hub's configuration has
+        "minicomet": {"display_name": "mini-Comet", "description": "the first site"},
+        "minidelta": {
+            "display_name": "minidelta",
+            "login_host": delta.login_ip,
+            "login_port": delta.login_port,
+            "known_hosts": delta.known_hosts,
+            "slurm_bin_dir": delta.slurm_bin,
+            "gateway_user": delta.gateway_user,
+            "gateway_key": delta.gateway_key,
+            "tunnel_host": delta.hub_ip,
+            "partition": delta_part,
+            "partitions": {
+                delta_part: {"max_walltime": "01:00:00", "max_cores": 4, "max_memory": "4G"}
+            },
+        },
+    }
+    profiles = {
+        "comet-cpu": {"cluster": "minicomet", "partition": "compute", "max_cores": 2},
+        "delta-cpu": {"cluster": "minidelta", "partition": delta_part, "default_memory": "512M"},
+    }
+    extra = (
+        "c.JupyterHub.allow_named_servers = True\n"
+        "c.JupyterHub.named_server_limit_per_user = 3\n"
+        f"c.SlurmSSHSpawner.clusters = {clusters!r}\n"
+        f"c.SlurmSSHSpawner.profiles = {profiles!r}\n"
+    )
+    h = make_hub(
+        tmp_path_factory.mktemp("clustershub"), cluster, provider, poll_interval=5, extra=extra
+    )
+    yield h
+    stop_all_servers(h)
+    stop_hub_and_proxy(h)
+
+
+def _queue(site) -> dict[str, str]:
+    """job id -> name, of the cluster's live jobs, as root on that cluster sees them."""
+    argv = site.run_argv("squeue", "-h", "-o", "%i|%j|%T")
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    return {
+        i: name
+        for i, name, state in (ln.strip().split("|") for ln in out.splitlines() if ln.strip())
+        if state in ("PENDING", "RUNNING", "CONFIGURING")
+    }
+
+
+def test_a_server_on_each_cluster_and_one_cluster_down(hub, sites):
+    comet, delta = sites
+    c = hub.client
+    ada = c.login("ada")
+    t0 = time.monotonic()
+    # two named servers at once, one on each cluster
+    for name, profile in (("c", "comet-cpu"), ("d", "delta-cpu")):
+        r = c.post(f"/users/{USER}/servers/{name}", json={"profile": profile})
+        assert r.status_code in (201, 202), r.text
+    wait_server(hub, USER, "c", ready=True)
+    wait_server(hub, USER, "d", ready=True)
+    both = time.monotonic() - t0
+    st = {name: srv["state"] for name, srv in servers(hub, USER).items()}
+    assert (st["c"]["cluster"], st["d"]["cluster"]) == ("minicomet", "minidelta"), st
+    on_comet, on_delta = _queue(comet), _queue(delta)
+    assert on_comet.get(st["c"]["job_id"]) == f"jupyter-{USER}-c", on_comet
+    assert on_delta.get(st["d"]["job_id"]) == f"jupyter-{USER}-d", on_delta
+    assert st["c"]["hub_port"] != st["d"]["hub_port"]
+    token = c.user_token(USER)
+    for name in ("c", "d"):
+        assert c.server_api(f"{USER}/{name}", token, "/status").status_code == 200
+
+    # the mini-Comet's login node goes down: minidelta goes on
+    localcluster.stop_daemon("sshd_login")
+    try:
+        t1 = time.monotonic()
+        page = ada.get(f"{c.url}/hub/spawn/{USER}/e", timeout=30).text
+        form_s = time.monotonic() - t1
+        assert 'data-cluster="minicomet" data-available="no"' in page, page[-3000:]
+        assert 'data-cluster="minidelta" data-available="yes"' in page, page[-3000:]
+        t2 = time.monotonic()
+        r = c.post(f"/users/{USER}/servers/e", json={"profile": "delta-cpu"})
+        assert r.status_code in (201, 202), r.text
+        wait_server(hub, USER, "e", ready=True, timeout=120)
+        spawn_s = time.monotonic() - t2
+        assert c.server_api(f"{USER}/e", token, "/status").status_code == 200
+        # the server on the mini-Comet is kept (its poll cannot reach its cluster)
+        assert "c" in servers(hub, USER)
+    finally:
+        localcluster.up()
+    print(
+        f"two servers, one per cluster, ready in {both:.1f} s; with the mini-Comet down: "
+        f"form in {form_s:.1f} s, a minidelta spawn ready in {spawn_s:.1f} s"
+    )
+    # stopping the minidelta servers cancels their jobs there, the mini-Comet's stays
+    for name in ("d", "e"):
+        c.delete(f"/users/{USER}/servers/{name}")
+    for name in ("d", "e"):
+        wait_server(hub, USER, name, ready=False, timeout=120)
+    assert st["d"]["job_id"] not in _queue(delta)
+    assert st["c"]["job_id"] in _queue(comet)
+    c.delete(f"/users/{USER}/servers/c")
+    wait_server(hub, USER, "c", ready=False, timeout=120)
+    assert st["c"]["job_id"] not in _queue(comet)
