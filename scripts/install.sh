@@ -33,7 +33,10 @@ t0=$(date +%s)
 if [ "${CI:-}" = true ] || [ "${XSEDEHUB_CLEAN:-}" = 1 ]; then
     echo "[install] clean state: removing $PREFIX and the local cluster's state"
     if [ -x "$ENV/bin/xsedehub" ]; then "$ENV/bin/xsedehub" cluster down >/dev/null 2>&1 || true; fi
-    for ns in xh-hub xh-cluster; do ip netns del "$ns" 2>/dev/null || true; done
+    for ns in xh-hub xh-cluster xh-cluster2; do ip netns del "$ns" 2>/dev/null || true; done
+    # the second cluster's mount namespace (a bind mount on a file in a private mount)
+    umount /run/xsedehub-mntns/xh-cluster2 2>/dev/null || true
+    umount /run/xsedehub-mntns 2>/dev/null || true
     rm -rf "$PREFIX" /var/lib/xsedehub
 fi
 

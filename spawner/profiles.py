@@ -73,7 +73,7 @@ def profile_name(value: object, field: str = "profile") -> str:
 
 def module_name(value: object, field: str) -> str:
     val = v._text(field, value, 512)
-    if not _MODULE.match(val):
+    if not _MODULE.match(val) or any(part in (".", "..") for part in val.split("/")):
         raise v.InvalidValue(field, f"{val!r} is not a module name (like gcc/12.2.0)")
     return val
 

@@ -297,19 +297,39 @@ def lab_config_lines(job: JobScript) -> list[str]:
     return lines
 
 
+#: colon-separated search lists a profile's environment may set; after it, only their
+#: absolute entries are kept (an empty or relative entry means "the current folder")
+SEARCH_LISTS = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "PERL5LIB", "MANPATH")
+
+
 def environment_lines(environment: list[list[str]]) -> list[str]:
     """Job-script lines that set up a profile's environment in the script's own shell
     (so the server inherits it), each argv quoted; the first one that fails ends the job
     with a message naming it.  ``set -u`` is off meanwhile: site shell set-ups (Lmod's,
-    conda's) read unset variables."""
+    conda's) read unset variables.
+
+    The template runs them before the server's environment (the API token) is read and
+    before the script enters the work folder (an attendee's, in gateway mode).  After
+    them, shell tracing is off again (a sourced file's ``set -x`` would print the
+    environment file's lines), and the search lists keep only absolute entries: a site
+    file's ``export LD_LIBRARY_PATH=/opt/x/lib:$LD_LIBRARY_PATH`` leaves an empty entry,
+    which would make the commands run outside the sandbox (``bwrap`` itself) load
+    libraries from the attendee's folder.  ``LD_PRELOAD`` keeps only absolute entries
+    too."""
     if not environment:
         return []
     lines = ["set +u"]
     for argv in environment:
         text = " ".join(shlex.quote(a) for a in argv)
         why = shlex.quote(f"the profile's environment failed at: {text}")
-        lines.append(f"{text} || {{ set -u; log {why}; exit 2; }}")
-    lines += ["set -u", 'log "profile environment ready"']
+        lines.append(f"{text} || {{ {{ set +x +v; }} 2>/dev/null; set -u; log {why}; exit 2; }}")
+    lines += [
+        "{ set +x +v; } 2>/dev/null",
+        "set -u",
+        f"xh_absolute_only : {' '.join(SEARCH_LISTS)}",
+        "xh_absolute_only ': ' LD_PRELOAD",
+        'log "profile environment ready"',
+    ]
     return lines
 
 
@@ -348,7 +368,7 @@ def build_job_script(job: JobScript) -> str:
         inside = sb.words(sb.argv(job.sandbox)) + " "
         prologue = sb.setup_lines(job.sandbox) + [inside + line for line in prologue]
         singleuser = inside + singleuser
-    prologue = environment_lines(job.environment) + prologue + lab_config_lines(job)
+    prologue += lab_config_lines(job)
 
     return render_job_script(
         directives=Verbatim("\n".join(sbatch_directives(job))),
@@ -358,6 +378,7 @@ def build_job_script(job: JobScript) -> str:
         # $XH_DIR is ours (set in the script from a quoted constant): keep it expandable
         agent_args=Verbatim(" ".join('"$XH_DIR"' if a == "$XH_DIR" else q(a) for a in agent_args)),
         agent=Verbatim(agent_program()),
+        environment=Verbatim("\n".join(environment_lines(job.environment))),
         prologue=Verbatim("\n".join(prologue)),
         singleuser=Verbatim(singleuser),
     )

@@ -104,6 +104,7 @@ NAMES = {
     "python",
     "agent_args",
     "agent",
+    "environment",
     "prologue",
     "singleuser",
 }

@@ -18,7 +18,7 @@ import pytest
 
 from xsedehub.testbed.netns import nsenter_argv
 
-from .audit import server_env
+from .audit import job_dir, server_env
 from .conftest import make_hub, stop_hub_and_proxy
 from .test_gateway import in_cluster_root, job_id_of
 
@@ -38,6 +38,11 @@ module() {
         esac
     done
 }
+# what a careless site file does: LD_LIBRARY_PATH is unset here, so this leaves an empty
+# entry (the current folder); and tracing left on
+export LD_LIBRARY_PATH=/opt/xhtest/lib:$LD_LIBRARY_PATH
+export PATH=$PATH:relative/bin:
+set -x
 """
 
 
@@ -170,9 +175,18 @@ def test_a_profiles_environment_reaches_the_server(hub, envdir):
     r = c.start("grace", {"profile": "everyone"})
     assert r.status_code in (201, 202), r.text
     c.wait_ready("grace")
-    env = server_env(job_id_of(hub, "grace"))
+    job = job_id_of(hub, "grace")
+    env = server_env(job)
     assert env["XH_TEST_MODULE"] == "xhtest/1.0"
     assert env["LOADEDMODULES"] == "xhtest/1.0"
     assert env["VIRTUAL_ENV"] == str(envdir / "venv")
     assert env["PATH"].startswith(f"{envdir}/venv/bin:")
+    # only absolute entries are left: no command outside the sandbox (bwrap, mkdir) can
+    # load a library or run a program from the attendee's folder
+    assert env["LD_LIBRARY_PATH"] == "/opt/xhtest/lib"
+    assert all(p.startswith("/") for p in env["PATH"].split(":")), env["PATH"]
+    # the tracing the site file turned on was off before the environment file was read
+    log = (job_dir(job) / "job.log").read_text(errors="replace")
+    assert env["JUPYTERHUB_API_TOKEN"] not in log
+    assert "+ export JUPYTERHUB" not in log and "JUPYTERHUB_API_TOKEN" not in log, log
     c.stop("grace")

@@ -108,6 +108,7 @@ def test_good_profiles_parse_with_limits_within_the_partitions():
         ({"environment": {"lmod": []}}, "profiles.p.environment: unknown keys ['lmod']"),
         ({"environment": {"modules": ["gcc/12 ; id"]}}, "environment.modules[0]: 'gcc/12 ; id'"),
         ({"environment": {"modules": ["$(id)"]}}, "profiles.p.environment.modules[0]"),
+        ({"environment": {"modules": ["x/../../etc"]}}, "profiles.p.environment.modules[0]"),
         ({"environment": {"modules": "gcc"}}, "profiles.p.environment.modules: must be a list"),
         ({"environment": {"conda": "my env"}}, "profiles.p.environment.conda: 'my env' is not"),
         ({"environment": {"conda": "/opt/../etc"}}, "profiles.p.environment.conda"),
@@ -321,10 +322,15 @@ def test_the_environment_is_the_jobs_prologue_and_the_container_its_prefix():
     )
     lines = script.splitlines()
     at = lines.index("set +u")
-    assert lines[at + 1].startswith(". /etc/profile.d/lmod.sh || { set -u; log ")
+    assert lines[at + 1].startswith(". /etc/profile.d/lmod.sh || { { set +x +v; } 2>/dev/null;")
     assert lines[at + 2].startswith("module load gcc/12.2.0 python/3.11 || {")
-    assert lines[at + 5 : at + 7] == ["set -u", 'log "profile environment ready"']
-    assert lines.index("set +u") > lines.index('mkdir -p "$XH_WORK" && cd "$XH_WORK" || exit 2')
+    assert lines[at + 5 : at + 8] == ["{ set +x +v; } 2>/dev/null", "set -u", lines[at + 7]]
+    assert lines[at + 7].startswith("xh_absolute_only : PATH LD_LIBRARY_PATH ")
+    assert lines[at + 9] == 'log "profile environment ready"'
+    # before the server's environment (the API token) is read, and before the script
+    # enters the work folder (an attendee's, in gateway mode)
+    assert lines.index("set +u") < lines.index('. "$XH_DIR/env"')
+    assert lines.index("set +u") < lines.index('mkdir -p "$XH_WORK" && cd "$XH_WORK" || exit 2')
     server = next(line for line in lines if "--ServerApp.sock=" in line)
     assert server.startswith(
         "apptainer exec --nv /images/pytorch.sif /opt/env/bin/jupyterhub-singleuser "

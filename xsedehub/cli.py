@@ -16,7 +16,16 @@ def _cluster(args: argparse.Namespace) -> int:
             localcluster.install()
         elif args.action == "up":
             info = localcluster.up()
-            print(json.dumps({"cluster": f"{info.root}/cluster.json", "login": info.login_ip}))
+            logins = {name: site["login_ip"] for name, site in info.clusters.items()}
+            print(
+                json.dumps(
+                    {
+                        "cluster": f"{info.root}/cluster.json",
+                        "login": info.login_ip,
+                        "logins": logins,
+                    }
+                )
+            )
         elif args.action == "down":
             localcluster.down()
         else:

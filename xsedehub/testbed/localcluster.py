@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+from . import minidelta
 from .clusterconf import (
     CLUSTER_NS,
     GATEWAY_USER,
@@ -42,6 +43,7 @@ from .clusterconf import (
     PREFIX,
     RESEARCHERS,
     ROOT,
+    SLURM_CONF,
     SSH_PORT,
     TUNNEL_USER,
     VETH_CLUSTER,
@@ -52,6 +54,7 @@ from .clusterconf import (
     ensure_keys,
     ensure_users,
     ensure_workshop_repo,
+    gateway_keys_file,
     sshd_conf,
     write_slurm_conf,
 )
@@ -81,6 +84,48 @@ JOBEXT_MARK = "xsedehub-jobext.wheel"  # in the job env: the wheel installed the
 
 
 @dataclass
+class SiteInfo:
+    """One cluster as a spawner configuration needs it (an entry of ``ClusterInfo.clusters``).
+
+    ``hub_ip`` is where the cluster's jobs reach the hub's tunnel sshd; ``hub_seen_as``
+    the address the hub's connections come from as the login node sees them (the
+    ``from=`` of the gateway account's key); ``mount_ns`` is None for a cluster that
+    shares the machine's mounts (the mini-Comet)."""
+
+    name: str
+    netns: str
+    mount_ns: str | None
+    login_ip: str
+    login_port: int
+    hub_ip: str
+    hub_seen_as: str
+    known_hosts: str
+    host_key: str
+    user_ca_key: str
+    gateway_user: str
+    gateway_key: str
+    gateway_keys_file: str
+    researchers: list[str]
+    slurm_conf: str
+    slurm_bin: str
+    munge_socket: str
+    home_root: str
+    partitions: dict[str, dict[str, object]]
+    default_partition: str
+    nodes: list[str]
+    pid_files: dict[str, str]
+    commands_log: str
+
+    def run_argv(self, *argv: str) -> list[str]:
+        """argv that runs a command as root inside this cluster (its compute nodes' view:
+        network, mounts, ``SLURM_CONF``)."""
+        ns = ["nsenter", f"--net=/run/netns/{self.netns}"]
+        if self.mount_ns:
+            ns.append(f"--mount={self.mount_ns}")
+        return [*ns, "env", f"SLURM_CONF={self.slurm_conf}", *argv]
+
+
+@dataclass
 class ClusterInfo:
     """What ``up`` started: read by the tests, the demo and ``status``."""
 
@@ -107,6 +152,14 @@ class ClusterInfo:
     pid_files: dict[str, str] = field(default_factory=dict)
     #: SLURM's commands as the hub runs them (the counting wrappers; slurm_bin_dir)
     slurm_bin: str = "/usr/bin"
+    #: every cluster by name, the mini-Comet (the fields above) first (see SiteInfo)
+    clusters: dict[str, dict[str, object]] = field(default_factory=dict)
+
+    def site(self, name: str) -> SiteInfo:
+        """The cluster ``name`` (``minicomet`` or ``minidelta``)."""
+        if name not in self.clusters:
+            raise ClusterError(f"no cluster {name!r} in cluster.json: {sorted(self.clusters)}")
+        return SiteInfo(**self.clusters[name])
 
     @classmethod
     def load(cls, root: Path = ROOT) -> ClusterInfo:
@@ -146,6 +199,7 @@ def _pid_files(root: Path) -> dict[str, Path]:
     }
     for node in NODES:
         files[f"slurmd_{node}"] = run / f"slurmd-{node}.pid"
+    files.update(minidelta.pid_files(root))
     return files
 
 
@@ -190,13 +244,16 @@ def job_env_problem(path: Path = JOB_ENV, jupyterhub: str | None = None) -> str 
     py = path / "bin" / "python"
     if not py.exists():
         return f"the job environment {path} does not exist"
+    # found, not imported: importing them took 2.5 s, nearly all of `cluster up`
+    check = (
+        "import sys, importlib.util as u, importlib.metadata as m\n"
+        "for n in ('jupyterhub', 'jupyterlab', 'nbgitpuller', 'xsedehub_jobext'):\n"
+        "    if u.find_spec(n) is None:\n"
+        "        sys.exit(f'ModuleNotFoundError: No module named {n!r}')\n"
+        "print(m.version('jupyterhub'))\n"
+    )
     r = subprocess.run(
-        [
-            str(py),
-            "-c",
-            "import jupyterhub, jupyterlab, nbgitpuller, xsedehub_jobext; "
-            "print(jupyterhub.__version__)",
-        ],
+        [str(py), "-c", check],
         capture_output=True,
         text=True,
         check=False,
@@ -286,7 +343,8 @@ def _wait(predicate, what: str, timeout: float = 60) -> None:
 def _start_daemons(root: Path, keys: dict[str, Path]) -> None:
     pids = _pid_files(root)
     run = root / "run"
-    # munge: one munged in the root namespace serves every namespace (filesystem socket)
+    # munge: one munged in the root namespace serves the mini-Comet's namespace (its socket
+    # is a file); the second cluster has its own (minidelta.start)
     if not Path("/etc/munge/munge.key").exists():
         _run(["mungekey", "--create"])
         _run(["chown", "munge:munge", "/etc/munge/munge.key"])
@@ -344,32 +402,48 @@ def _start_daemons(root: Path, keys: dict[str, Path]) -> None:
                 )
             )
 
-    def node_states() -> dict[str, str] | None:
-        r = subprocess.run(
-            _in_cluster(["sinfo", "-h", "-N", "-o", "%N %t"]),
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if r.returncode != 0:
-            return None
-        return dict(line.split() for line in r.stdout.splitlines() if line.strip())
-
-    def nodes_idle() -> bool:
-        states = node_states()
-        return bool(states) and set(states.values()) <= {"idle", "mix", "alloc"}
+    # the second cluster starts before either is waited for: both settle together
+    minidelta.start(root, _pid_alive)
+    clusters = [
+        (_in_cluster, NODES, lambda node: _run(_in_cluster(["/usr/sbin/slurmd", "-N", node]))),
+        (
+            lambda argv: minidelta.in_cluster(argv, root),
+            minidelta.NODES,
+            lambda node: minidelta.restart_slurmd(root, node),
+        ),
+    ]
 
     # A node slurmctld failed to ping (munge was down, say) stays "not responding" (its
     # state ends in "*") until the next ping, up to SlurmdTimeout/3 = 100 s later.  A
     # slurmd that starts registers at once, so those nodes' slurmd start again; the jobs
     # on them live on in their slurmstepd.
-    _wait(lambda: node_states() is not None, "slurmctld to answer")
-    for node, state in (node_states() or {}).items():
-        if state.endswith("*") and node in NODES:
-            _log(f"{node} is not responding to slurmctld: restarting its slurmd")
-            stop_daemon(f"slurmd_{node}", root)
-            _run(_in_cluster(["/usr/sbin/slurmd", "-N", node]))
-    _wait(nodes_idle, "compute nodes to come up")
+    for inside, _nodes, _restart in clusters:
+        _wait(lambda inside=inside: _node_states(inside) is not None, "slurmctld to answer")
+    for inside, nodes, restart in clusters:
+        for node, state in (_node_states(inside) or {}).items():
+            if state.endswith("*") and node in nodes:
+                _log(f"{node} is not responding to slurmctld: restarting its slurmd")
+                name = f"slurmd_{node}" if nodes is NODES else f"{minidelta.NAME}:slurmd_{node}"
+                stop_daemon(name, root)
+                restart(node)
+    for inside, _nodes, _restart in clusters:
+        _wait(lambda inside=inside: _nodes_idle(inside), "compute nodes to come up")
+
+
+def _node_states(inside) -> dict[str, str] | None:
+    """Node -> state as the cluster that ``inside`` (an argv wrapper) runs commands in
+    sees it, or None while its slurmctld does not answer."""
+    r = subprocess.run(
+        inside(["sinfo", "-h", "-N", "-o", "%N %t"]), capture_output=True, text=True, check=False
+    )
+    if r.returncode != 0:
+        return None
+    return dict(line.split()[:2] for line in r.stdout.splitlines() if line.strip())
+
+
+def _nodes_idle(inside) -> bool:
+    states = _node_states(inside)
+    return bool(states) and set(states.values()) <= {"idle", "mix", "alloc"}
 
 
 EXTEND_SOURCE = Path(__file__).resolve().parents[2] / "scripts" / "site"
@@ -404,6 +478,38 @@ def ensure_extend_command(root: Path) -> None:
         tmp.replace(SUDOERS)
 
 
+def _comet_site(root: Path, keys: dict[str, Path]) -> dict[str, object]:
+    """The mini-Comet's entry in ``ClusterInfo.clusters`` (the shape of :class:`SiteInfo`)."""
+    return {
+        "name": "minicomet",
+        "netns": CLUSTER_NS,
+        "mount_ns": None,
+        "login_ip": LOGIN_IP,
+        "login_port": SSH_PORT,
+        "hub_ip": HUB_IP,
+        "hub_seen_as": HUB_IP,
+        "known_hosts": str(root / "known_hosts"),
+        "host_key": f"{keys['login_host']}-cert.pub",
+        "user_ca_key": str(keys["user_ca"]),
+        "gateway_user": GATEWAY_USER,
+        "gateway_key": str(keys["gateway"]),
+        "gateway_keys_file": str(gateway_keys_file(root)),
+        "researchers": list(RESEARCHERS),
+        "slurm_conf": str(SLURM_CONF),
+        "slurm_bin": str(root / "bin"),
+        "munge_socket": "/run/munge/munge.socket.2",
+        "home_root": "/home",
+        "partitions": {
+            "compute": {"max_walltime": "08:00:00", "cpus_per_node": NODE_CPUS},
+            "debug": {"max_walltime": "00:30:00", "cpus_per_node": NODE_CPUS},
+        },
+        "default_partition": "compute",
+        "nodes": list(NODES),
+        "pid_files": {k: str(v) for k, v in _pid_files(root).items() if ":" not in k},
+        "commands_log": str(root / "log" / "commands.log"),
+    }
+
+
 def _info(root: Path, keys: dict[str, Path], workshop: Path) -> ClusterInfo:
     return ClusterInfo(
         root=str(root),
@@ -431,6 +537,10 @@ def _info(root: Path, keys: dict[str, Path], workshop: Path) -> ClusterInfo:
         nodes=list(NODES),
         pid_files={k: str(v) for k, v in _pid_files(root).items()},
         slurm_bin=str(root / "bin"),
+        clusters={
+            "minicomet": _comet_site(root, keys),
+            minidelta.NAME: minidelta.info(root, keys),
+        },
     )
 
 
@@ -440,16 +550,11 @@ def healthy(root: Path = ROOT) -> bool:
         return False
     if not all(_pid_alive(p) for p in _pid_files(root).values()):
         return False
-    if not Path(f"/run/netns/{HUB_NS}").exists() or not Path(f"/run/netns/{CLUSTER_NS}").exists():
+    if not all(Path(f"/run/netns/{ns}").exists() for ns in (HUB_NS, CLUSTER_NS, minidelta.NS)):
         return False
-    r = subprocess.run(
-        _in_cluster(["sinfo", "-h", "-N", "-o", "%t"]), capture_output=True, text=True, check=False
-    )
-    return (
-        r.returncode == 0
-        and bool(r.stdout.split())
-        and set(r.stdout.split()) <= {"idle", "mix", "alloc"}
-    )
+    if not minidelta.mounted():
+        return False
+    return _nodes_idle(_in_cluster) and _nodes_idle(lambda argv: minidelta.in_cluster(argv, root))
 
 
 def up(root: Path = ROOT) -> ClusterInfo:
@@ -475,15 +580,20 @@ def up(root: Path = ROOT) -> ClusterInfo:
     tak.chmod(0o644)
     ensure_users()
     keys = ensure_keys(root)
+    minidelta.prepare(root, keys)
     write_slurm_conf(root)
     command_wrappers(root)
     ensure_extend_command(root)
     workshop = ensure_workshop_repo(root)
     _setup_netns()
+    minidelta.setup_namespaces(root)
     _start_daemons(root, keys)
     info = _info(root, keys, workshop)
     (root / "cluster.json").write_text(json.dumps(asdict(info), indent=2) + "\n")
-    _log(f"up in {time.monotonic() - t0:.1f}s: login node {LOGIN_IP}:{SSH_PORT}, hub side {HUB_IP}")
+    _log(
+        f"up in {time.monotonic() - t0:.1f}s: login nodes {LOGIN_IP}:{SSH_PORT} (minicomet), "
+        f"{minidelta.LOGIN_IP}:{SSH_PORT} ({minidelta.NAME}), hub side {HUB_IP}"
+    )
     return info
 
 
@@ -491,7 +601,9 @@ def down(root: Path = ROOT) -> None:
     if os.geteuid() != 0:
         raise ClusterError("`xsedehub cluster down` must run as root")
     pids = _pid_files(root)
-    order = ["sshd_hub", "sshd_login", *(f"slurmd_{n}" for n in NODES), "slurmctld", "munged"]
+    daemons = ["sshd_login", *(f"slurmd_{n}" for n in NODES), "slurmctld", "munged"]
+    delta = ["sshd_login", *(f"slurmd_{n}" for n in minidelta.NODES), "slurmctld", "munged"]
+    order = ["sshd_hub", *daemons, *(f"{minidelta.NAME}:{d}" for d in delta)]
     for name in order:
         f = pids[name]
         if not f.exists():
@@ -508,7 +620,12 @@ def down(root: Path = ROOT) -> None:
         if _pid_alive(pids[name]):
             os.kill(int(pids[name].read_text().split()[0]), signal.SIGKILL)
         pids[name].unlink(missing_ok=True)
-    for ns in (HUB_NS, CLUSTER_NS):
+    # minidelta's mount namespace goes with the last of its processes (killed below)
+    try:
+        minidelta.remove_mount_ns()
+    except ClusterError as e:  # the namespaces go all the same
+        _log(f"minidelta's mount namespace: {e}")
+    for ns in (HUB_NS, CLUSTER_NS, minidelta.NS):
         if Path(f"/run/netns/{ns}").exists():
             # processes still inside (jobs' leftovers, a test's hub) go with the namespace
             r = subprocess.run(
@@ -526,6 +643,8 @@ def down(root: Path = ROOT) -> None:
     shutil.rmtree(f"/etc/netns/{HUB_NS}", ignore_errors=True)
     shutil.rmtree(root / "slurmctld", ignore_errors=True)
     shutil.rmtree(root / "slurmd", ignore_errors=True)
+    for d in ("slurmctld", "slurmd"):
+        shutil.rmtree(minidelta.site_root(root) / d, ignore_errors=True)
     (root / "cluster.json").unlink(missing_ok=True)
     tak = root / "hub" / "tunnelbot_authorized_keys"
     if tak.exists():
@@ -557,7 +676,7 @@ def stop_daemon(name: str, root: Path = ROOT, *, sessions: bool = True) -> None:
     while _pid_alive(f) and time.monotonic() < deadline:
         time.sleep(0.05)
     if sessions and name.startswith("sshd_"):
-        ns = CLUSTER_NS if name == "sshd_login" else HUB_NS
+        ns = {"sshd_login": CLUSTER_NS, "sshd_hub": HUB_NS}.get(name, minidelta.NS)
         ns_ino = os.stat(f"/run/netns/{ns}").st_ino
         for p in Path("/proc").iterdir():
             if not p.name.isdigit():
@@ -575,13 +694,17 @@ def stop_daemon(name: str, root: Path = ROOT, *, sessions: bool = True) -> None:
 def status(root: Path = ROOT) -> dict[str, object]:
     out: dict[str, object] = {"healthy": healthy(root)}
     out["daemons"] = {k: _pid_alive(v) for k, v in _pid_files(root).items()}
-    out["namespaces"] = {ns: Path(f"/run/netns/{ns}").exists() for ns in (HUB_NS, CLUSTER_NS)}
+    out["namespaces"] = {
+        ns: Path(f"/run/netns/{ns}").exists() for ns in (HUB_NS, CLUSTER_NS, minidelta.NS)
+    }
+    out["namespaces"][str(minidelta.MNT_NS)] = minidelta.mounted()
+    sinfo = ["sinfo", "-h", "-N", "-o", "%N %t %C"]
     if out["namespaces"][CLUSTER_NS]:
-        r = subprocess.run(
-            _in_cluster(["sinfo", "-h", "-N", "-o", "%N %t %C"]),
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        r = subprocess.run(_in_cluster(sinfo), capture_output=True, text=True, check=False)
         out["nodes"] = r.stdout.strip().splitlines()
+    if out["namespaces"][minidelta.NS] and out["namespaces"][str(minidelta.MNT_NS)]:
+        r = subprocess.run(
+            minidelta.in_cluster(sinfo, root), capture_output=True, text=True, check=False
+        )
+        out[f"nodes_{minidelta.NAME}"] = r.stdout.strip().splitlines()
     return out
