@@ -32,7 +32,7 @@ def sites(cluster):
 
 @pytest.fixture(scope="module")
 def hub(cluster, sites, provider, tmp_path_factory):
-    comet, delta = sites
+    delta = sites[1]
     delta_part = delta.default_partition
     clusters = {
         # the mini-Comet: the top-level settings the local hub's configuration has
