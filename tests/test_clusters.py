@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from xsedehub.testbed import localcluster
+from xsedehub.testbed import localcluster, localhub
 
 from .conftest import make_hub, stop_all_servers, stop_hub_and_proxy
 from .test_named_servers import servers, wait_server
@@ -31,37 +31,12 @@ def sites(cluster):
 
 
 @pytest.fixture(scope="module")
-def hub(cluster, sites, provider, tmp_path_factory):
-    delta = sites[1]
-    delta_part = delta.default_partition
-    clusters = {
-        # the mini-Comet: the top-level settings the local hub's configuration has
-        "minicomet": {"display_name": "mini-Comet", "description": "the first site"},
-        "minidelta": {
-            "display_name": "minidelta",
-            "login_host": delta.login_ip,
-            "login_port": delta.login_port,
-            "known_hosts": delta.known_hosts,
-            "slurm_bin_dir": delta.slurm_bin,
-            "gateway_user": delta.gateway_user,
-            "gateway_key": delta.gateway_key,
-            "tunnel_host": delta.hub_ip,
-            "partition": delta_part,
-            "partitions": {
-                delta_part: {"max_walltime": "01:00:00", "max_cores": 4, "max_memory": "4G"}
-            },
-        },
-    }
-    profiles = {
-        "comet-cpu": {"cluster": "minicomet", "partition": "compute", "max_cores": 2},
-        "delta-cpu": {"cluster": "minidelta", "partition": delta_part, "default_memory": "512M"},
-    }
+def hub(cluster, provider, tmp_path_factory):
+    # the demo's: the mini-Comet (first) and minidelta, profiles comet-compute,
+    # comet-debug and delta-shared
     extra = (
-        "c.JupyterHub.allow_named_servers = True\n"
-        "c.JupyterHub.named_server_limit_per_user = 3\n"
-        f"c.SlurmSSHSpawner.clusters = {clusters!r}\n"
-        f"c.SlurmSSHSpawner.profiles = {profiles!r}\n"
-    )
+        "c.JupyterHub.allow_named_servers = True\nc.JupyterHub.named_server_limit_per_user = 3\n"
+    ) + localhub.two_clusters_config(cluster)
     h = make_hub(
         tmp_path_factory.mktemp("clustershub"), cluster, provider, poll_interval=5, extra=extra
     )
@@ -87,7 +62,7 @@ def test_a_server_on_each_cluster_and_one_cluster_down(hub, sites):
     ada = c.login("ada")
     t0 = time.monotonic()
     # two named servers at once, one on each cluster
-    for name, profile in (("c", "comet-cpu"), ("d", "delta-cpu")):
+    for name, profile in (("c", "comet-compute"), ("d", "delta-shared")):
         r = c.post(f"/users/{USER}/servers/{name}", json={"profile": profile})
         assert r.status_code in (201, 202), r.text
     wait_server(hub, USER, "c", ready=True)
@@ -112,7 +87,7 @@ def test_a_server_on_each_cluster_and_one_cluster_down(hub, sites):
         assert 'data-cluster="minicomet" data-available="no"' in page, page[-3000:]
         assert 'data-cluster="minidelta" data-available="yes"' in page, page[-3000:]
         t2 = time.monotonic()
-        r = c.post(f"/users/{USER}/servers/e", json={"profile": "delta-cpu"})
+        r = c.post(f"/users/{USER}/servers/e", json={"profile": "delta-shared"})
         assert r.status_code in (201, 202), r.text
         wait_server(hub, USER, "e", ready=True, timeout=120)
         spawn_s = time.monotonic() - t2
