@@ -110,3 +110,92 @@ def test_a_server_on_each_cluster_and_one_cluster_down(hub, sites):
     c.delete(f"/users/{USER}/servers/c")
     wait_server(hub, USER, "c", ready=False, timeout=120)
     assert st["c"]["job_id"] not in _queue(comet)
+
+
+async def test_a_clusters_own_issuer_gives_the_persons_account_there(cluster, provider, tmp_path):
+    """xsede mode: minidelta has its own certificate issuer, where alice's account is
+    ``bob`` (a person's account name differs between sites).  Her certificate for that
+    cluster comes from it, with her login's ID token, is kept in her auth_state (and
+    used again while valid), and logs her in to minidelta as that account."""
+    import json
+
+    import asyncssh
+    from xsedehub.spawner import clusters as cl
+    from xsedehub.spawner import identity
+
+    from .conftest import hub_id_token
+
+    delta = cluster.site("minidelta")
+    (tmp_path / "map.json").write_text(
+        json.dumps({localhub.ACCESS_IDP: {"alice@access-ci.org": "bob"}})
+    )
+    proc = localhub.start_issuer(
+        tmp_path,
+        cluster,
+        port=8704,
+        provider_url=provider,
+        extra_args=("--map", str(tmp_path / "map.json")),
+    )
+    try:
+        base = {k: "" for k in cl.SETTINGS}
+        base.update(
+            login_port=delta.login_port,
+            slurm_bin_dir=delta.slurm_bin,
+            partitions={},
+            partition="shared",
+            accounts=[],
+            tunnel_host=delta.hub_ip,
+            tunnel_port=22,
+            tunnel_known_hosts=cluster.known_hosts,
+            tunnel_authorized_keys=cluster.tunnel_authorized_keys,
+            tunnel_port_range=(20000, 29999),
+            job_python="python3",
+            job_dir_root=".xsedehub/jobs",
+            gateway_workdir_root="workshop",
+            xsede_workdir=".",
+            gateway_user="gateway",
+        )
+        (spec,) = cl.parse_clusters(
+            {
+                "minidelta": {
+                    "login_host": delta.login_ip,
+                    "known_hosts": delta.known_hosts,
+                    "issuer_url": "http://127.0.0.1:8704/v1/certificate",
+                    "issuer_secret_file": localhub.hub_secret_file(cluster),
+                }
+            },
+            base,
+            "xsede",
+        )
+
+        class User:  # what the spawner reads of a JupyterHub user
+            name = "alice"
+            state = {"id_token": hub_id_token("cilogon-alice")}
+
+            async def get_auth_state(self):
+                return dict(self.state)
+
+            async def save_auth_state(self, state):
+                self.state = state
+
+        user = User()
+        ident = await identity.cluster_certificate_identity(user, spec)
+        assert ident.username == "bob"
+        kept = user.state[identity.CLUSTER_STATE_KEY]["minidelta"]
+        again = await identity.cluster_certificate_identity(user, spec)
+        assert again.certificate.export_certificate() == ident.certificate.export_certificate()
+        assert user.state[identity.CLUSTER_STATE_KEY]["minidelta"] == kept
+        async with asyncssh.connect(
+            delta.login_ip,
+            delta.login_port,
+            username=ident.username,
+            client_keys=[(ident.key, ident.certificate)],
+            known_hosts=delta.known_hosts,
+            agent_path=None,
+            config=None,
+            connect_timeout=10,
+        ) as conn:
+            assert (await conn.run("id -un", check=True)).stdout.strip() == "bob"
+    finally:
+        proc.terminate()
+        proc.wait(10)
