@@ -517,7 +517,8 @@ class SlurmSSHSpawner(Spawner):
         if not self.show_availability:
             return {}
         try:
-            conn = await self.connection()
+            # a hub with one named cluster: that cluster's (its settings may not be applied yet)
+            conn = await (self.connection(self.cluster()) if self.clusters else self.connection())
             return await self.services.availability.get(conn)
         except (SpawnError, ClusterUnreachable, OSError) as e:
             self.log.info("no availability for the form: %s", e)
