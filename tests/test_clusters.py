@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from xsedehub.orphans import find_orphans
 from xsedehub.testbed import localcluster, localhub
 
 from .conftest import make_hub, stop_all_servers, stop_hub_and_proxy
@@ -56,6 +57,26 @@ def _queue(site) -> dict[str, str]:
     }
 
 
+def _lost_job(site, spawn_id: str) -> str:
+    """A job of the gateway account on ``site`` with xsedehub's comment that no server
+    holds."""
+    argv = site.run_argv(
+        "sbatch",
+        "--parsable",
+        f"--uid={site.gateway_user}",
+        f"--gid={site.gateway_user}",
+        f"--comment=xsedehub:{spawn_id}",
+        "--time=5",
+        "--chdir=/tmp",
+        "--output=/dev/null",
+        "--wrap",
+        "sleep 300",
+    )
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout.strip()
+    assert out.isdigit(), out
+    return out
+
+
 def test_a_server_on_each_cluster_and_one_cluster_down(hub, sites):
     comet, delta = sites
     c = hub.client
@@ -77,6 +98,26 @@ def test_a_server_on_each_cluster_and_one_cluster_down(hub, sites):
     token = c.user_token(USER)
     for name in ("c", "d"):
         assert c.server_api(f"{USER}/{name}", token, "/status").status_code == 200
+
+    # orphans, per cluster: a lost job on minidelta is one, the servers' jobs are not
+    lost = _lost_job(delta, "u99-x-0123456789ab")
+    try:
+        lines: list[str] = []
+        svc = (hub.workdir / "service_token").read_text().strip()
+        cfg = str(hub.workdir / "jupyterhub_config.py")
+        find_orphans(cfg, c.url, svc, min_age=0, out=lines.append)
+        print("\n".join(lines))
+        found, where = set(), ""
+        for line in lines:
+            if line.startswith("cluster "):
+                where = line.split()[1].rstrip(":")
+            elif line.split("\t")[0].isdigit():
+                found.add((where, line.split("\t")[0]))
+        assert ("minidelta", lost) in found, lines
+        assert ("minicomet", st["c"]["job_id"]) not in found, lines
+        assert ("minidelta", st["d"]["job_id"]) not in found, lines
+    finally:
+        subprocess.run(delta.run_argv("scancel", lost), check=True)
 
     # the mini-Comet's login node goes down: minidelta goes on
     localcluster.stop_daemon("sshd_login")
