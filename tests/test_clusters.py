@@ -6,7 +6,9 @@ clusters from cluster.json and a profile on each.  One test, to spend one pair o
 spawns: a user's two named servers run at once, one on each cluster; then the
 mini-Comet's login node goes down, and meanwhile the form shows the mini-Comet
 unavailable and minidelta available, and a spawn on minidelta succeeds, while the
-server on the mini-Comet stays listed."""
+server on the mini-Comet stays listed.  On the way: ``xsedehub orphans`` per cluster,
+and a hub restart that finds each server again on its own cluster.  Then, without a
+hub, a cluster with its own certificate issuer (xsede mode)."""
 
 from __future__ import annotations
 
@@ -118,6 +120,14 @@ def test_a_server_on_each_cluster_and_one_cluster_down(hub, sites):
         assert ("minidelta", st["d"]["job_id"]) not in found, lines
     finally:
         subprocess.run(delta.run_argv("scancel", lost), check=True)
+
+    # a hub restart: each server is found again on its own cluster (the hub polls them
+    # at start-up: a poll of minidelta's job on the mini-Comet would end the server)
+    hub.restart()
+    for name in ("c", "d"):
+        assert servers(hub, USER)[name]["ready"], servers(hub, USER)
+        assert c.server_api(f"{USER}/{name}", token, "/status").status_code == 200
+    assert set(servers(hub, USER)) == {"c", "d"}
 
     # the mini-Comet's login node goes down: minidelta goes on
     localcluster.stop_daemon("sshd_login")
