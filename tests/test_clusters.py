@@ -250,3 +250,21 @@ async def test_a_clusters_own_issuer_gives_the_persons_account_there(cluster, pr
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_check_walks_both_clusters(cluster, tmp_path):
+    """``xsedehub check`` on a hub configured with both clusters: every step, the test
+    job and its tunnel back to the hub included, on each cluster, under its name."""
+    from xsedehub.check import run_check
+
+    cfg = localhub.write_config(tmp_path, cluster, extra=localhub.two_clusters_config(cluster))
+    lines: list[str] = []
+    report = run_check(str(cfg), out=lines.append, job_timeout=60)
+    text = "\n".join(lines)
+    print(text)
+    assert report.failed == [], text
+    comet, delta = text.index("cluster minicomet:"), text.index("cluster minidelta:")
+    for part in (text[comet:delta], text[delta:]):
+        assert "opened the tunnel back to the hub" in part, part
+    delta_site = cluster.site("minidelta")
+    assert f"login node {delta_site.login_ip}:{delta_site.login_port} reachable" in text[delta:]
