@@ -43,6 +43,9 @@ SETTINGS = (
     "tunnel_known_hosts",
     "tunnel_authorized_keys",
     "tunnel_port_range",
+    "cmd",
+    "gitpuller",
+    "walltime_extend_command",
     "job_python",
     "job_dir_root",
     "gateway_workdir_root",
@@ -89,6 +92,9 @@ class ClusterSpec:
     tunnel_known_hosts: str
     tunnel_authorized_keys: str
     tunnel_port_range: tuple[int, int]
+    cmd: tuple[str, ...]
+    gitpuller: str
+    walltime_extend_command: tuple[str, ...]
     job_python: str
     job_dir_root: str
     gateway_workdir_root: str
@@ -104,7 +110,8 @@ class ClusterSpec:
         """The spawner traits this cluster sets, by name (see :data:`SETTINGS`)."""
         out: dict[str, Any] = {k: getattr(self, k) for k in SETTINGS}
         out["partitions"] = dict(self.partitions)
-        out["accounts"] = list(self.accounts)
+        for key in ("accounts", "cmd", "walltime_extend_command"):
+            out[key] = list(getattr(self, key))
         return out
 
 
@@ -233,6 +240,24 @@ def _one(name: object, entry: object, base: Mapping[str, Any], mode: str) -> Clu
         return tuple(v.slurm_name(a, f"{where}[{i}]") for i, a in enumerate(val))
 
     check("accounts", accounts)
+
+    def argv(val: object, where: str) -> tuple[str, ...]:
+        if isinstance(val, str) or not isinstance(val, list | tuple):
+            raise v.InvalidValue(where, "must be a list (an argv)")
+        words = tuple(v._text(f"{where}[{i}]", w, 1024) for i, w in enumerate(val))
+        if any(not w for w in words):
+            raise v.InvalidValue(where, "has an empty word")
+        return words
+
+    def command(val: object, where: str) -> tuple[str, ...]:
+        words = argv(val, where)
+        if not words:
+            raise v.InvalidValue(where, "is empty")
+        return words
+
+    check("cmd", command)
+    check("gitpuller", required(text(1024)))
+    check("walltime_extend_command", argv)
     if mode == "xsede" and bool(out.get("issuer_url")) != bool(out.get("issuer_secret_file")):
         problems.append(v.InvalidValue(f"{at}.issuer_secret_file", "issuer_url and it go together"))
     if mode != "xsede" and out.get("issuer_url"):
@@ -271,6 +296,9 @@ def _one(name: object, entry: object, base: Mapping[str, Any], mode: str) -> Clu
     )
 
 
+_LISTS = ("accounts", "cmd", "walltime_extend_command")
+
+
 def _base_spec(base: Mapping[str, Any], mode: str) -> ClusterSpec:
     """The one cluster of a hub without ``clusters``: the top-level settings as they are
     (checked where the spawner uses them, as before)."""
@@ -279,8 +307,8 @@ def _base_spec(base: Mapping[str, Any], mode: str) -> ClusterSpec:
         display_name=str(base.get("login_host") or DEFAULT),
         description="",
         partition_specs=(),
-        **{k: base.get(k) for k in SETTINGS if k not in ("accounts",)},
-        accounts=tuple(base.get("accounts") or ()),
+        **{k: base.get(k) for k in SETTINGS if k not in _LISTS},
+        **{k: tuple(base.get(k) or ()) for k in _LISTS},
     )
 
 

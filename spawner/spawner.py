@@ -157,8 +157,9 @@ class SlurmSSHSpawner(Spawner):
         keys are the settings of the same name (login_host, login_port, known_hosts,
         slurm_bin_dir, partition, partitions, accounts, account, qos, tunnel_host,
         tunnel_port, tunnel_known_hosts, tunnel_authorized_keys, tunnel_port_range,
-        job_python, job_dir_root, gateway_workdir_root, xsede_workdir, gateway_user,
-        gateway_key, site_user, site_key), and each one left out is that top-level
+        cmd, gitpuller, walltime_extend_command, job_python, job_dir_root,
+        gateway_workdir_root, xsede_workdir, gateway_user, gateway_key, site_user,
+        site_key), and each one left out is that top-level
         setting; besides them ``display_name``, ``description`` and (xsede mode)
         ``issuer_url`` with ``issuer_secret_file``: the certificate issuer that gives a
         user's certificate for this cluster, with their account name there (default: the

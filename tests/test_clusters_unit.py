@@ -30,6 +30,9 @@ BASE = {
     "tunnel_known_hosts": "/etc/xsedehub/hub_known_hosts",
     "tunnel_authorized_keys": "/etc/xsedehub/tunnelbot_authorized_keys",
     "tunnel_port_range": (20000, 29999),
+    "cmd": ["jupyterhub-singleuser"],
+    "gitpuller": "gitpuller",
+    "walltime_extend_command": [],
     "job_python": "python3",
     "job_dir_root": ".xsedehub/jobs",
     "gateway_workdir_root": "workshop",
@@ -54,6 +57,7 @@ CLUSTERS = {
         "tunnel_authorized_keys": "/etc/xsedehub/delta_tunnel_keys",
         "tunnel_port_range": [30000, 39999],
         "job_dir_root": ".xh/jobs",
+        "cmd": ["/sw/jupyter/bin/jupyterhub-singleuser"],
     },
 }
 
@@ -115,6 +119,9 @@ def problems(clusters: dict, mode: str = "gateway") -> list[str]:
         ({"expanse": {"tunnel_port_range": [2000, 1999]}}, "tunnel_port_range"),
         ({"expanse": {"tunnel_port_range": [80, 90]}}, "tunnel_port_range[0]"),
         ({"expanse": {"job_dir_root": "/abs"}}, "job_dir_root"),
+        ({"expanse": {"cmd": "jupyterhub-singleuser"}}, "cmd"),
+        ({"expanse": {"cmd": []}}, "cmd"),
+        ({"expanse": {"walltime_extend_command": ["sudo", ""]}}, "walltime_extend_command"),
         ({"expanse": {"gateway_user": "Not A User"}}, "gateway_user"),
         ({"expanse": {"gateway_key": ""}}, "gateway_key"),
         ({"expanse": {"site_user": "watcher"}}, "site_key"),
@@ -195,10 +202,11 @@ def test_the_profile_chooses_the_cluster_and_its_settings(tmp_path):
         "login.delta.example.org",
         "deltagw",
     )
-    assert (r.partition, sp.job_dir_root, tuple(sp.tunnel_port_range)) == (
+    assert (r.partition, sp.job_dir_root, tuple(sp.tunnel_port_range), sp.cmd) == (
         "compute",
         ".xh/jobs",
         (30000, 39999),
+        ["/sw/jupyter/bin/jupyterhub-singleuser"],
     )
     r = sp.validate_options({"profile": "expanse-gpu"})
     assert (sp.cluster_name, sp.login_host, r.partition, r.gpus) == (
@@ -208,6 +216,7 @@ def test_the_profile_chooses_the_cluster_and_its_settings(tmp_path):
         1,
     )
     # everything the delta server had set is expanse's again
+    assert sp.cmd == ["jupyterhub-singleuser"]
     assert (sp.gateway_user, sp.job_dir_root, sp.accounts) == (
         "gateway",
         ".xsedehub/jobs",
