@@ -127,11 +127,14 @@ class Environment:
             raise v.InvalidValue(
                 field, f"unknown keys {unknown} (known: {', '.join(ENVIRONMENT_KEYS)})"
             )
+        for key in ("conda", "venv"):
+            if key in value and not str(value[key]).strip():
+                raise v.InvalidValue(f"{field}.{key}", "is empty (leave the key out instead)")
         env = cls(
             source=_names(value.get("source", []), f"{field}.source", v.absolute_path),
             modules=_names(value.get("modules", []), f"{field}.modules", module_name),
-            conda=conda_env(value["conda"], f"{field}.conda") if value.get("conda") else "",
-            venv=v.absolute_path(value["venv"], f"{field}.venv") if value.get("venv") else "",
+            conda=conda_env(value["conda"], f"{field}.conda") if "conda" in value else "",
+            venv=v.absolute_path(value["venv"], f"{field}.venv") if "venv" in value else "",
             container=_names(value.get("container", []), f"{field}.container", container_word),
         )
         if env.container and env.container[0].startswith("-"):
@@ -289,8 +292,10 @@ def _one(
     except v.InvalidValue as e:
         problems.append(e)
     reservation = None
-    if spec.get("reservation"):
+    if "reservation" in spec:  # an empty one is refused, not ignored
         try:
+            if not str(spec["reservation"]).strip():
+                raise v.InvalidValue(f"{at}.reservation", "is empty (leave the key out instead)")
             reservation = v.slurm_name(spec["reservation"], f"{at}.reservation")
         except v.InvalidValue as e:
             problems.append(e)

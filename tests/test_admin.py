@@ -240,6 +240,8 @@ def test_check_names_each_broken_setup(cluster, tmp_path, case, extra, failed, s
     assert report.failed == [failed], text
     assert says in text
     assert f"fix: {fix}" in text.replace("\n", " "), text
+    if failed == "tunnel-failed":  # refused, not merely slow: the job's log says so
+        assert "Permission denied" in text, text
 
 
 async def _gateway_step(cfg) -> tuple[list[str], str]:

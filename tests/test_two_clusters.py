@@ -17,7 +17,7 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from xsedehub.testbed import localcluster
+from xsedehub.testbed import localcluster, minidelta
 from xsedehub.testbed.localcluster import SiteInfo
 
 pytestmark = pytest.mark.cluster
@@ -212,7 +212,7 @@ async def test_one_login_node_down_leaves_the_other_usable(sites, stopped):
     name = "sshd_login" if stopped == "minicomet" else "minidelta:sshd_login"
     localcluster.stop_daemon(name)
     try:
-        with pytest.raises(OSError):
+        with pytest.raises(ConnectionRefusedError):  # not a timeout: nothing listens
             await _gateway(down_site)
         async with await _gateway(other) as conn:
             assert await _run(conn, "squeue -h -u nobody") == ""
@@ -242,9 +242,30 @@ def test_up_completes_a_partly_running_pair(sites):
     assert st["healthy"] is True and all(st["daemons"].values())
     after = pids()
     restarted = {k for k in before if before[k] != after[k]}
-    assert restarted == {"minidelta:munged", "minidelta:sshd_login"}  # the rest untouched
+    # the rest untouched; but if slurmctld pinged the node while munge was down, up
+    # rightly restarts that node's slurmd (it would not answer for up to 100 s)
+    revived = {f"minidelta:slurmd_{n}" for n in minidelta.NODES}
+    assert restarted - revived == {"minidelta:munged", "minidelta:sshd_login"}
     munge_ok = subprocess.run(
         delta.run_argv("sh", "-c", "munge -n | unmunge"), capture_output=True, check=False
     )
     assert munge_ok.returncode == 0, munge_ok.stderr
     assert st["namespaces"][delta.mount_ns] is True
+
+
+def _mount_points_under(top: Path) -> list[str]:
+    lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    return [p for p in (ln.split()[4] for ln in lines) if p == str(top) or p.startswith(f"{top}/")]
+
+
+def test_setting_up_the_mount_namespace_again_stacks_nothing(cluster, sites):
+    """The private directory bound onto itself and the namespace's file: one mount each,
+    however often ``up`` sets them up (a directory bound onto itself is the same device,
+    so a check by device alone took it for unmounted and stacked another bind, which
+    hid the namespace's file and left ``down`` a stack it could not undo)."""
+    before = _mount_points_under(minidelta.MNT_DIR)
+    assert sorted(before) == sorted([str(minidelta.MNT_DIR), str(minidelta.MNT_NS)]), before
+    minidelta.setup_mount_ns(Path(cluster.root))
+    minidelta.setup_mount_ns(Path(cluster.root))
+    assert _mount_points_under(minidelta.MNT_DIR) == before
+    assert minidelta.mounted()

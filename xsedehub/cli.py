@@ -216,7 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xsedehub", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("cluster", help="the local mini-Comet test cluster (root, Debian)")
+    c = sub.add_parser(
+        "cluster", help="the local test clusters: mini-Comet and minidelta (root, Debian)"
+    )
     c.add_argument(
         "action",
         choices=["install", "up", "down", "status"],

@@ -6,8 +6,10 @@ up`` brings this one up next to the mini-Comet, and ``down`` takes it away with 
 * network namespace ``xh-cluster2`` (10.200.1.2), joined to the hub's namespace by its
   own veth pair (the hub's end is 10.200.1.1); one host route leads to the hub's sshd
   (10.200.0.1) and nothing leads to the mini-Comet: namespaces do not forward;
-* a mount namespace, kept at ``/run/xsedehub-mntns/xh-cluster2``, that every daemon of
-  this cluster (and so every login session and job) runs in.  It shows this cluster's
+* a mount namespace, kept at ``/run/xsedehub-mntns/xh-cluster2``, that this cluster's
+  slurmctld, slurmd and sshd (and so every login session and job) run in (its munged
+  runs on the host, with its own key and socket, which the namespace's
+  ``/run/munge`` shows).  It shows this cluster's
   own ``/home`` and ``/tmp`` (both under ``<root>/minidelta/private``, a root-only
   directory on the host, so the mini-Comet's accounts cannot open them either), its own
   ``/etc/slurm`` and its own ``/run/munge``.  The accounts (``gateway``, ``alice``,
