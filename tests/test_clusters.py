@@ -173,6 +173,7 @@ async def test_a_clusters_own_issuer_gives_the_persons_account_there(cluster, pr
     import asyncssh
     from xsedehub.spawner import clusters as cl
     from xsedehub.spawner import identity
+    from xsedehub.spawner.spawner import SlurmSSHSpawner
 
     from .conftest import hub_id_token
 
@@ -188,29 +189,22 @@ async def test_a_clusters_own_issuer_gives_the_persons_account_there(cluster, pr
         extra_args=("--map", str(tmp_path / "map.json")),
     )
     try:
-        base = {k: "" for k in cl.SETTINGS}
+        # the top-level settings: the spawner's defaults, with the hub's tunnel
+        defaults = SlurmSSHSpawner()
+        base = {k: getattr(defaults, k) for k in cl.SETTINGS}
         base.update(
-            login_port=delta.login_port,
-            slurm_bin_dir=delta.slurm_bin,
-            partitions={},
-            partition="shared",
-            accounts=[],
             tunnel_host=delta.hub_ip,
-            tunnel_port=22,
             tunnel_known_hosts=cluster.known_hosts,
             tunnel_authorized_keys=cluster.tunnel_authorized_keys,
-            tunnel_port_range=(20000, 29999),
-            job_python="python3",
-            job_dir_root=".xsedehub/jobs",
-            gateway_workdir_root="workshop",
-            xsede_workdir=".",
-            gateway_user="gateway",
+            partition=delta.default_partition,
         )
         (spec,) = cl.parse_clusters(
             {
                 "minidelta": {
                     "login_host": delta.login_ip,
+                    "login_port": delta.login_port,
                     "known_hosts": delta.known_hosts,
+                    "slurm_bin_dir": delta.slurm_bin,
                     "issuer_url": "http://127.0.0.1:8704/v1/certificate",
                     "issuer_secret_file": localhub.hub_secret_file(cluster),
                 }
