@@ -56,7 +56,13 @@ SETTINGS = (
     "site_key",
 )
 #: what only a cluster entry has (no top-level trait)
-OWN_KEYS = ("display_name", "description", "issuer_url", "issuer_secret_file")
+OWN_KEYS = (
+    "display_name",
+    "description",
+    "issuer_url",
+    "issuer_secret_file",
+    "login_certificate",
+)
 KEYS = (*OWN_KEYS, *SETTINGS)
 #: partition keys (``SlurmSSHSpawner.partitions``)
 PARTITION_KEYS = tuple(f.name for f in fields(PartitionSpec) if f.name != "name")
@@ -105,6 +111,9 @@ class ClusterSpec:
     site_key: str
     issuer_url: str = ""
     issuer_secret_file: str = ""
+    #: xsede mode, no issuer of its own: the login's certificate is presented here
+    #: (the login issuer's account names are this cluster's too), by the admin's say-so
+    login_certificate: bool = False
 
     def settings(self) -> dict[str, Any]:
         """The spawner traits this cluster sets, by name (see :data:`SETTINGS`)."""
@@ -260,6 +269,26 @@ def _one(name: object, entry: object, base: Mapping[str, Any], mode: str) -> Clu
     check("walltime_extend_command", argv)
     if mode == "xsede" and bool(out.get("issuer_url")) != bool(out.get("issuer_secret_file")):
         problems.append(v.InvalidValue(f"{at}.issuer_secret_file", "issuer_url and it go together"))
+    own = entry.get("login_certificate", False)
+    if not isinstance(own, bool):
+        problems.append(v.InvalidValue(f"{at}.login_certificate", "must be True or False"))
+    elif mode != "xsede" and own:
+        problems.append(v.InvalidValue(f"{at}.login_certificate", "is for xsede mode only"))
+    elif mode == "xsede" and own and out.get("issuer_url"):
+        problems.append(
+            v.InvalidValue(f"{at}.login_certificate", "and issuer_url exclude each other")
+        )
+    elif mode == "xsede" and not own and not out.get("issuer_url"):
+        # a person's account name at one site may be another person's at the next
+        problems.append(
+            v.InvalidValue(
+                f"{at}.issuer_url",
+                "is not set: give the cluster its own certificate issuer, or set "
+                "login_certificate: True if the login certificate's account names are "
+                "this cluster's too",
+            )
+        )
+    out["login_certificate"] = own is True
     if mode != "xsede" and out.get("issuer_url"):
         problems.append(v.InvalidValue(f"{at}.issuer_url", "is for xsede mode only"))
     if mode == "xsede" and out.get("issuer_url"):
@@ -306,6 +335,7 @@ def _base_spec(base: Mapping[str, Any], mode: str) -> ClusterSpec:
         name=DEFAULT,
         display_name=str(base.get("login_host") or DEFAULT),
         description="",
+        login_certificate=True,
         partition_specs=(),
         **{k: base.get(k) for k in SETTINGS if k not in _LISTS},
         **{k: tuple(base.get(k) or ()) for k in _LISTS},

@@ -183,9 +183,9 @@ PROFILES = {
 }
 
 
-def spawner(tmp_path, clusters=CLUSTERS, profiles=PROFILES) -> SlurmSSHSpawner:
+def spawner(tmp_path, clusters=CLUSTERS, profiles=PROFILES, **top) -> SlurmSSHSpawner:
     c = Config()
-    for k, val in BASE.items():
+    for k, val in {**BASE, **top}.items():
         setattr(c.SlurmSSHSpawner, k, val)
     c.SlurmSSHSpawner.clusters = clusters
     c.SlurmSSHSpawner.profiles = profiles
@@ -259,9 +259,9 @@ def test_state_records_the_cluster_and_restores_it(tmp_path):
     assert again.login_host == "login.delta.example.org"
 
 
-def test_a_state_from_before_clusters_is_the_first_clusters(tmp_path):
+def test_a_state_from_before_clusters_is_the_old_login_nodes_cluster(tmp_path):
     old = {"version": 1, "job_id": "42", "hub_port": 20001, "spawn_id": "7-abc", "ssh_user": "gw"}
-    sp = spawner(tmp_path)
+    sp = spawner(tmp_path, login_host="login.expanse.example.org")
     sp.load_state(old)
     assert (sp.cluster_name, sp.login_host) == ("expanse", "login.expanse.example.org")
 

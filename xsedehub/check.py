@@ -592,6 +592,19 @@ def _listening(port: int) -> bool:
         return False
 
 
+def cluster_choice_problem(names: list[str], cluster: str, certificate: bool) -> str:
+    """Why ``--cluster`` (``cluster``) cannot be used with the hub's clusters ``names``
+    ("" without clusters), or "": a certificate goes to one named cluster only."""
+    if cluster and cluster not in names:
+        return f"--cluster {cluster}: the hub's clusters are {[n for n in names if n]}"
+    if certificate and not cluster and len(names) > 1:
+        return (
+            "a certificate is for one cluster's login node: name it with --cluster "
+            f"(one of {names})"
+        )
+    return ""
+
+
 def run_check(
     config_file: str,
     *,
@@ -599,7 +612,11 @@ def run_check(
     job_timeout: float = 120,
     certificate: tuple[str, str] | None = None,
     hub_api: str | None = None,
+    cluster: str = "",
 ) -> Report:
+    """Check the hub of ``config_file`` step by step, on each of its clusters (only
+    ``cluster``, when named; with ``certificate`` on a hub with several, it must be: a
+    certificate is one site's, never presented to another's login node)."""
     from .config import ConfigError
 
     report = Report(out=out)
@@ -609,7 +626,7 @@ def run_check(
         report.fail("config", detail="\n".join(str(p) for p in e.problems))
         return report
     return asyncio.run(
-        _check_every_cluster(cfg, report, config_file, job_timeout, certificate, hub_api)
+        _check_every_cluster(cfg, report, config_file, job_timeout, certificate, hub_api, cluster)
     )
 
 
@@ -620,6 +637,7 @@ async def _check_every_cluster(
     job_timeout: float,
     certificate: tuple[str, str] | None,
     hub_api: str | None,
+    cluster: str = "",
 ) -> Report:
     """Every step on each cluster of ``SlurmSSHSpawner.clusters`` in turn (one cluster,
     the top-level settings, without it), all in one report."""
@@ -627,6 +645,11 @@ async def _check_every_cluster(
 
     sp = SlurmSSHSpawner(config=cfg)
     names = [c.name for c in sp.cluster_list()] if sp.clusters else [""]
+    problem = cluster_choice_problem(names, cluster, certificate is not None)
+    if problem:
+        report.fail("config", detail=problem)
+        return report
+    names = [cluster] if cluster else names
     for name in names:
         if name:
             report.lines.append(f"cluster {name}:")

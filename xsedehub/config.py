@@ -295,7 +295,8 @@ def check(c: Config, mode: str, *, environ: dict[str, str] | None = None) -> lis
         problems.append(Problem("SlurmSSHSpawner", str(e), "correct the value's type"))
         return problems
     spawner.mode = mode
-    problems += cluster_problems(spawner)
+    login_secret = _get(c[AUTH_SECTION["xsede"]], "issuer_secret_file") if mode == "xsede" else ""
+    problems += cluster_problems(spawner, login_secret or "")
     problems += profile_problems(spawner)
     if mode == "gateway":
         from xsedehub.spawner.validate import InvalidValue
@@ -314,7 +315,7 @@ def check(c: Config, mode: str, *, environ: dict[str, str] | None = None) -> lis
     return problems
 
 
-def cluster_problems(spawner: SlurmSSHSpawner) -> list[Problem]:
+def cluster_problems(spawner: SlurmSSHSpawner, login_secret: str = "") -> list[Problem]:
     """Every problem of ``SlurmSSHSpawner.clusters``, each with its path, e.g.
     ``SlurmSSHSpawner.clusters.expanse.partitions.gpu.max_gpus``; then each cluster's
     files (host keys, keys) as the top-level ones are checked."""
@@ -341,6 +342,7 @@ def cluster_problems(spawner: SlurmSSHSpawner) -> list[Problem]:
             p = _file_problem(f"{at}.{name}", getattr(cl, name), secret=True)
             if p:
                 problems.append(p)
+    problems += _shared_secrets(clusters, login_secret)
     if len(clusters) > 1 and not spawner.profiles:
         problems.append(
             Problem(
@@ -350,6 +352,38 @@ def cluster_problems(spawner: SlurmSSHSpawner) -> list[Problem]:
                 "add profiles, each naming its cluster (docs/howto/clusters.md)",
             )
         )
+    return problems
+
+
+def _shared_secrets(clusters: list, login_secret: str) -> list[Problem]:
+    """Each certificate issuer its own secret: one shared would let whoever holds one
+    issuer's (or the hub's copy of it) ask the other issuer for certificates."""
+    named = [("XSEDECILogonAuthenticator.issuer_secret_file", login_secret)] if login_secret else []
+    named += [
+        (f"SlurmSSHSpawner.clusters.{c.name}.issuer_secret_file", c.issuer_secret_file)
+        for c in clusters
+        if c.issuer_secret_file
+    ]
+    problems: list[Problem] = []
+    seen: dict[object, str] = {}
+    for setting, path in named:
+        keys: list[object] = [("path", os.path.realpath(path))]
+        try:
+            keys.append(("content", Path(path).read_bytes().strip()))
+        except OSError:
+            pass  # reported as the file's own problem
+        for key in keys:
+            if key in seen:
+                what = f"is {path}, as is" if key[0] == "path" else "holds the same secret as"
+                problems.append(
+                    Problem(
+                        setting,
+                        f"{what} {seen[key]}",
+                        "give each certificate issuer a secret of its own",
+                    )
+                )
+                break
+            seen[key] = setting
     return problems
 
 
