@@ -164,8 +164,9 @@ class SlurmSSHSpawner(Spawner):
         site_key), and each one left out is that top-level
         setting; besides them ``display_name``, ``description`` and (xsede mode)
         ``issuer_url`` with ``issuer_secret_file``: the certificate issuer that gives a
-        user's certificate for this cluster, with their account name there (default: the
-        certificate of their login).  With several clusters users choose through
+        user's certificate for this cluster, with their account name there, or
+        ``login_certificate: True``: the certificate of their login (one of the two is
+        required).  With several clusters users choose through
         :attr:`profiles`, each of which names its ``cluster`` (default: the first).
         Problems stop the hub at start-up, each named with its path
         (``clusters.expanse.partitions.gpu.max_gpus``).  Empty: one cluster, the
