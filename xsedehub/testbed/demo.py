@@ -200,7 +200,7 @@ def run(
             # idle servers give their allocation back, as xsedehub's defaults say
             idle_culler=(config.IDLE_CULLER_TIMEOUT, config.IDLE_CULLER_EVERY),
             # both local clusters, a profile on each (the mini-Comet's first: the default)
-            extra=localhub.two_clusters_config(info),
+            extra=localhub.two_clusters_config(info, login_certificate=mode == "xsede"),
         )
         hub.append(localhub.start_hub(workdir, debug=False))
         procs.append(hub[0])

@@ -155,11 +155,15 @@ apply(c)  # picks the authenticator and spawner for the mode, or stops with the 
     return path
 
 
-def two_clusters_config(info: ClusterInfo, *, profiles: bool = True) -> str:
+def two_clusters_config(
+    info: ClusterInfo, *, profiles: bool = True, login_certificate: bool = False
+) -> str:
     """Configuration lines for a hub on both local clusters (issue 16): the mini-Comet
     (the top-level settings :func:`write_config` writes, first, so the default) and
     minidelta (its own login node, host key, SLURM commands and partition; the same
-    tunnel sshd, gateway key and job environment), with a profile on each partition."""
+    tunnel sshd, gateway key and job environment), with a profile on each partition.
+    ``login_certificate`` (xsede mode): both take the login's certificate (one issuer
+    serves both local clusters, with the same accounts)."""
     delta = info.site("minidelta")
     part = delta.default_partition
     clusters = {
@@ -186,6 +190,9 @@ def two_clusters_config(info: ClusterInfo, *, profiles: bool = True) -> str:
             },
         },
     }
+    if login_certificate:
+        for entry in clusters.values():
+            entry["login_certificate"] = True
     lines = f"c.SlurmSSHSpawner.clusters = {clusters!r}\n"
     if profiles:
         choices = {
