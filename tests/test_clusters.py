@@ -12,6 +12,7 @@ hub, a cluster with its own certificate issuer (xsede mode)."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import time
 
@@ -262,3 +263,39 @@ def test_check_walks_both_clusters(cluster, tmp_path):
         assert "opened the tunnel back to the hub" in part, part
     delta_site = cluster.site("minidelta")
     assert f"login node {delta_site.login_ip}:{delta_site.login_port} reachable" in text[delta:]
+
+
+async def test_a_stop_cancels_a_job_of_its_id_only_if_it_is_its_spawns(sites, tmp_path):
+    """A state's job id may be another job on the login node it is polled on (a job of
+    another cluster, ids reset): stop cancels only the job whose comment is its spawn's."""
+    from types import SimpleNamespace
+
+    from traitlets.config import Config
+    from xsedehub.spawner.spawner import SlurmSSHSpawner
+
+    comet, _ = sites
+    other = await asyncio.to_thread(_lost_job, comet, "u9-0123456789ab")  # another server's
+    try:
+        c = Config()
+        for k, val in {
+            "login_host": comet.login_ip,
+            "login_port": comet.login_port,
+            "known_hosts": comet.known_hosts,
+            "slurm_bin_dir": comet.slurm_bin,
+            "gateway_user": comet.gateway_user,
+            "gateway_key": comet.gateway_key,
+            "tunnel_authorized_keys": str(tmp_path / "tunnel_keys"),
+            "pending_cancel_file": str(tmp_path / "pending.json"),
+        }.items():
+            setattr(c.SlurmSSHSpawner, k, val)
+        sp = SlurmSSHSpawner(
+            config=c,
+            user=SimpleNamespace(name="ada", id=7, groups=[], url="/user/ada/"),
+            hub=SimpleNamespace(api_url="http://127.0.0.1:8081/hub/api"),
+        )
+        sp.load_state({"version": 1, "job_id": other, "spawn_id": "u7-000000000000"})
+        await sp.stop()
+        assert other in await asyncio.to_thread(_queue, comet)
+        assert not (tmp_path / "pending.json").exists()
+    finally:
+        await asyncio.to_thread(subprocess.run, comet.run_argv("scancel", other), check=True)
