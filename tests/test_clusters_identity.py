@@ -235,3 +235,29 @@ def test_an_admin_certificate_goes_to_the_one_cluster_named(tmp_path):
         find_orphans(str(config), "http://127.0.0.1:9", "t", certificate=cert, out=lines.append)
     report = run_check(str(config), out=lines.append, cluster="nowhere")
     assert report.failed and "--cluster nowhere" in "\n".join(report.lines)
+
+
+def test_the_hub_does_not_start_when_a_cluster_issuer_shares_the_logins_secret(tmp_path):
+    from .test_config import ENV, good
+
+    (tmp_path / "known_hosts").write_text("@cert-authority * ssh-ed25519 AAAA\n")
+    secret = tmp_path / "issuer_secret"
+    secret.write_text("ab" * 32 + "\n")
+    secret.chmod(0o600)
+    c = good(tmp_path, "xsede")
+    c.SlurmSSHSpawner.clusters = {
+        "expanse": {"login_certificate": True},
+        "delta": {
+            "login_host": "login.delta.example.org",
+            "issuer_url": ISSUER,
+            "issuer_secret_file": str(secret),  # the login issuer's
+        },
+    }
+    c.SlurmSSHSpawner.profiles = {"a": {"cluster": "expanse"}, "b": {"cluster": "delta"}}
+    found = [(p.setting, p.message) for p in xc.check(c, "xsede", environ=ENV)]
+    assert found == [
+        (
+            "SlurmSSHSpawner.clusters.delta.issuer_secret_file",
+            f"is {secret}, as is XSEDECILogonAuthenticator.issuer_secret_file",
+        )
+    ], found
