@@ -12,7 +12,7 @@ from __future__ import annotations
 import html
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from . import profiles as prof
@@ -327,11 +327,15 @@ def partition_specs(s: FormSettings) -> list[PartitionSpec]:
     default resources as its only choice."""
     if s.partitions:
         return [PartitionSpec.from_config(n, spec) for n, spec in s.partitions.items()]
+    return _single_partition(s, s.partition)
+
+
+def _single_partition(s: FormSettings, partition: str) -> list[PartitionSpec]:
     wall = v.walltime_minutes(s.walltime)
     mem = v.memory_mb(s.memory)
     return [
         PartitionSpec(
-            name=v.slurm_name(s.partition, "partition"),
+            name=v.slurm_name(partition, "partition"),
             max_walltime=wall,
             max_cores=s.cores,
             max_memory=mem,
@@ -355,9 +359,64 @@ def _default_partition(s: FormSettings, specs: Sequence[PartitionSpec]) -> str:
 
 
 def profile_list(s: FormSettings, specs: Sequence[PartitionSpec]) -> list[prof.Profile]:
-    """The settings' profiles (:attr:`profiles`; none: the partitions are the choice)."""
+    """The settings' profiles (:attr:`profiles`; none: the partitions are the choice).
+    On a hub with several clusters (``cluster_list``) each profile is checked against
+    the partitions of the cluster it names (``cluster``, default: the first one)."""
     config = getattr(s, "profiles", None) or {}
-    return prof.parse_profiles(config, specs, _default_partition(s, specs)) if config else []
+    if not config:
+        return []
+    if not isinstance(config, Mapping):
+        raise prof.ProfileProblems([v.InvalidValue("profiles", "must be a dict")])
+    cluster_list = getattr(s, "cluster_list", None)
+    if not getattr(s, "clusters", None) or cluster_list is None:
+        named = [n for n, spec in config.items() if isinstance(spec, Mapping) and "cluster" in spec]
+        if named:
+            raise prof.ProfileProblems(
+                [
+                    v.InvalidValue(f"profiles.{str(n)[:40]}.cluster", "this hub has no clusters")
+                    for n in named
+                ]
+            )
+        return prof.parse_profiles(config, specs, _default_partition(s, specs))
+    clusters = cluster_list()
+    names = [c.name for c in clusters]
+    groups: dict[str, dict[object, object]] = {n: {} for n in names}
+    problems: list[v.InvalidValue] = []
+    for name, spec in config.items():
+        where = isinstance(spec, Mapping) and spec.get("cluster")
+        if where in ("", None, False):
+            where = names[0]
+        if where not in groups:
+            problems.append(
+                v.InvalidValue(
+                    f"profiles.{str(name)[:40]}.cluster",
+                    f"{str(where)[:40]!r} is not one of the clusters ({names})",
+                )
+            )
+            continue
+        groups[where][name] = spec
+    by_profile: dict[object, prof.Profile] = {}
+    for c in clusters:
+        if not groups[c.name]:
+            continue
+        cspecs = cluster_partition_specs(s, c)
+        default = c.partition if any(p.name == c.partition for p in cspecs) else cspecs[0].name
+        try:
+            for pr in prof.parse_profiles(groups[c.name], cspecs, default):
+                by_profile[pr.name] = replace(pr, cluster=c.name)
+        except prof.ProfileProblems as e:
+            problems += e.problems
+    if problems:
+        raise prof.ProfileProblems(problems)
+    return [by_profile[n] for n in config if n in by_profile]
+
+
+def cluster_partition_specs(s: FormSettings, cluster: Any) -> list[PartitionSpec]:
+    """A cluster's partitions (:class:`.clusters.ClusterSpec`): its own, or else its
+    default partition with the settings' default resources as the only choice."""
+    if cluster.partitions:
+        return [PartitionSpec.from_config(n, spec) for n, spec in cluster.partitions.items()]
+    return _single_partition(s, cluster.partition)
 
 
 def user_of(s: FormSettings) -> tuple[str | None, list[str]]:
@@ -441,9 +500,15 @@ def offers_choice(s: FormSettings) -> bool:
     )
 
 
-def form_for(s: FormSettings, availability: Mapping[str, Availability], last: object = None) -> str:
+def form_for(
+    s: FormSettings,
+    availability: Mapping[str, Availability],
+    last: object = None,
+    clusters: Sequence[ClusterStatus] = (),
+) -> str:
     """:func:`render_form` with the settings' partitions and accounts, pre-filled from
-    ``last`` (the server's last options, see :func:`prefill`)."""
+    ``last`` (the server's last options, see :func:`prefill`); ``clusters``: the state
+    of each cluster of a hub with several."""
     specs = partition_specs(s)
     limits = _limits(s, specs)
     return render_form(
@@ -456,6 +521,7 @@ def form_for(s: FormSettings, availability: Mapping[str, Availability], last: ob
         prefilled=prefill(last, specs, **limits),
         profiles=prof.allowed(limits["profiles"], limits["user"], limits["groups"]),
         with_profiles=bool(limits["profiles"]),
+        clusters=clusters,
     )
 
 
@@ -491,6 +557,16 @@ def parse_sinfo(text: str) -> dict[str, Availability]:
 
 
 # ---------------------------------------------------------------------------- HTML
+@dataclass(frozen=True)
+class ClusterStatus:
+    """A cluster as the form shows it: its availability now (None: it did not answer,
+    ``note`` says so)."""
+
+    name: str
+    display_name: str
+    description: str = ""
+    availability: Mapping[str, Availability] | None = None
+    note: str = ""
 
 
 def script_json(value: object) -> str:
@@ -512,10 +588,13 @@ def render_form(
     prefilled: Prefill | None = None,
     profiles: Sequence[prof.Profile] = (),
     with_profiles: bool = False,
+    clusters: Sequence[ClusterStatus] = (),
 ) -> str:
     """The form's HTML: a table of the partitions, or (``with_profiles``) a card for each
     of ``profiles`` (those open to the user), then the resources within the choice's
-    limits, pre-filled from ``prefilled``."""
+    limits, pre-filled from ``prefilled``.  With ``clusters`` (a hub with several) the
+    cards are grouped by cluster, each group headed by its cluster's name and whether it
+    answers now (each card's availability is its own cluster's)."""
     e = html.escape
     chosen = prefilled.values if prefilled else {}
     notes = prefilled.notes if prefilled else ()
@@ -533,8 +612,13 @@ def render_form(
             "default_memory": max(1, p.default_memory // 1024),
         }
 
-    def now(partition: str) -> str:
-        a = avail.get(partition)
+    status = {c.name: c for c in clusters}
+
+    def now(partition: str, cluster: str = "") -> str:
+        here = avail
+        if cluster in status:
+            here = status[cluster].availability or {}
+        a = here.get(partition)
         return f"{a.cpus_idle} of {a.cpus_total} cores idle on {a.nodes} nodes" if a else "—"
 
     if with_profiles:
@@ -557,7 +641,30 @@ def render_form(
         first_profile = next((pr for pr in profiles if pr.name == first_name), profiles[0])
         first_name = first_profile.name
         cards = []
-        for pr in profiles:
+        shown_cluster = None
+        order = [c.name for c in clusters]
+        in_order = sorted(profiles, key=lambda pr: order.index(pr.cluster)) if order else profiles
+        for pr in in_order:
+            if clusters and pr.cluster != shown_cluster:
+                shown_cluster = pr.cluster
+                c = status[pr.cluster]
+                if c.availability is None:
+                    state = (
+                        '<span class="label label-danger xh-cluster-state">unavailable</span> '
+                        f"<small>{e(c.note)}</small>"
+                    )
+                else:
+                    state = '<span class="label label-success xh-cluster-state">available</span>'
+                cards.append(
+                    f'<h4 class="xh-cluster" data-cluster="{e(c.name)}" '
+                    f'data-available="{"no" if c.availability is None else "yes"}">'
+                    f"{e(c.display_name)} {state}</h4>"
+                    + (
+                        f'<p class="xh-cluster-description">{e(c.description)}</p>'
+                        if c.description
+                        else ""
+                    )
+                )
             checked = " checked" if pr is first_profile else ""
             sp = pr.spec
             facts = [
@@ -570,14 +677,15 @@ def render_form(
             if pr.environment.summary():
                 facts.append(pr.environment.summary())
             cards.append(
-                f'<div class="panel panel-default xh-profile" data-profile="{e(pr.name)}">'
+                f'<div class="panel panel-default xh-profile" data-profile="{e(pr.name)}"'
+                f' data-cluster="{e(pr.cluster)}">'
                 '<div class="panel-body"><label>'
                 f'<input type="radio" name="profile" value="{e(pr.name)}"{checked}> '
                 f"<strong>{e(pr.display_name)}</strong></label>"
                 f'<p class="xh-profile-description">{e(pr.description)}</p>'
                 f'<p class="xh-profile-facts"><small>{e("; ".join(facts))}</small></p>'
                 f'<p><small>Now: <span class="xh-avail" data-partition="{e(sp.name)}">'
-                f"{e(now(sp.name))}</span></small></p></div></div>"
+                f"{e(now(sp.name, pr.cluster))}</span></small></p></div></div>"
             )
         choice_html = f'<div class="xh-profiles">{"".join(cards)}</div>'
         gpu_hidden = "" if any(pr.spec.max_gpus for pr in profiles) else ' style="display:none"'

@@ -9,7 +9,9 @@ Pure: :func:`parse_profiles` turns the configuration into :class:`Profile` objec
 raises :class:`ProfileProblems`, which names every problem with its path
 (``profiles.gpu-workshop.max_gpus``); the form (:mod:`.form`) offers the profiles a user
 may use and checks the options against them; :meth:`Environment.prologue` gives the
-job's argv lists.  A ``cluster`` key can be added later: unknown keys are refused today.
+job's argv lists.  On a hub with several clusters (:mod:`.clusters`) each profile
+names its ``cluster`` (default: the first) and is checked against that cluster's
+partitions (:func:`.form.profile_list`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ LIMIT_KEYS = (
 KEYS = (
     "display_name",
     "description",
+    "cluster",
     "partition",
     *LIMIT_KEYS,
     "environment",
@@ -177,6 +180,7 @@ class Profile:
     reservation: str | None = None
     groups: frozenset[str] = frozenset()
     users: frozenset[str] = frozenset()
+    cluster: str = ""  # the cluster it runs on ("": the hub's only one)
 
     @property
     def partition(self) -> str:

@@ -37,6 +37,7 @@ from traitlets import (
     validate,
 )
 
+from . import clusters as clusters_mod
 from . import follow, form, identity, job, metrics, pending_cancel, slurm, versions, walltime
 from . import profiles as profiles_mod
 from . import sandbox as sandbox_mod
@@ -50,7 +51,10 @@ from .tunnel import TunnelKeys
 
 __all__ = ["CredentialExpired", "SlurmSSHSpawner", "SpawnError"]
 
-STATE_VERSION = 1
+#: 2: the state names its cluster (``cluster``); a state without it is the first cluster's
+STATE_VERSION = 2
+#: where a job runs, in its state: the cluster, its login node, its tunnel key's file
+_PLACE = ("cluster", "login_host", "login_port", "tunnel_authorized_keys")
 #: the least time between two walltime extensions asked for one server (seconds)
 EXTEND_INTERVAL = 30.0
 
@@ -140,6 +144,33 @@ class SlurmSSHSpawner(Spawner):
         unreachable, or a certificate expired); later polls and starts over the same
         account, and ``xsedehub orphans``, cancel them.  Relative paths are from the hub's
         working directory, like ``jupyterhub.sqlite``.""",
+    )
+
+    clusters = Dict(
+        config=True,
+        help="""The clusters users' servers run on, by name, each with its own login node,
+        partitions, accounts, tunnel, job directories and identity, e.g. ``{"expanse":
+        {"display_name": "Expanse (SDSC)", "login_host": "login.expanse.example.org",
+        "known_hosts": "/etc/xsedehub/expanse_known_hosts", "partitions": {"shared":
+        {"max_cores": 16}, "gpu-shared": {"max_gpus": 1}}, "accounts": ["abc123"]},
+        "delta": {"login_host": "login.delta.example.org", "known_hosts":
+        "/etc/xsedehub/delta_known_hosts", "tunnel_port_range": [30000, 39999],
+        "tunnel_authorized_keys": "/etc/xsedehub/delta_tunnel_keys"}}``.  A cluster's
+        keys are the settings of the same name (login_host, login_port, known_hosts,
+        slurm_bin_dir, partition, partitions, accounts, account, qos, tunnel_host,
+        tunnel_port, tunnel_known_hosts, tunnel_authorized_keys, tunnel_port_range,
+        cmd, gitpuller, walltime_extend_command, job_python, job_dir_root,
+        gateway_workdir_root, xsede_workdir, gateway_user, gateway_key, site_user,
+        site_key), and each one left out is that top-level
+        setting; besides them ``display_name``, ``description`` and (xsede mode)
+        ``issuer_url`` with ``issuer_secret_file``: the certificate issuer that gives a
+        user's certificate for this cluster, with their account name there, or
+        ``login_certificate: True``: the certificate of their login (one of the two is
+        required).  With several clusters users choose through
+        :attr:`profiles`, each of which names its ``cluster`` (default: the first).
+        Problems stop the hub at start-up, each named with its path
+        (``clusters.expanse.partitions.gpu.max_gpus``).  Empty: one cluster, the
+        top-level settings.  See docs/howto/clusters.md.""",
     )
 
     # ----------------------------------------------------------------- batch job
@@ -449,7 +480,9 @@ class SlurmSSHSpawner(Spawner):
         return form.partition_specs(self)
 
     def validate_options(self, options: dict) -> slurm.JobResources:
-        """The gate for every spawn's options (form, URL query or REST API)."""
+        """The gate for every spawn's options (form, URL query or REST API).  On a hub
+        with several clusters the profile chosen also chooses the cluster."""
+        self._use_cluster_of(options)
         return form.validate_for(self, options)
 
     def profile(self) -> profiles_mod.Profile | None:
@@ -488,11 +521,62 @@ class SlurmSSHSpawner(Spawner):
         if not self.show_availability:
             return {}
         try:
-            conn = await self.connection()
+            # a hub with one named cluster: that cluster's (its settings may not be applied yet)
+            if self.clusters:
+                conn = await self._availability_connection(self.cluster())
+                if conn is None:
+                    return {}
+            else:
+                conn = await self.connection()
             return await self.services.availability.get(conn)
-        except (SpawnError, ClusterUnreachable, OSError) as e:
+        except (SpawnError, ClusterUnreachable, OSError, CredentialExpired) as e:
             self.log.info("no availability for the form: %s", e)
             return {}
+
+    def _my_clusters(self) -> set[str]:
+        """The clusters of the profiles open to this user (by name)."""
+        try:
+            profiles = form.profile_list(self, [])
+        except v.InvalidValue:
+            return set()
+        user, groups = form.user_of(self)
+        first = self.cluster_list()[0].name
+        return {p.cluster or first for p in profiles_mod.allowed(profiles, user, groups)}
+
+    async def _availability_connection(self, c: clusters_mod.ClusterSpec) -> Connection | None:
+        """A connection to ask ``c`` for the form's availability, or None: a cluster with
+        its own certificate issuer is asked as its site account only (showing the form
+        sends the user's login token to no issuer)."""
+        if self.mode == "xsede" and c.issuer_url:
+            if not (c.site_user and c.site_key):
+                return None
+            ident = identity.site_identity(self.services.key_files, c.site_key, c.site_user)
+            return self.services.pool.get(
+                self.login_node(c), ident, max_sessions=self.ssh_max_sessions
+            )
+        return await self.connection(c)
+
+    async def cluster_status(self) -> list[form.ClusterStatus]:
+        """Each cluster's availability for the form, asked of all at once (each within
+        the form's wait, each cached on its own): one that does not answer is shown
+        unavailable and holds up no other.  Only the clusters of the user's profiles are
+        asked (no other has a card for them)."""
+        mine = self._my_clusters()
+
+        async def one(c: clusters_mod.ClusterSpec) -> form.ClusterStatus:
+            status = partial(form.ClusterStatus, c.name, c.display_name, c.description)
+            if not self.show_availability or c.name not in mine:
+                return status(availability={})
+            try:
+                conn = await self._availability_connection(c)
+                if conn is None:
+                    return status(availability={})
+                return status(availability=await self.services.availability.get(conn))
+            except (SpawnError, ClusterUnreachable, OSError, CredentialExpired) as e:
+                self.log.info("no availability from cluster %s for the form: %s", c.name, e)
+                return status(availability=None, note=f"its login node does not answer ({e})")
+
+        return list(await asyncio.gather(*(one(c) for c in self.cluster_list())))
 
     @validate("slurm_bin_dir")
     def _valid_slurm_bin_dir(self, proposal: dict) -> str:
@@ -543,6 +627,11 @@ class SlurmSSHSpawner(Spawner):
     hub_port = Integer(0)
     spawn_id = Unicode("")
     ssh_user = Unicode("")
+    #: the cluster the job runs on ("" on a hub with one cluster)
+    cluster_name = Unicode("")
+    _base_settings: dict[str, Any] | None = None  # the top-level cluster settings
+    _lost_cluster = ""  # the state's cluster, no longer configured
+    _lost_state: dict[str, Any] = {}
     #: why the last job ended, when the hub page should say (it reached its walltime)
     end_note = Unicode("")
     _submitted_at = 0.0
@@ -570,6 +659,56 @@ class SlurmSSHSpawner(Spawner):
         self.spawn_id = state.get("spawn_id", "")
         self.ssh_user = state.get("ssh_user", "")
         self.end_note = state.get("end_note", "")
+        if self.job_id:
+            self._find_cluster_of(state)
+
+    def _find_cluster_of(self, state: dict[str, Any]) -> None:
+        """The cluster the state's job runs on, or, when no configured cluster is sure to
+        be it, :attr:`_lost_cluster` (the job is then never polled nor cancelled on
+        another cluster's login node, where the same job id is someone else's job).
+
+        * a state naming a cluster: that cluster, if it is configured and (a state that
+          recorded it) still has the login node the job was submitted on;
+        * a state naming none (a hub without ``clusters``, or from before them): the
+          cluster whose login node is the one recorded, or, for a state that recorded
+          none (version 1), the top-level ``login_host``/``login_port``'s."""
+        name = state.get("cluster") or ""
+        recorded = state.get("login_host"), state.get("login_port")
+        if not recorded[0]:
+            recorded = None
+        if not self.multi_cluster():
+            here = (self.login_host, self.login_port)
+            if name or (recorded is not None and tuple(recorded) != here):
+                where = name or f"{recorded[0]}:{recorded[1]}"  # type: ignore[index]
+                self._lose(where, state)
+            return
+        found = self.cluster_list()
+        if name:
+            spec = next((c for c in found if c.name == name), None)
+        else:
+            if recorded is None:  # version 1: the job ran on the top-level login node
+                base = self._base_settings or self._settings_now()
+                recorded = base["login_host"], base["login_port"]
+                state = {**state, "login_host": recorded[0], "login_port": recorded[1]}
+            node = tuple(recorded)
+            spec = next((c for c in found if (c.login_host, c.login_port) == node), None)
+            name = f"{node[0]}:{node[1]}"
+        if spec is None or (
+            recorded is not None and (spec.login_host, spec.login_port) != tuple(recorded)
+        ):
+            self._lose(name, state)
+            return
+        self.use_cluster(spec.name)
+
+    def _lose(self, where: str, state: dict[str, Any]) -> None:
+        self._lost_cluster = where
+        self._lost_state = {k: state[k] for k in _PLACE if state.get(k)}
+        self.log.error(
+            "%s: job %s runs on cluster %r, which is no longer configured",
+            self._log_name,
+            self.job_id,
+            where,
+        )
 
     def get_state(self) -> dict[str, Any]:
         state = super().get_state()
@@ -580,7 +719,18 @@ class SlurmSSHSpawner(Spawner):
                 hub_port=self.hub_port,
                 spawn_id=self.spawn_id,
                 ssh_user=self.ssh_user,
+                # the login node the job was submitted on: checked at load_state
+                login_host=self.login_host,
+                login_port=self.login_port,
+                # where its tunnel key is: revoked there even if the cluster is removed
+                tunnel_authorized_keys=self.tunnel_authorized_keys,
             )
+            if self._lost_cluster:  # kept as loaded: where the job really runs
+                for key in _PLACE:
+                    state.pop(key, None)
+                state.update(self._lost_state)
+            elif self.cluster_name:
+                state["cluster"] = self.cluster_name
         if self.end_note:  # kept after the job (clear_state leaves it) until a new start
             state["end_note"] = self.end_note
         return state
@@ -601,23 +751,110 @@ class SlurmSSHSpawner(Spawner):
             lambda: self._spawn_future is not None and self._spawn_future.done()
         )
 
+    # ----------------------------------------------------------------- clusters
+    def multi_cluster(self) -> bool:
+        """Whether :attr:`clusters` is configured (one cluster or more, by name)."""
+        return bool(self.clusters)
+
+    def cluster_list(self) -> list[clusters_mod.ClusterSpec]:
+        """The hub's clusters (checked; the first is the default), or, without
+        :attr:`clusters`, the one the top-level settings describe."""
+        if not self.clusters:
+            return [clusters_mod.parse_clusters({}, self._settings_now(), self.mode)[0]]
+        if self._base_settings is None:  # before any cluster's settings are applied
+            self._base_settings = self._settings_now()
+        return clusters_mod.parse_clusters(self.clusters, self._base_settings, self.mode)
+
+    def _settings_now(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in clusters_mod.SETTINGS}
+
+    def cluster(self) -> clusters_mod.ClusterSpec:
+        """The cluster this server runs on (or would, started now)."""
+        found = self.cluster_list()
+        return clusters_mod.by_name(found, self.cluster_name) if self.cluster_name else found[0]
+
+    def use_cluster(self, name: str) -> clusters_mod.ClusterSpec:
+        """Run this server on cluster ``name``: its settings become the spawner's (the
+        login node, partitions, tunnel, directories, identity); every piece that reads
+        them then works on that cluster.  :class:`~.validate.InvalidValue` if there is
+        no such cluster."""
+        spec = clusters_mod.by_name(self.cluster_list(), name)
+        if self.multi_cluster():
+            for key, value in spec.settings().items():
+                setattr(self, key, value)
+            self.cluster_name = spec.name
+        return spec
+
+    def _use_cluster_of(self, options: dict) -> None:
+        """Before a spawn: the cluster of the profile ``options`` name (or of the first
+        one open to the user).  A server with a job stays on its state's cluster."""
+        if not self.multi_cluster() or self.job_id:
+            return
+        try:
+            profiles = form.profile_list(self, [])
+        except v.InvalidValue:
+            self.use_cluster("")  # the gate reports it
+            return
+        user, groups = form.user_of(self)
+        mine = profiles_mod.allowed(profiles, user, groups)
+        name = options.get("profile") if isinstance(options, dict) else None
+        chosen = next((p for p in mine if p.name == name), None)
+        if chosen is None and name in ("", None) and mine:
+            chosen = mine[0]
+        # nothing chosen (no profiles, or a name the gate refuses): the first cluster,
+        # never the top-level settings, which are no cluster's
+        self.use_cluster(chosen.cluster if chosen is not None else "")
+
+    def _on_a_cluster(self) -> None:
+        """On a hub with ``clusters``, the spawner's settings are a cluster's (the first
+        when none was chosen), never the top-level ones; a lost job's stay untouched."""
+        if self.multi_cluster() and not self.cluster_name and not self._lost_cluster:
+            self.use_cluster("")
+
     # ----------------------------------------------------------------- identity
-    def login_node(self) -> LoginNode:
+    def login_node(self, cluster: clusters_mod.ClusterSpec | None = None) -> LoginNode:
+        """The login node of ``cluster`` (default: this server's)."""
+        if cluster is None:
+            return identity.login_node(
+                self.login_host, self.login_port, self.known_hosts, self.slurm_bin_dir
+            )
         return identity.login_node(
-            self.login_host, self.login_port, self.known_hosts, self.slurm_bin_dir
+            cluster.login_host, cluster.login_port, cluster.known_hosts, cluster.slurm_bin_dir
         )
 
-    async def ssh_identity(self) -> SSHIdentity:
-        """The identity this user's jobs are submitted with (override to change how)."""
+    async def ssh_identity(self, cluster: clusters_mod.ClusterSpec | None = None) -> SSHIdentity:
+        """The identity this user's jobs are submitted with on ``cluster`` (default: this
+        server's); override to change how."""
+        if cluster is None:
+            self._on_a_cluster()
         if self.mode == "gateway":
+            if cluster is None:
+                return identity.gateway_identity(
+                    self.services.key_files, self.gateway_key, self.gateway_user
+                )
             return identity.gateway_identity(
-                self.services.key_files, self.gateway_key, self.gateway_user
+                self.services.key_files, cluster.gateway_key, cluster.gateway_user
+            )
+        # the identity and the login node always of the same cluster
+        issuer = cluster if cluster is not None else self.cluster() if self.clusters else None
+        if issuer is not None and issuer.issuer_url:
+            return await identity.cluster_certificate_identity(self.user, issuer, self.log)
+        if issuer is not None and not issuer.login_certificate:
+            raise SpawnError(
+                f"cluster {issuer.name} has no certificate issuer (clusters.{issuer.name}."
+                "issuer_url) and does not take the login's certificate"
             )
         return await identity.certificate_identity(self.user)
 
-    async def connection(self) -> Connection:
+    async def connection(self, cluster: clusters_mod.ClusterSpec | None = None) -> Connection:
+        """The connection to ``cluster``'s login node (default: this server's)."""
         pool = self.services.pool
         pool.idle_timeout = self.ssh_idle_timeout
+        if cluster is None:
+            self._on_a_cluster()
+        if cluster is not None:  # another cluster (the form's availability)
+            ident = await self.ssh_identity(cluster)
+            return pool.get(self.login_node(cluster), ident, max_sessions=self.ssh_max_sessions)
         try:
             ident = await self.ssh_identity()
         except CredentialExpired:
@@ -809,7 +1046,12 @@ class SlurmSSHSpawner(Spawner):
         cancelled goes on the durable pending-cancel list, for a later poll, start or
         ``xsedehub orphans``.  True if SLURM took the cancel."""
         if self.job_id:
-            self.services.pool.unwatch(self.job_id)
+            # job ids are per cluster: another cluster's job of the same id stays watched
+            try:
+                node = self.login_node()
+            except (SpawnError, v.InvalidValue):
+                node = None
+            self.services.pool.unwatch(self.job_id, node)
         if self.spawn_id:
             try:
                 await self.tunnel_keys().revoke(self.spawn_id)
@@ -827,7 +1069,9 @@ class SlurmSSHSpawner(Spawner):
         delay = 1.0
         for attempt in range(attempts if conn is not None else 0):
             try:
-                await job.cancel(conn, self.job_id)
+                # only the job of this spawn: a job id from a state (a restart, a
+                # changed configuration) may be another job on this login node
+                await job.cancel_if_ours(conn, self.job_id, self.spawn_id)
                 break
             except (ClusterUnreachable, OSError) as e:
                 error = str(e)
@@ -926,6 +1170,14 @@ class SlurmSSHSpawner(Spawner):
             self.log.warning("%s: could not reconcile tunnel keys: %s", self._log_name, e)
         if not self.job_id:
             return 0
+        if self._lost_cluster:  # keep it: its tunnel may still serve it
+            self.log.error(
+                "%s: cannot poll job %s: its cluster %r is no longer configured",
+                self._log_name,
+                self.job_id,
+                self._lost_cluster,
+            )
+            return None
         try:
             conn = await self.connection()
             await self._retry_pending_cancels(conn)
@@ -1104,12 +1356,47 @@ class SlurmSSHSpawner(Spawner):
         if gone:
             self.log.info("removed tunnel keys of %d spawns the hub no longer knows", len(gone))
 
+    async def _revoke_everywhere(self) -> None:
+        """A lost job's tunnel key, revoked in the file its state recorded and in every
+        configured one (top level and each cluster's): its job can no longer tunnel."""
+        if not self.spawn_id:
+            return
+        files = [self._lost_state.get("tunnel_authorized_keys", "")]
+        files.append((self._base_settings or self._settings_now())["tunnel_authorized_keys"])
+        if self.multi_cluster():
+            try:
+                files += [c.tunnel_authorized_keys for c in self.cluster_list()]
+            except v.InvalidValue:
+                pass
+        for path in dict.fromkeys(f for f in files if f):
+            keys = TunnelKeys._instances.get(path) or TunnelKeys(path, (1024, 1024), "127.0.0.1", 0)
+            try:
+                if keys.path.exists() and await keys.revoke(self.spawn_id):
+                    self.log.info("%s: revoked its tunnel key in %s", self._log_name, path)
+            except (OSError, ValueError) as e:
+                self.log.error(
+                    "%s: could not revoke the tunnel key in %s: %s", self._log_name, path, e
+                )
+        self.services.spawns.ended(self.spawn_id)
+
     async def stop(self, now: bool = False) -> None:
         """Revoke the job's tunnel key, then cancel the job.  JupyterHub forgets the
         server whatever happens here, so a cancel that fails is not raised: the job goes
         on the durable pending-cancel list (:attr:`pending_cancel_file`) and is retried."""
         self._start_cancelled = False  # JupyterHub marks the stop pending meanwhile
         if not self.job_id:
+            return
+        if self._lost_cluster:
+            await self._revoke_everywhere()
+            self.log.error(
+                "%s: job %s on cluster %r, which is no longer configured, was not "
+                "cancelled: cancel it there by hand",
+                self._log_name,
+                self.job_id,
+                self._lost_cluster,
+            )
+            self.clear_state()
+            self._lost_cluster = ""
             return
         if await self._end_job(None):
             self.log.info("%s: cancelled job %s", self._log_name, self.job_id)
@@ -1120,4 +1407,7 @@ async def _render_options_form(spawner: SlurmSSHSpawner) -> str:
     """The form, or "" (no form) when there is nothing to choose."""
     if not form.offers_choice(spawner):
         return ""
+    if len(spawner.clusters) > 1:
+        status = await spawner.cluster_status()
+        return form.form_for(spawner, {}, spawner.last_options(), status)
     return form.form_for(spawner, await spawner.availability(), spawner.last_options())

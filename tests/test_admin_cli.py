@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import socket
 
+import asyncssh
 import pytest
 from traitlets.config import Config
 
@@ -109,3 +110,41 @@ apply(c)
     assert report.skipped == ["certificate-needed"], text
     assert f"xsedehub check -f {cfg} --key xh-check" in text
     assert report.summary() == "2 problem(s)"
+
+
+def test_check_walks_every_cluster(tmp_path, monkeypatch):
+    """With SlurmSSHSpawner.clusters, every step runs on each cluster in turn, under its
+    name: here neither login node answers, and each is named in its own failure."""
+    monkeypatch.setenv("JUPYTERHUB_CRYPT_KEY", "ab" * 32)
+    kh = tmp_path / "known_hosts"
+    kh.write_text("@cert-authority * ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIE5vdEFSZWFsS2V5\n")
+    key = tmp_path / "gateway_key"
+    key.write_bytes(asyncssh.generate_private_key("ssh-ed25519").export_private_key())
+    key.chmod(0o600)
+    ports = [_free_port(), _free_port()]
+    clusters = {
+        name: {"login_host": "127.0.0.1", "login_port": port}
+        for name, port in zip(("expanse", "delta"), ports, strict=True)
+    }
+    profiles = {"a": {"cluster": "expanse"}, "b": {"cluster": "delta"}}
+    cfg = tmp_path / "jupyterhub_config.py"
+    cfg.write_text(
+        f"""c = get_config()  # noqa
+c.XSEDEHub.mode = "gateway"
+c.SlurmSSHSpawner.known_hosts = "{kh}"
+c.SlurmSSHSpawner.tunnel_host = "127.0.0.1"
+c.SlurmSSHSpawner.tunnel_known_hosts = "{kh}"
+c.SlurmSSHSpawner.gateway_key = "{key}"
+c.SlurmSSHSpawner.clusters = {clusters!r}
+c.SlurmSSHSpawner.profiles = {profiles!r}
+from xsedehub.config import apply
+apply(c)
+"""
+    )
+    lines: list[str] = []
+    report = run_check(str(cfg), out=lines.append, job_timeout=5)
+    text = "\n".join(lines)
+    assert report.failed == ["login-unreachable", "login-unreachable"], text
+    first, second = text.index("cluster expanse:"), text.index("cluster delta:")
+    assert first < text.index(f"127.0.0.1:{ports[0]} cannot be reached") < second
+    assert second < text.index(f"127.0.0.1:{ports[1]} cannot be reached")

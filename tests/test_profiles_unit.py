@@ -101,7 +101,6 @@ def test_good_profiles_parse_with_limits_within_the_partitions():
         ({"partition": "gpu\n#SBATCH --uid=0"}, "profiles.p.partition: contains control"),
         ({"reservation": "ws;id"}, "profiles.p.reservation: 'ws;id' is not a valid name"),
         ({"colour": "red"}, "profiles.p: unknown keys ['colour']"),
-        ({"cluster": "expanse"}, "profiles.p: unknown keys ['cluster']"),
         ({"groups": "workshop"}, "profiles.p.groups: must be a list"),
         ({"users": ["ok", 3]}, "profiles.p.users[1]: must be text"),
         ({"display_name": "a\nb"}, "profiles.p.display_name: contains control"),

@@ -253,12 +253,15 @@ class Checker:
         hub_api: str | None = None,
         config_file: str = "jupyterhub_config.py",
         sshd: str = "/usr/sbin/sshd",
+        cluster: str = "",
     ):
         from .spawner.spawner import SlurmSSHSpawner
 
         self.cfg, self.r, self.job_timeout = cfg, report, job_timeout
         self.config_file = config_file
         self.sp = SlurmSSHSpawner(config=cfg)
+        if cluster:  # that cluster's settings (SlurmSSHSpawner.clusters)
+            self.sp.use_cluster(cluster)
         self.certificate = certificate
         self.sshd = sshd
         hub = cfg.JupyterHub
@@ -589,6 +592,19 @@ def _listening(port: int) -> bool:
         return False
 
 
+def cluster_choice_problem(names: list[str], cluster: str, certificate: bool) -> str:
+    """Why ``--cluster`` (``cluster``) cannot be used with the hub's clusters ``names``
+    ("" without clusters), or "": a certificate goes to one named cluster only."""
+    if cluster and cluster not in names:
+        return f"--cluster {cluster}: the hub's clusters are {[n for n in names if n]}"
+    if certificate and not cluster and len(names) > 1:
+        return (
+            "a certificate is for one cluster's login node: name it with --cluster "
+            f"(one of {names})"
+        )
+    return ""
+
+
 def run_check(
     config_file: str,
     *,
@@ -596,7 +612,11 @@ def run_check(
     job_timeout: float = 120,
     certificate: tuple[str, str] | None = None,
     hub_api: str | None = None,
+    cluster: str = "",
 ) -> Report:
+    """Check the hub of ``config_file`` step by step, on each of its clusters (only
+    ``cluster``, when named; with ``certificate`` on a hub with several, it must be: a
+    certificate is one site's, never presented to another's login node)."""
     from .config import ConfigError
 
     report = Report(out=out)
@@ -605,12 +625,43 @@ def run_check(
     except ConfigError as e:
         report.fail("config", detail="\n".join(str(p) for p in e.problems))
         return report
-    checker = Checker(
-        cfg,
-        report,
-        job_timeout=job_timeout,
-        certificate=certificate,
-        hub_api=hub_api,
-        config_file=config_file,
+    return asyncio.run(
+        _check_every_cluster(cfg, report, config_file, job_timeout, certificate, hub_api, cluster)
     )
-    return asyncio.run(checker.run())
+
+
+async def _check_every_cluster(
+    cfg: Config,
+    report: Report,
+    config_file: str,
+    job_timeout: float,
+    certificate: tuple[str, str] | None,
+    hub_api: str | None,
+    cluster: str = "",
+) -> Report:
+    """Every step on each cluster of ``SlurmSSHSpawner.clusters`` in turn (one cluster,
+    the top-level settings, without it), all in one report."""
+    from .spawner.spawner import SlurmSSHSpawner
+
+    sp = SlurmSSHSpawner(config=cfg)
+    names = [c.name for c in sp.cluster_list()] if sp.clusters else [""]
+    problem = cluster_choice_problem(names, cluster, certificate is not None)
+    if problem:
+        report.fail("config", detail=problem)
+        return report
+    names = [cluster] if cluster else names
+    for name in names:
+        if name:
+            report.lines.append(f"cluster {name}:")
+            report.out(report.lines[-1])
+        checker = Checker(
+            cfg,
+            report,
+            job_timeout=job_timeout,
+            certificate=certificate,
+            hub_api=hub_api,
+            config_file=config_file,
+            cluster=name,
+        )
+        await checker.run()
+    return report

@@ -170,7 +170,13 @@ def _check(args: argparse.Namespace) -> int:
             print(f"xsedehub check --tljh: {e}", file=sys.stderr)
             return 2
         print(f"checking TLJH's {config}")
-    report = run_check(config, job_timeout=args.job_timeout, certificate=cert, hub_api=args.hub_api)
+    report = run_check(
+        config,
+        job_timeout=args.job_timeout,
+        certificate=cert,
+        hub_api=args.hub_api,
+        cluster=args.cluster or "",
+    )
     print(report.summary())
     return 1 if report.failed else 0
 
@@ -202,6 +208,7 @@ def _orphans(args: argparse.Namespace) -> int:
             cancel=args.cancel,
             min_age=args.min_age,
             certificate=cert,
+            cluster=args.cluster or "",
         )
     except (OrphansError, ClusterUnreachable, PermissionError) as e:
         print(f"xsedehub orphans: {e}", file=sys.stderr)
@@ -375,6 +382,11 @@ def build_parser() -> argparse.ArgumentParser:
         "the login node's host key are skipped, and check prints how to make one)",
     )
     k.add_argument("--key", help="xsede mode: the certificate's private key")
+    k.add_argument(
+        "--cluster",
+        help="check this cluster only (SlurmSSHSpawner.clusters); with --certificate on a "
+        "hub with several, required: the certificate goes to that cluster only",
+    )
     k.set_defaults(func=_check)
 
     o = sub.add_parser(
@@ -409,6 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--certificate", help="xsede mode: a user certificate whose account's jobs to list"
     )
     o.add_argument("--key", help="xsede mode: the certificate's private key")
+    o.add_argument(
+        "--cluster",
+        help="sweep this cluster only (SlurmSSHSpawner.clusters); with --certificate on a "
+        "hub with several, required: the certificate goes to that cluster only",
+    )
     o.set_defaults(func=_orphans)
 
     b = sub.add_parser("bridge", help="forward a host loopback port into a network namespace")

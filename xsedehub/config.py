@@ -226,19 +226,20 @@ def check(c: Config, mode: str, *, environ: dict[str, str] | None = None) -> lis
                 f"remove the setting (xsedehub picks {AUTHENTICATORS[mode]})",
             )
         )
+    # with clusters, each cluster's own (see cluster_problems)
     for name, what in (
         ("login_host", "the login node's host name"),
         ("tunnel_host", "the hub's sshd as compute nodes reach it"),
     ):
-        if not _get(sp, name):
+        if not _get(sp, name) and not _get(sp, "clusters"):
             problems.append(Problem(f"SlurmSSHSpawner.{name}", "is not set", f"set it to {what}"))
     for name in ("known_hosts", "tunnel_known_hosts"):
         p = _file_problem(f"SlurmSSHSpawner.{name}", _get(sp, name))
-        if p:
+        if p and not _get(sp, "clusters"):
             problems.append(p)
     if mode == "gateway":
         p = _file_problem("SlurmSSHSpawner.gateway_key", _get(sp, "gateway_key"), secret=True)
-        if p:
+        if p and not _get(sp, "clusters"):
             problems.append(p)
     else:
         a = c[AUTH_SECTION["xsede"]]
@@ -293,6 +294,9 @@ def check(c: Config, mode: str, *, environ: dict[str, str] | None = None) -> lis
     except TraitError as e:
         problems.append(Problem("SlurmSSHSpawner", str(e), "correct the value's type"))
         return problems
+    spawner.mode = mode
+    login_secret = _get(c[AUTH_SECTION["xsede"]], "issuer_secret_file") if mode == "xsede" else ""
+    problems += cluster_problems(spawner, login_secret or "")
     problems += profile_problems(spawner)
     if mode == "gateway":
         from xsedehub.spawner.validate import InvalidValue
@@ -311,12 +315,85 @@ def check(c: Config, mode: str, *, environ: dict[str, str] | None = None) -> lis
     return problems
 
 
+def cluster_problems(spawner: SlurmSSHSpawner, login_secret: str = "") -> list[Problem]:
+    """Every problem of ``SlurmSSHSpawner.clusters``, each with its path, e.g.
+    ``SlurmSSHSpawner.clusters.expanse.partitions.gpu.max_gpus``; then each cluster's
+    files (host keys, keys) as the top-level ones are checked."""
+    if not spawner.clusters:
+        return []
+    from xsedehub.spawner.clusters import ClusterProblems
+
+    fix = "correct it (docs/howto/clusters.md)"
+    try:
+        clusters = spawner.cluster_list()
+    except ClusterProblems as e:
+        return [Problem(f"SlurmSSHSpawner.{p.field}", p.message, fix) for p in e.problems]
+    problems: list[Problem] = []
+    for cl in clusters:
+        at = f"SlurmSSHSpawner.clusters.{cl.name}"
+        for name in ("known_hosts", "tunnel_known_hosts"):
+            p = _file_problem(f"{at}.{name}", getattr(cl, name))
+            if p:
+                problems.append(p)
+        secrets = ["gateway_key"] if spawner.mode == "gateway" else []
+        secrets += ["site_key"] if cl.site_key else []
+        secrets += ["issuer_secret_file"] if cl.issuer_secret_file else []
+        for name in secrets:
+            p = _file_problem(f"{at}.{name}", getattr(cl, name), secret=True)
+            if p:
+                problems.append(p)
+    problems += _shared_secrets(clusters, login_secret)
+    if len(clusters) > 1 and not spawner.profiles:
+        problems.append(
+            Problem(
+                "SlurmSSHSpawner.profiles",
+                f"is empty, but there are {len(clusters)} clusters: users choose one "
+                "through a profile",
+                "add profiles, each naming its cluster (docs/howto/clusters.md)",
+            )
+        )
+    return problems
+
+
+def _shared_secrets(clusters: list, login_secret: str) -> list[Problem]:
+    """Each certificate issuer its own secret: one shared would let whoever holds one
+    issuer's (or the hub's copy of it) ask the other issuer for certificates."""
+    named = [("XSEDECILogonAuthenticator.issuer_secret_file", login_secret)] if login_secret else []
+    named += [
+        (f"SlurmSSHSpawner.clusters.{c.name}.issuer_secret_file", c.issuer_secret_file)
+        for c in clusters
+        if c.issuer_secret_file
+    ]
+    problems: list[Problem] = []
+    seen: dict[object, str] = {}
+    for setting, path in named:
+        keys: list[object] = [("path", os.path.realpath(path))]
+        try:
+            keys.append(("content", Path(path).read_bytes().strip()))
+        except OSError:
+            pass  # reported as the file's own problem
+        for key in keys:
+            if key in seen:
+                what = f"is {path}, as is" if key[0] == "path" else "holds the same secret as"
+                problems.append(
+                    Problem(
+                        setting,
+                        f"{what} {seen[key]}",
+                        "give each certificate issuer a secret of its own",
+                    )
+                )
+                break
+            seen[key] = setting
+    return problems
+
+
 def profile_problems(spawner: SlurmSSHSpawner) -> list[Problem]:
     """Every problem of ``SlurmSSHSpawner.profiles`` (and of the partitions they name),
     each with its path, e.g. ``SlurmSSHSpawner.profiles.gpu-workshop.max_gpus``."""
     if not spawner.profiles:
         return []
     from xsedehub.spawner import form
+    from xsedehub.spawner.clusters import ClusterProblems
     from xsedehub.spawner.profiles import ProfileProblems
     from xsedehub.spawner.validate import InvalidValue
 
@@ -324,6 +401,8 @@ def profile_problems(spawner: SlurmSSHSpawner) -> list[Problem]:
     try:
         specs = form.partition_specs(spawner)
         form.profile_list(spawner, specs)
+    except ClusterProblems:
+        return []  # cluster_problems names them
     except ProfileProblems as e:
         return [Problem(f"SlurmSSHSpawner.{p.field}", p.message, fix) for p in e.problems]
     except InvalidValue as e:

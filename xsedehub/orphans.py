@@ -23,9 +23,9 @@ from urllib.parse import urlparse
 import requests
 from traitlets.config import Config
 
-from .check import Checker, Report, load_config
+from .check import Checker, Report, cluster_choice_problem, load_config
 from .spawner import pending_cancel, slurm
-from .spawner.ssh import Connection
+from .spawner.ssh import ClusterUnreachable, Connection
 
 
 def hub_url_from_config(cfg: Config) -> str:
@@ -44,7 +44,13 @@ def hub_url_from_config(cfg: Config) -> str:
     return f"http://{host}:{hub.get('hub_port', 8081)}"
 
 
-def hub_job_ids(hub_url: str, token: str) -> set[str]:
+def hub_job_ids(
+    hub_url: str, token: str, cluster: str = "", login_node: tuple[str, int] | None = None
+) -> set[str]:
+    """The job ids the hub's servers hold; with ``cluster`` (a hub with several), those
+    on that cluster only (job ids repeat between clusters; a state that names none is
+    any cluster's unless it recorded a login node other than ``login_node``, this
+    cluster's: a job the hub may hold is never taken for an orphan)."""
     r = requests.get(
         f"{hub_url.rstrip('/')}/hub/api/users",
         params={"include_stopped_servers": "1"},
@@ -58,9 +64,18 @@ def hub_job_ids(hub_url: str, token: str) -> set[str]:
             if "state" not in server:
                 raise PermissionError("the token cannot read server state (admin:server_state)")
             state = server["state"] or {}
+            if cluster and not _may_be_on(state, cluster, login_node):
+                continue
             if state.get("job_id"):
                 ids.add(str(state["job_id"]))
     return ids
+
+
+def _may_be_on(state: dict, cluster: str, login_node: tuple[str, int] | None) -> bool:
+    if state.get("cluster"):
+        return state["cluster"] == cluster
+    recorded = state.get("login_host"), state.get("login_port")
+    return not recorded[0] or login_node is None or tuple(recorded) == tuple(login_node)
 
 
 class OrphansError(RuntimeError):
@@ -190,6 +205,7 @@ def find_orphans(
     min_age: float = MIN_AGE,
     certificate: tuple[str, str] | None = None,
     out: Callable[[str], None] = print,
+    cluster: str = "",
 ) -> list[slurm.JobStatus]:
     """The orphaned jobs (cancelled with ``cancel``), one line each on ``out``.
 
@@ -199,11 +215,47 @@ def find_orphans(
     cfg = load_config(config_file)
     url = hub_url or hub_url_from_config(cfg)
     checker = Checker(cfg, Report(out=lambda s: None), certificate=certificate)
+    if not checker.sp.clusters:
+        if cluster:
+            raise OrphansError(f"--cluster {cluster}: the hub has no clusters")
+        return _find_orphans(checker, url, token, cancel, min_age, out)
+    # each cluster in turn, all of them even when one fails (then an error at the end)
+    nodes = {c.name: (c.login_host, c.login_port) for c in checker.sp.cluster_list()}
+    names = list(nodes)
+    problem = cluster_choice_problem(names, cluster, certificate is not None)
+    if problem:
+        raise OrphansError(problem)
+    names = [cluster] if cluster else names
+    found: list[slurm.JobStatus] = []
+    errors: list[str] = []
+    for name in names:
+        out(f"cluster {name}:")
+        checker = Checker(cfg, Report(out=lambda s: None), certificate=certificate, cluster=name)
+        try:
+            found += _find_orphans(checker, url, token, cancel, min_age, out, name, nodes[name])
+        except (OrphansError, ClusterUnreachable) as e:
+            out(f"cluster {name}: {e}")
+            errors.append(f"cluster {name}: {e}")
+    if errors:
+        raise OrphansError("; ".join(errors))
+    return found
+
+
+def _find_orphans(
+    checker: Checker,
+    url: str,
+    token: str,
+    cancel: bool,
+    min_age: float,
+    out: Callable[[str], None],
+    cluster: str = "",
+    login_node: tuple[str, int] | None = None,
+) -> list[slurm.JobStatus]:
     listed = pending_cancels(checker)
     sweep = asyncio.run(
         _sweep(
             checker,
-            lambda: hub_job_ids(url, token),
+            lambda: hub_job_ids(url, token, cluster, login_node),
             cancel=cancel,
             min_age=min_age,
             pending={j.job_id: j.spawn_id for j in listed},

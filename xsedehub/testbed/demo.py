@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from .. import config
@@ -77,10 +78,17 @@ def stop_servers(workdir: Path, timeout: float = 90) -> bool:
 
 def cancel_leftover_jobs(info: localcluster.ClusterInfo, accounts: list[str]) -> list[str]:
     """scancel every job of ``accounts`` that xsedehub submitted (``--comment=xsedehub:``)
-    and that is still in the queue: nothing the demo started outlives it."""
+    and that is still in the queue, on each local cluster: nothing the demo started
+    outlives it."""
+    jobs = []
+    for name in info.clusters:
+        jobs += _cancel_leftover_jobs(info.site(name).run_argv, accounts)
+    return jobs
+
+
+def _cancel_leftover_jobs(inside: Callable[..., list[str]], accounts: list[str]) -> list[str]:
     r = subprocess.run(
-        [
-            *netns.nsenter_argv(info.cluster_netns),
+        inside(
             "squeue",
             "-h",
             "-u",
@@ -89,7 +97,7 @@ def cancel_leftover_jobs(info: localcluster.ClusterInfo, accounts: list[str]) ->
             "PENDING,RUNNING,CONFIGURING,SUSPENDED",  # not those already ending
             "-o",
             "%i %k",
-        ],
+        ),
         capture_output=True,
         text=True,
         check=False,
@@ -101,7 +109,7 @@ def cancel_leftover_jobs(info: localcluster.ClusterInfo, accounts: list[str]) ->
             jobs.append(job)
     if jobs:
         subprocess.run(
-            [*netns.nsenter_argv(info.cluster_netns), "scancel", *jobs],
+            inside("scancel", *jobs),
             capture_output=True,
             check=False,
         )
@@ -191,6 +199,8 @@ def run(
             issuer_url=issuer_url,
             # idle servers give their allocation back, as xsedehub's defaults say
             idle_culler=(config.IDLE_CULLER_TIMEOUT, config.IDLE_CULLER_EVERY),
+            # both local clusters, a profile on each (the mini-Comet's first: the default)
+            extra=localhub.two_clusters_config(info, login_certificate=mode == "xsede"),
         )
         hub.append(localhub.start_hub(workdir, debug=False))
         procs.append(hub[0])
@@ -200,7 +210,8 @@ def run(
     if mode == "gateway":
         what = (
             f"  Log in with one of: {', '.join(users)} (the local provider stands in for GitHub),\n"
-            "  press Start: the server is a SLURM job on a compute node of the local cluster,\n"
+            "  choose a profile on either cluster (the mini-Comet or minidelta) and\n"
+            "  press Start: the server is a SLURM job on a compute node of that cluster,\n"
             "  running as the shared gateway account, reached through a reverse SSH tunnel;\n"
             "  the workshop notebooks are in ./workshop.\n"
         )
@@ -208,6 +219,7 @@ def run(
         what = (
             f"  Log in as one of: {', '.join(users)} (the local provider stands in for CILogon),\n"
             "  the hub obtains a short-lived SSH certificate for you from the reference issuer;\n"
+            "  choose a profile on either cluster (the mini-Comet or minidelta) and\n"
             "  press Start: the server is a SLURM job running as your own cluster account.\n"
         )
     print(

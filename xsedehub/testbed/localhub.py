@@ -155,6 +155,68 @@ apply(c)  # picks the authenticator and spawner for the mode, or stops with the 
     return path
 
 
+def two_clusters_config(
+    info: ClusterInfo, *, profiles: bool = True, login_certificate: bool = False
+) -> str:
+    """Configuration lines for a hub on both local clusters (issue 16): the mini-Comet
+    (the top-level settings :func:`write_config` writes, first, so the default) and
+    minidelta (its own login node, host key, SLURM commands and partition; the same
+    tunnel sshd, gateway key and job environment), with a profile on each partition.
+    ``login_certificate`` (xsede mode): both take the login's certificate (one issuer
+    serves both local clusters, with the same accounts)."""
+    delta = info.site("minidelta")
+    part = delta.default_partition
+    clusters = {
+        "minicomet": {"display_name": "mini-Comet", "description": "the first local cluster"},
+        "minidelta": {
+            "display_name": "minidelta",
+            "description": "the second local cluster",
+            "login_host": delta.login_ip,
+            "login_port": delta.login_port,
+            "known_hosts": delta.known_hosts,
+            "slurm_bin_dir": delta.slurm_bin,
+            "gateway_user": delta.gateway_user,
+            "gateway_key": delta.gateway_key,
+            "tunnel_host": delta.hub_ip,
+            "partition": part,
+            "partitions": {
+                part: {
+                    "description": "minidelta's CPU node",
+                    "max_walltime": "01:00:00",
+                    "max_cores": 4,
+                    "max_memory": "4G",
+                    "default_memory": "512M",
+                }
+            },
+        },
+    }
+    if login_certificate:
+        for entry in clusters.values():
+            entry["login_certificate"] = True
+    lines = f"c.SlurmSSHSpawner.clusters = {clusters!r}\n"
+    if profiles:
+        choices = {
+            "comet-compute": {
+                "display_name": "CPU session",
+                "cluster": "minicomet",
+                "partition": "compute",
+                "max_cores": 2,
+            },
+            "comet-debug": {
+                "display_name": "Quick test",
+                "cluster": "minicomet",
+                "partition": "debug",
+            },
+            "delta-shared": {
+                "display_name": "CPU session",
+                "cluster": "minidelta",
+                "partition": part,
+            },
+        }
+        lines += f"c.SlurmSSHSpawner.profiles = {choices!r}\n"
+    return lines
+
+
 #: the identity provider the local provider plays in xsede mode (CILogon's ACCESS IdP)
 ACCESS_IDP = "https://access-ci.org/idp"
 #: the hub's OAuth client id at the local provider: the audience of its users' ID tokens
