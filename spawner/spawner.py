@@ -169,7 +169,8 @@ class SlurmSSHSpawner(Spawner):
         required).  With several clusters users choose through
         :attr:`profiles`, each of which names its ``cluster`` (default: the first).
         Problems stop the hub at start-up, each named with its path
-        (``clusters.expanse.partitions.gpu.max_gpus``).  Empty: one cluster, the
+        (``clusters.expanse.partitions.gpu.max_gpus``); values' own problems come
+        first, those between clusters once the values are right.  Empty: one cluster, the
         top-level settings.  See docs/howto/clusters.md.""",
     )
 
