@@ -140,7 +140,10 @@ async def test_demo_xsede_mode_runs_as_the_user_and_stops_on_ctrl_c(demo, tmp_pa
 
 async def test_demo_gateway_mode_stops_on_sigterm(demo, tmp_path):
     proc, hub, output = demo("gateway")
-    hub.login("attendee1")
+    session = hub.login("attendee1")
+    # the demo offers both local clusters: the form groups its profiles under each
+    page = session.get(f"{hub.url}/hub/spawn", timeout=60).text
+    assert "mini-Comet" in page and "minidelta" in page, page[-2000:]
     r = hub.start("attendee1")
     assert r.status_code in (201, 202), r.text
     hub.wait_ready("attendee1")
