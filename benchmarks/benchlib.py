@@ -62,3 +62,97 @@ def markdown_table(results: list, cols: list[tuple[str, str | Callable[[Any], An
             cells.append(f"{val:.3g}" if isinstance(val, float) else str(val))
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join([head, sep, *rows])
+
+
+def process_kind(argv: list[str]) -> str:
+    """What a process is, by its command line (for :class:`CpuCensus`)."""
+    cmd = " ".join(argv)
+    prog = os.path.basename(argv[0]) if argv else ""
+    if "jobagent" in cmd or "--ssh-target" in argv:  # the job script runs it as python -I -
+        return "job agent"
+    if any(a.endswith(("burst.py", "scale.py")) for a in argv):
+        return "benchmark"
+    if any(
+        s in cmd for s in ("jupyterhub-singleuser", "jupyter-lab", "jupyter lab", "responder.py")
+    ):
+        return "single-user server"
+    if "-m jupyterhub" in cmd or prog == "jupyterhub":
+        return "hub"
+    if "configurable-http-proxy" in cmd:
+        return "proxy"
+    if prog.startswith("sshd"):
+        return "sshd"
+    if prog == "ssh":
+        return "ssh"
+    if prog.startswith("slurm") or prog in ("sbatch", "squeue", "scancel", "srun"):
+        return "slurm"
+    if prog == "bwrap":
+        return "sandbox"
+    if prog in ("bash", "sh"):
+        return "shell"
+    return "other"
+
+
+class CpuCensus:
+    """Where the machine's CPU went over a stretch of time, by kind of process: samples
+    every process's CPU seconds (``/proc/<pid>/stat``: utime + stime) twice a second,
+    keeps each process's last figure, and sums the growth per kind.  A process that lives
+    less than half a second between samples is missed, and the CPU a process used between
+    its last sample and its exit is too: the census is a lower bound, good for shares."""
+
+    def __init__(self) -> None:
+        import threading
+
+        # (pid, start time) -> (kind, CPU seconds at the first sample, at the last)
+        self._seen: dict[tuple[int, int], tuple[str, float, float]] = {}
+        self._started = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
+                key = (int(d), int(stat[19]))  # pid and start time: pids are reused
+                cpu = (int(stat[11]) + int(stat[12])) / TICK
+                # the kind from the newest command line: a fork execs after we see it
+                raw = Path(f"/proc/{d}/cmdline").read_bytes().rstrip(b"\0")
+                kind = process_kind(raw.decode(errors="replace").split("\0"))
+                # a process already running at the start counts from there
+                first = self._seen[key][1] if key in self._seen else (0.0 if self._started else cpu)
+                self._seen[key] = (kind, first, cpu)
+            except (OSError, IndexError, ValueError):
+                continue
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._started = True
+            self._stop.wait(0.5)
+
+    def __enter__(self) -> CpuCensus:
+        import time
+
+        self._started = False
+        self._t0 = time.monotonic()
+        self._sample()
+        self._started = True
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import time
+
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        self.wall_s = time.monotonic() - self._t0
+
+    def by_kind(self) -> dict[str, float]:
+        """CPU seconds per kind, largest first."""
+        out: dict[str, float] = {}
+        for kind, first, last in self._seen.values():
+            out[kind] = out.get(kind, 0.0) + (last - first)
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))

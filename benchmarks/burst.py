@@ -41,7 +41,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 import xh_bench_baseline as baseline  # noqa: E402
-from benchlib import Api, cpu_seconds, markdown_table, peak_mb, percentile  # noqa: E402
+from benchlib import Api, CpuCensus, cpu_seconds, markdown_table, peak_mb, percentile  # noqa: E402
 
 from xsedehub.testbed import localcluster, localhub, netns  # noqa: E402
 
@@ -59,6 +59,9 @@ class Result:
     all_ready_s: float = 0.0
     overhead_median_s: float = 0.0
     overhead_p95_s: float = 0.0
+    # ours only: the overhead split at the hub's own check answering ("Server is ready")
+    listening_to_answered_median_s: float = float("nan")
+    answered_to_routed_median_s: float = float("nan")
     latency_median_s: float = 0.0
     latency_p95_s: float = 0.0
     handshakes_burst: int = 0
@@ -73,6 +76,9 @@ class Result:
     hub_cpu_total_s: float = 0.0
     hub_peak_mb: float = 0.0
     failures: int = 0
+    # CPU seconds by kind of process on the whole machine, from the first request until
+    # all were ready (benchlib.CpuCensus; a lower bound)
+    cpu_by_kind: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
@@ -136,6 +142,7 @@ def run_one(impl: str, n: int, info, poll: int, steady_cycles: int, tunnel_key: 
             if r.status_code not in (201, 202):
                 res.notes.append(f"{name}: start {r.status_code} {r.text[:100]}")
 
+        census = CpuCensus().__enter__()
         with concurrent.futures.ThreadPoolExecutor(n) as ex:
             list(ex.map(start, names))
         # readiness from the proxy's routing table (JupyterHub adds a user's route when
@@ -162,6 +169,8 @@ def run_one(impl: str, n: int, info, poll: int, steady_cycles: int, tunnel_key: 
                 if failed and failed + len(ready) >= n:
                     break
             time.sleep(0.25)
+        census.__exit__(None, None, None)
+        res.cpu_by_kind = census.by_kind()
         res.failures = n - len(ready)
         res.all_ready_s = (max(ready.values()) - min(requested.values())) if ready else float("nan")
         latencies = [ready[nm] - requested[nm] for nm in ready]
@@ -177,7 +186,8 @@ def run_one(impl: str, n: int, info, poll: int, steady_cycles: int, tunnel_key: 
             u["name"]: (u.get("servers") or {}).get("", {}).get("state") or {}
             for u in api("GET", "/users").json()
         }
-        overheads = []
+        overheads, to_answered, to_routed = [], [], []
+        hub_log = (workdir / "hub.log").read_text(errors="replace")
         for name, t_ready in ready.items():
             if impl == "ours":
                 log = Path(
@@ -189,6 +199,13 @@ def run_one(impl: str, n: int, info, poll: int, steady_cycles: int, tunnel_key: 
             t_listen = listening_time(log)
             if t_listen:
                 overheads.append(t_ready - t_listen)
+            answered = hub_events(hub_log, name, t_cmd0 - 1).get("answered")
+            if t_listen and answered:
+                to_answered.append(answered - t_listen)
+                to_routed.append(t_ready - answered)
+        if to_answered:
+            res.listening_to_answered_median_s = percentile(to_answered, 0.5)
+            res.answered_to_routed_median_s = percentile(to_routed, 0.5)
         res.overhead_median_s = percentile(overheads, 0.5)
         res.overhead_p95_s = percentile(overheads, 0.95)
         # steady state: everyone works for a few poll intervals
@@ -287,6 +304,7 @@ def run_floor(n: int, info, partition: str = "compute") -> Result:
             res.notes.append(f"floor {i}: sbatch {r.returncode} {r.stderr.strip()[:100]}")
 
     try:
+        census = CpuCensus().__enter__()
         with concurrent.futures.ThreadPoolExecutor(n) as ex:
             list(ex.map(submit, range(n)))
         ready: dict[int, float] = {}
@@ -297,6 +315,8 @@ def run_floor(n: int, info, partition: str = "compute") -> Result:
                 if i not in ready and answers(sock, prefix):
                     ready[i] = time.time()
             time.sleep(0.1)
+        census.__exit__(None, None, None)
+        res.cpu_by_kind = census.by_kind()
         res.failures = n - len(ready)
         if ready:
             res.all_ready_s = max(ready.values()) - min(requested.values())
@@ -340,7 +360,8 @@ def _stamp(text: str) -> float:
 
 
 def hub_events(log: str, user: str, since: float) -> dict[str, float]:
-    """When the hub logged the submission and the job running, for ``user``."""
+    """When the hub logged the submission, the job running and its own check of the
+    server answering ("answered"), for ``user``."""
     seen: dict[str, float] = {}
     for line in log.splitlines():
         m = HUB_LINE.match(line)
@@ -351,6 +372,8 @@ def hub_events(log: str, user: str, since: float) -> dict[str, float]:
             seen.setdefault("submitted", _stamp(m.group(1)))
         elif msg.startswith(f"{user}: Job ") and " running on " in msg:
             seen.setdefault("running", _stamp(m.group(1)))
+        elif msg == f"{user}: Server is ready":
+            seen.setdefault("answered", _stamp(m.group(1)))
     return seen
 
 
@@ -440,6 +463,8 @@ def table(results: list[Result]) -> str:
         ("all ready (s)", "all_ready_s"),
         ("overhead median (s)", "overhead_median_s"),
         ("overhead p95 (s)", "overhead_p95_s"),
+        ("listening to hub check answered, median (s)", "listening_to_answered_median_s"),
+        ("hub check answered to routed, median (s)", "answered_to_routed_median_s"),
         ("latency median (s)", "latency_median_s"),
         ("latency p95 (s)", "latency_p95_s"),
         ("SSH handshakes", "handshakes_total"),
@@ -555,6 +580,11 @@ def main() -> int:
     print(table(results))
     print()
     print(ratios(results))
+    print()
+    print("CPU seconds by kind of process, from the first request until all were ready:")
+    for r in results:
+        kinds = ", ".join(f"{k} {v:.1f}" for k, v in r.cpu_by_kind.items() if v >= 0.05)
+        print(f"  {r.impl} N={r.n}: {kinds}")
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=2))
     return 0

@@ -106,10 +106,34 @@ async def wait_server(
     """Until the server answers ``url`` through the tunnel on ``hub_port`` (checked often
     at first, then every :data:`CHECK_MAX` seconds), watching that the job is still alive.
 
-    The job opens its reverse tunnel while the server starts, so the port accepts before
-    the server answers; a check made before then gets no HTTP answer (ssh on the node
-    finds no socket yet) and is made again."""
-    client = AsyncHTTPClient()
+    The job's agent adds the reverse forward once the server listens on its socket, so
+    until then the port refuses on the hub itself: a check costs a refused ``connect()``
+    here and nothing on the node.  (A job of an older xsedehub forwards from its start:
+    its checks get no HTTP answer until the server listens, and are made again.)
+
+    The checks use an HTTP client of their own: tornado's shared one runs ten requests
+    at a time for the whole hub, and a burst of starting servers, each slow to answer its
+    first request, would hold every slot while servers that are ready wait."""
+    client = AsyncHTTPClient(force_instance=True)
+    try:
+        await _wait_server(
+            client, conn, job_id, files, hub_port=hub_port, url=url, timeout=timeout, report=report
+        )
+    finally:
+        client.close()
+
+
+async def _wait_server(
+    client: AsyncHTTPClient,
+    conn: Connection,
+    job_id: str,
+    files: JobFiles,
+    *,
+    hub_port: int,
+    url: str,
+    timeout: float,
+    report: Report,
+) -> None:
     tunnel_seen = False
     deadline = time.monotonic() + timeout
     next_job_check = time.monotonic() + 5
@@ -118,7 +142,7 @@ async def wait_server(
         if not tunnel_seen:
             tunnel_seen = await port_open(hub_port)
             if tunnel_seen:
-                report("The tunnel to the compute node is up; waiting for the server", 80)
+                report("The tunnel to the compute node is up; checking the server", 80)
         if tunnel_seen:
             try:
                 await client.fetch(HTTPRequest(url, request_timeout=5, follow_redirects=False))

@@ -24,8 +24,12 @@ What it does, and why:
 * **It keeps the two SSH connections open** as the tunnel account, each reopened with
   backoff whenever it drops: the hub API forward, and the reverse tunnel from the hub's
   port to the server's socket.  Both open at the job's start, while the server starts,
-  so neither handshake delays the server being seen by the hub.  Readiness is checked
-  in this process (a ``connect()`` on a unix socket), never by starting a process.
+  so neither handshake delays the server being seen by the hub.  The reverse tunnel
+  opens with no forward, as a control master; the forward is added on it (``ssh -O
+  forward``: a request on the open connection) once the server listens.  Until then the
+  hub's port refuses connections on the hub itself, so the hub's checks while the server
+  starts cost the node and the hub's sshd nothing.  Readiness is checked in this process
+  (a ``connect()`` on a unix socket, woken by inotify), never by starting a process.
 * **It ends cleanly**: when the control channel closes (the script ended, or died), or on
   SIGTERM when there is no control channel.  In that order: the secret files go, the
   server is ended if it still runs, then the ssh children, and only then the port.  On
@@ -47,6 +51,9 @@ import time
 SECRET_FILES = ("env", "tunnel_key")
 API_SOCKET = "hubapi.sock"
 SERVER_SOCKET = "server.sock"
+#: the reverse tunnel's control socket (ssh binds it at this path plus 17 characters)
+CONTROL_SOCKET = "tunnel.ctl"
+CONTROL_SUFFIX = 17
 #: how long a connection to the hub API port waits for the forward to (re)open
 HOLD_SECONDS = 30.0
 #: connections relayed at once, at most: any account on the node can connect to the port,
@@ -63,6 +70,8 @@ CHECK_INTERVAL = 0.05
 #: how long the server and ssh get to end on SIGTERM before SIGKILL
 SERVER_GRACE = 15.0
 SSH_GRACE = 3.0
+#: how long ``ssh -O forward`` gets to add the forward to the open connection
+ADD_FORWARD_TIMEOUT = 30.0
 UNIX_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
 
 
@@ -136,9 +145,33 @@ def forward_argv(opts: argparse.Namespace) -> list[str]:
     return ssh_argv(opts, "-L", f"{opts.dir}/{API_SOCKET}:{host}:{opts.api_port}")
 
 
-def reverse_argv(opts: argparse.Namespace) -> list[str]:
-    """``ssh -R 127.0.0.1:<hub port>:<job dir>/server.sock``: the hub's port to the server."""
-    return ssh_argv(opts, "-R", f"127.0.0.1:{opts.hub_port}:{opts.dir}/{SERVER_SOCKET}")
+def reverse_spec(opts: argparse.Namespace) -> str:
+    """``127.0.0.1:<hub port>:<job dir>/server.sock``: the hub's port to the server."""
+    return f"127.0.0.1:{opts.hub_port}:{opts.dir}/{SERVER_SOCKET}"
+
+
+def control_path(opts: argparse.Namespace) -> str:
+    return os.path.join(opts.dir, CONTROL_SOCKET)
+
+
+def reverse_argv(opts: argparse.Namespace, *, late: bool, forward: bool) -> list[str]:
+    """The reverse tunnel's connection: ``ssh -R <reverse_spec>``.  With ``late``, a
+    control master (its socket in the job directory), and without ``forward`` it opens
+    with no forward yet: :func:`add_forward_argv` adds it once the server listens."""
+    if not late:
+        return ssh_argv(opts, "-R", reverse_spec(opts))
+    mux = ("-o", "ControlMaster=yes", "-o", f"ControlPath={control_path(opts)}")
+    return ssh_argv(opts, *mux, *(("-R", reverse_spec(opts)) if forward else ()))
+
+
+def add_forward_argv(opts: argparse.Namespace) -> list[str]:
+    """``ssh -O forward -R <reverse_spec>``: the forward, added to the open connection
+    through its control socket (a request on it: no new connection, no handshake)."""
+    return [
+        opts.ssh,
+        *("-F", "/dev/null", "-o", f"ControlPath={control_path(opts)}"),
+        *("-O", "forward", "-R", reverse_spec(opts), opts.ssh_target),
+    ]
 
 
 def remove_secrets(job_dir: str) -> None:
@@ -179,14 +212,16 @@ async def _sleep_or(event: asyncio.Event, seconds: float) -> None:
 
 
 IN_MOVED_TO, IN_CREATE = 0x80, 0x100
+WATCHED = IN_CREATE | IN_MOVED_TO
 
 
 class Created:
-    """Wakes its waiters when a file is created in a directory (Linux's inotify, through
-    ctypes), so that waiting for a socket to appear costs nothing until it does."""
+    """Wakes its waiters when a file is created in a watched folder (Linux's inotify,
+    through ctypes), so that waiting for a socket to appear costs nothing until it does."""
 
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
+    def __init__(self, libc, fd: int) -> None:
+        self.libc, self.fd = libc, fd
+        self.folders: set[str] = set()
         self.event = asyncio.Event()
         asyncio.get_running_loop().add_reader(fd, self._readable)
 
@@ -198,14 +233,29 @@ class Created:
 
             libc = ctypes.CDLL(None, use_errno=True)
             fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-            if fd < 0:
-                return None
-            if libc.inotify_add_watch(fd, os.fsencode(directory), IN_CREATE | IN_MOVED_TO) < 0:
-                os.close(fd)
-                return None
         except Exception:  # no ctypes, no libc, not Linux: look every CHECK_INTERVAL
             return None
-        return cls(fd)
+        if fd < 0:
+            return None
+        created = cls(libc, fd)
+        if not created.add(directory):
+            created.close()
+            return None
+        return created
+
+    def add(self, folder: str) -> bool:
+        """Watch ``folder`` too (True if it is watched)."""
+        folder = os.path.realpath(folder)
+        if folder not in self.folders:
+            if self.libc.inotify_add_watch(self.fd, os.fsencode(folder), WATCHED) < 0:
+                return False
+            self.folders.add(folder)
+        return True
+
+    def covers(self, path: str) -> bool:
+        """Whether this watch sees ``path`` appear, adding a watch on the folder where
+        it will: a symbolic link's target folder (the sandbox's socket) is another."""
+        return self.add(os.path.dirname(os.path.realpath(path)))
 
     def _readable(self) -> None:
         try:
@@ -226,16 +276,15 @@ class Created:
 
 async def wait_accepting(path: str, created: Created | None, waiting) -> bool:
     """Wait, in this process, until the unix socket ``path`` accepts connections (True),
-    or ``waiting()`` turns false (False, looked at least once a second).  Until the file
-    exists, a directory watch wakes this up when it is created; a socket that exists but
-    does not accept yet (bound, not listening; or a stale one) is looked at every
-    :data:`CHECK_INTERVAL`."""
+    or ``waiting()`` turns false (False, looked at least once a second).  Until the
+    socket exists, a folder watch wakes this up when it is created (in the sandbox,
+    ``path`` is a link to a socket in another folder: that folder is watched too); a
+    socket that exists but does not accept yet (bound, not listening; or a stale one) is
+    looked at every :data:`CHECK_INTERVAL`."""
     while waiting():
         if accepts(path):
             return True
-        # a link (the sandbox's socket, in a folder of its own) may come alive without a
-        # creation in this directory: look at it every CHECK_INTERVAL instead
-        if created is not None and not os.path.lexists(path):  # noqa: ASYNC240 (one stat)
+        if created is not None and not os.path.exists(path) and created.covers(path):  # noqa: ASYNC240 (one stat)
             await created.wait(1.0)
         else:
             await asyncio.sleep(CHECK_INTERVAL)
@@ -272,6 +321,9 @@ class Connection:
         self.name, self.argv, self.ready, self.created = name, argv, ready, created
         self.proc: asyncio.subprocess.Process | None = None
         self.opened = asyncio.Event()
+        #: the running process is ready (set and cleared with each one), and its argv
+        self.live = asyncio.Event()
+        self.live_argv: list[str] | None = None
         self.reopen = True  # cleared on SIGTERM: the key is gone, do not try again
         self.starts = 0
         self._stopping = asyncio.Event()
@@ -281,24 +333,26 @@ class Connection:
         if self._task is None:
             self._task = asyncio.ensure_future(self._run())
 
-    async def _spawn(self) -> asyncio.subprocess.Process | None:
+    async def _spawn(self, argv: list[str]) -> asyncio.subprocess.Process | None:
         try:
             return await asyncio.create_subprocess_exec(
-                *self.argv,
+                *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=sys.stderr.fileno(),  # ssh's messages go to the job's log
                 preexec_fn=_die_with_parent,
             )
         except OSError as e:
-            log(f"{self.name}: cannot run {self.argv[0]}: {e}")
+            log(f"{self.name}: cannot run {argv[0]}: {e}")
             return None
 
-    async def _watch_ready(self, proc: asyncio.subprocess.Process) -> None:
+    async def _watch_ready(self, proc: asyncio.subprocess.Process, argv: list[str]) -> None:
         if self.ready and await wait_accepting(
             self.ready, self.created, lambda: proc.returncode is None
         ):
             if self.opened.is_set():
                 log(f"{self.name} open again")
+            self.live_argv = argv
+            self.live.set()
             self.opened.set()
 
     async def _run(self) -> None:
@@ -308,14 +362,22 @@ class Connection:
                 return
             began = time.monotonic()
             self.starts += 1
-            self.proc = proc = await self._spawn()
+            if self.ready:  # a socket the last process left would pass for this one's
+                try:
+                    os.unlink(self.ready)
+                except OSError:
+                    pass
+            argv = list(self.argv)
+            self.proc = proc = await self._spawn(argv)
             rc = None
             if proc is not None:
                 if self._stopping.is_set():  # stop() came while ssh was starting
                     await _end(proc, SSH_GRACE)
                     return
-                watch = asyncio.ensure_future(self._watch_ready(proc)) if self.ready else None
+                watch = asyncio.ensure_future(self._watch_ready(proc, argv)) if self.ready else None
                 rc = await proc.wait()
+                self.live.clear()
+                self.live_argv = None
                 if watch is not None:
                     watch.cancel()
             if self._stopping.is_set():
@@ -329,6 +391,11 @@ class Connection:
             log(f"{self.name} closed ({rc}); reopening in {pause:.1f} s")
             await _sleep_or(self._stopping, pause)
             delay = min(delay * 2, BACKOFF_MAX)
+
+    def restart(self) -> None:
+        """End the running ssh process: it is reopened (with the current argv)."""
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.terminate()
 
     async def stop(self) -> None:
         """End the ssh process (SIGTERM, then SIGKILL) and reopen it no more."""
@@ -398,7 +465,17 @@ class Agent:
         self.api_path = os.path.join(opts.dir, API_SOCKET)
         self.server_path = os.path.join(opts.dir, SERVER_SOCKET)
         self.forward = Connection("hub API forward", forward_argv(opts), ready=self.api_path)
-        self.reverse = Connection(f"tunnel to hub port {opts.hub_port}", reverse_argv(opts))
+        # the reverse tunnel opens at the start with no forward, and the forward is added
+        # when the server listens: until then the hub's port refuses at once, on the hub,
+        # and a check the hub makes costs nothing here (where ssh's control socket cannot
+        # be made, the path being too long, it forwards from the start)
+        ctl = control_path(opts)
+        self.late_forward = len(os.fsencode(ctl)) + CONTROL_SUFFIX <= UNIX_PATH_MAX
+        self.reverse = Connection(
+            f"tunnel to hub port {opts.hub_port}",
+            reverse_argv(opts, late=self.late_forward, forward=not self.late_forward),
+            ready=ctl if self.late_forward else None,
+        )
         self.server: Process | None = None
         self.created: Created | None = None
         self.ending = False
@@ -467,13 +544,37 @@ class Agent:
             self._tasks.add(asyncio.ensure_future(self._log_when_listening()))
 
     async def _log_when_listening(self) -> None:
-        """One line in the job's log when the server first answers on its socket (the
-        reverse tunnel is already open: the hub's next check through it finds it)."""
+        """One line in the job's log when the server first answers on its socket; then
+        the hub's port is made to lead to it."""
         server = self.server
         if await wait_accepting(
             self.server_path, self.created, lambda: not self.ending and server.alive()
         ):
             log("server listening on its socket")
+            await self.open_reverse_forward()
+
+    async def open_reverse_forward(self) -> None:
+        """The server listens: from now on the hub's port leads to it.  A connection
+        opened from now on forwards from its start; the open one gets the forward added
+        through its control socket, or, if that fails, is reopened with it."""
+        if not self.late_forward:
+            return
+        self.reverse.argv = reverse_argv(self.opts, late=True, forward=True)
+        while not self.ending:
+            await _first(self.reverse.live, self.finished)
+            if self.ending or self.finished.is_set():
+                return
+            if self.reverse.live_argv == self.reverse.argv:  # reopened: it forwards
+                return
+            rc = await run_briefly(add_forward_argv(self.opts), ADD_FORWARD_TIMEOUT)
+            if rc == 0:
+                log(f"hub port {self.opts.hub_port} now leads to the server")
+                return
+            if not self.reverse.live.is_set():  # it dropped meanwhile: look again
+                continue
+            log(f"could not add the forward to the open tunnel ({rc}): reopening it")
+            self.reverse.restart()
+            return
 
     # ------------------------------------------------------------------ control
     async def control(self, fd: int) -> None:
@@ -508,11 +609,7 @@ class Agent:
         return self.forward.opened.is_set()
 
     async def opened_or_finished(self) -> None:
-        a = asyncio.ensure_future(self.forward.opened.wait())
-        b = asyncio.ensure_future(self.finished.wait())
-        await asyncio.wait([a, b], return_when=asyncio.FIRST_COMPLETED)
-        a.cancel()
-        b.cancel()
+        await _first(self.forward.opened, self.finished)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -523,7 +620,7 @@ class Agent:
                 log(f"the job directory's path is too long for a unix socket: {path}")
                 emit("failed")
                 return 2
-        self.created = self.forward.created = Created.watch(self.opts.dir)
+        self.created = self.forward.created = self.reverse.created = Created.watch(self.opts.dir)
         self.bind()
         await self.serve()
         emit(f"port {self.port}")
@@ -565,7 +662,7 @@ class Agent:
             w.close()
         if self.listener is not None:
             self.listener.close()
-        for path in (self.api_path, self.server_path):
+        for path in (self.api_path, self.server_path, control_path(self.opts)):
             try:
                 os.unlink(path)
             except OSError:
@@ -573,6 +670,36 @@ class Agent:
         if self.created is not None:
             self.created.close()
         log(f"job agent ended (ssh closed, port {self.port} released)")
+
+
+async def _first(*events: asyncio.Event) -> None:
+    """Wait until one of ``events`` is set."""
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+
+
+async def run_briefly(argv: list[str], timeout: float) -> int | None:
+    """Run a short command (its messages to the job's log); its exit status, or None
+    if it could not start or did not end within ``timeout`` seconds (then it is ended)."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=sys.stderr.fileno(),
+            preexec_fn=_die_with_parent,
+        )
+    except OSError as e:
+        log(f"cannot run {argv[0]}: {e}")
+        return None
+    try:
+        return await asyncio.wait_for(proc.wait(), timeout)
+    except asyncio.TimeoutError:  # noqa: UP041 (not the same class before Python 3.11)
+        await _end(proc, SSH_GRACE)
+        return None
 
 
 async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -220,8 +220,8 @@ def test_killed_tunnel_is_reopened_within_10s(hub, cluster):
     c.start("ada-l")
     c.wait_ready("ada-l")
     tok = c.user_token("ada-l")
-    port = state(hub, "ada-l")["hub_port"]
-    needle = f"127.0.0.1:{port}:".encode()
+    # the reverse tunnel's ssh: the control master (the forward was added on it)
+    needle = f"/{state(hub, 'ada-l')['spawn_id']}/tunnel.ctl".encode()
     pids = [
         p
         for p in os.listdir("/proc")

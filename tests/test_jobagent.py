@@ -245,6 +245,34 @@ async def test_a_wait_for_a_socket_wakes_when_it_is_created(tmp_path):
         created.close()
 
 
+async def test_a_wait_for_a_linked_socket_sleeps_until_it_is_created(tmp_path, monkeypatch):
+    """In the sandbox the server's socket is a link (``server.sock`` to
+    ``sock/server.sock``) made before the server starts: the wait watches the link's
+    target folder and sleeps until the socket appears there, instead of looking every
+    CHECK_INTERVAL (20 times a second, for the whole of a server's start-up)."""
+    (tmp_path / "sock").mkdir()
+    link = tmp_path / "server.sock"
+    link.symlink_to("sock/server.sock")
+    looks = []
+    real_accepts = jobagent.accepts
+    monkeypatch.setattr(jobagent, "accepts", lambda p: looks.append(p) or real_accepts(p))
+    created = jobagent.Created.watch(str(tmp_path))
+    assert created is not None
+    try:
+        waiting = asyncio.ensure_future(jobagent.wait_accepting(str(link), created, lambda: True))
+        await asyncio.sleep(1.5)
+        assert not waiting.done()
+        # at most one look a second while nothing is created (polling: about 30)
+        assert len(looks) <= 3, f"{len(looks)} looks in 1.5 s"
+        server = await asyncio.start_unix_server(
+            lambda r, w: w.close(), tmp_path / "sock/server.sock"
+        )
+        assert await asyncio.wait_for(waiting, 10) is True
+        server.close()
+    finally:
+        created.close()
+
+
 async def test_connections_past_the_cap_are_closed_and_the_relay_goes_on(tmp_path, monkeypatch):
     """Any account on the node can connect to the port: past MAX_CLIENTS relays at once
     a new connection is closed at once (no descriptors piling up), and once the flood

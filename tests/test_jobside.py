@@ -13,6 +13,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -41,6 +42,14 @@ STAND_IN = (
     "    if data == b'exit': break\n"
 )
 
+#: the same, but it binds its socket only once told to: ``<socket>.go`` appears
+LATE_STAND_IN = (
+    "import os, sys, time\n"
+    "path = [a.split('=', 1)[1] for a in sys.argv if a.startswith('--ServerApp.sock=')][0]\n"
+    "while not os.path.exists(path + '.go'):\n"
+    "    time.sleep(0.1)\n"
+) + STAND_IN
+
 
 def wait_for(pred, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
@@ -63,8 +72,18 @@ def job_processes(job_dir: Path) -> dict[int, str]:
 
 
 class Job:
-    def __init__(self, cluster, job_id: str, job_dir: Path, hub_port: int):
+    def __init__(self, cluster, job_id: str, job_dir: Path, hub_port: int, key: str):
         self.cluster, self.id, self.dir, self.hub_port = cluster, job_id, job_dir, hub_port
+        self.key_fingerprint = asyncssh.import_private_key(key).get_fingerprint()
+
+    def handshakes(self) -> int:
+        """Connections the hub side's sshd accepted with this job's key."""
+        log = Path(self.cluster.root, "log", "sshd_hub.log").read_text(errors="replace")
+        return sum(
+            1
+            for line in log.splitlines()
+            if "Accepted publickey" in line and self.key_fingerprint in line
+        )
 
     @property
     def log(self) -> str:
@@ -87,7 +106,10 @@ class Job:
             f"job {self.id} to start its server",
         )
         assert "server listening on its socket" in self.log, self.log
-        wait_for(lambda: not port_free(self.hub_port), 30, "the reverse tunnel")
+        # the forward is added on the open reverse tunnel (ssh -O forward, which has
+        # ended when the agent says so)
+        wait_for(lambda: "now leads to the server" in self.log, 30, "the reverse forward")
+        assert not port_free(self.hub_port)
         # the forward may open last: the script waits for it before it watches the
         # server and the agent (a test that ends the job earlier tests something else)
         wait_for(lambda: "hub API forwarded to local port" in self.log, 30, "the forward")
@@ -119,7 +141,9 @@ def keys(cluster):
     )
 
 
-def submit(cluster, keys, *, granted: bool = True, api_timeout: int = 120) -> Job:
+def submit(
+    cluster, keys, *, granted: bool = True, api_timeout: int = 120, server: str = STAND_IN
+) -> Job:
     """Write a job directory as the hub would, then sbatch the script as ``gateway``."""
     user = pwd.getpwnam(cluster.gateway_user)
     spawn_id = f"u0-{secrets.token_hex(6)}"
@@ -154,7 +178,7 @@ def submit(cluster, keys, *, granted: bool = True, api_timeout: int = 120) -> Jo
             resources=slurm.JobResources(partition="debug", walltime_minutes=10, memory_mb=256),
             job_dir=rel,
             work_dir=".",
-            singleuser=[python, "-c", STAND_IN],
+            singleuser=[python, "-c", server],
             tunnel=slurm.Tunnel(
                 host=cluster.hub_ip,
                 port=cluster.hub_ssh_port,
@@ -180,7 +204,7 @@ def submit(cluster, keys, *, granted: bool = True, api_timeout: int = 120) -> Jo
         cwd=user.pw_dir,  # as over ssh: the job's --output is relative to it
     )
     assert r.returncode == 0, r.stderr
-    return Job(cluster, slurm.parse_sbatch(r.stdout), job_dir, grant.port)
+    return Job(cluster, slurm.parse_sbatch(r.stdout), job_dir, grant.port, key)
 
 
 def finish(job: Job, keys) -> None:
@@ -206,8 +230,6 @@ def _node_port_free(cluster, port: int) -> bool:
 
 
 def _server_exits(job: Job) -> None:
-    import socket
-
     with socket.create_connection(("127.0.0.1", job.hub_port), 10) as s:
         s.sendall(b"exit")
         assert s.recv(10) == b"ok"
@@ -300,5 +322,33 @@ def test_an_agent_that_dies_before_the_forward_opens_ends_the_job_and_says_so(cl
         assert "ending the job: the job agent ended before the hub API forward opened" in log
         assert "[xsedehub] ending the job: the hub API forward did not open" not in log
         assert not (job.dir / "env").exists() and not (job.dir / "tunnel_key").exists()
+    finally:
+        finish(job, keys)
+
+
+def test_the_hubs_port_leads_to_the_server_only_once_it_listens(cluster, keys):
+    """Both connections open at the job's start, but the reverse tunnel forwards nothing
+    while the server starts: the hub's port refuses on the hub itself, so the hub's
+    checks cost ssh on the node nothing (it logs no failed connect).  When the server
+    listens, the forward is added on the open connection: no third handshake."""
+    job = submit(cluster, keys, server=LATE_STAND_IN)
+    try:
+        wait_for(
+            lambda: "hub API forwarded to local port" in job.log and job.handshakes() == 2,
+            90,
+            f"job {job.id}'s two connections",
+        )
+        time.sleep(1)  # an -R given at connect time would be listening by now
+        for _ in range(5):  # what the hub's checks meet while the server starts
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", job.hub_port), 5)
+            time.sleep(0.2)
+        assert "connect to" not in job.log, job.log  # ssh on the node was never asked
+        (job.dir / "server.sock.go").touch()
+        wait_for(lambda: "now leads to the server" in job.log, 60, "the forward to be added")
+        with socket.create_connection(("127.0.0.1", job.hub_port), 10) as s:
+            s.sendall(b"hello")
+            assert s.recv(10) == b"ok"
+        assert job.handshakes() == 2, job.log
     finally:
         finish(job, keys)
