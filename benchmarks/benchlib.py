@@ -119,7 +119,10 @@ class CpuCensus:
                 cpu = (int(stat[11]) + int(stat[12])) / TICK
                 # the kind from the newest command line: a fork execs after we see it
                 raw = Path(f"/proc/{d}/cmdline").read_bytes().rstrip(b"\0")
-                kind = process_kind(raw.decode(errors="replace").split("\0"))
+                argv = raw.decode(errors="replace").split("\0")
+                kind = process_kind(argv)
+                if kind == "other":  # named by its program, to tell what it is
+                    kind = f"other: {os.path.basename(argv[0])[:20]}"
                 # a process already running at the start counts from there
                 first = self._seen[key][1] if key in self._seen else (0.0 if self._started else cpu)
                 self._seen[key] = (kind, first, cpu)

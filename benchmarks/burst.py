@@ -1,10 +1,15 @@
 """The workshop burst: N attendees press Start at once, work for a few poll intervals,
 then stop.  xsedehub's spawner against batchspawner's stock SlurmSpawner over ssh (the
 baseline, benchmarks/baseline.py), in the same run, on the local cluster, gateway mode,
-real single-user servers behind real tunnels; and the physical floor ("floor"): N
-JupyterLab servers from the same job environment (``jupyter lab``: without a hub,
-``jupyterhub-singleuser`` does not start), one sbatch each straight from the login node
-(no hub, no SSH, no tunnel), timed until each answers on its socket.
+real single-user servers behind real tunnels; and the physical floor ("floor"): the same
+N ``jupyterhub-singleuser`` servers from the same job environment, one sbatch each
+straight from the login node (no hub, no SSH, no tunnel; their hub API is a stand-in in
+this process that answers the version check they wait for at start), timed until each
+answers on its socket.  ``--floor-server lab`` runs ``jupyter lab`` instead (no hub API
+at all; it imports less).
+
+The CPU census counts the whole machine's CPU by kind of process during each burst
+(server, job agent, ssh, sshd, hub, proxy, SLURM...): where the time goes.
 
     sudo /opt/xsedehub/hub-env/bin/python benchmarks/burst.py            # N = 10 50 100
     sudo /opt/xsedehub/hub-env/bin/python benchmarks/burst.py --n 10 --impl ours floor
@@ -25,6 +30,7 @@ import concurrent.futures
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -34,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+import jupyterhub
 import requests
 
 HERE = Path(__file__).resolve().parent
@@ -56,6 +63,7 @@ LISTENING = re.compile(
 class Result:
     impl: str
     n: int
+    hub_apart: bool = False
     all_ready_s: float = 0.0
     overhead_median_s: float = 0.0
     overhead_p95_s: float = 0.0
@@ -112,9 +120,34 @@ def stop_hub(hub: subprocess.Popen, workdir: Path, info) -> None:
     )
 
 
-def run_one(impl: str, n: int, info, poll: int, steady_cycles: int, tunnel_key: str) -> Result:
-    res = Result(impl, n)
-    workdir = Path(tempfile.mkdtemp(prefix=f"xh-bench-{impl}-{n}-"))
+#: --hub-apart: the nice value of the nodes' slurmd, which the jobs inherit
+#: (SLURM's PropagatePrioProcess=0, the default)
+JOBS_NICE = 10
+
+
+def renice_slurmd(value: int) -> None:
+    """Set every local slurmd's nice value (its jobs started from now on inherit it)."""
+    for pid in subprocess.run(
+        ["pgrep", "-x", "slurmd"], capture_output=True, text=True
+    ).stdout.split():
+        os.setpriority(os.PRIO_PROCESS, int(pid), value)
+
+
+def run_one(
+    impl: str,
+    n: int,
+    info,
+    poll: int,
+    steady_cycles: int,
+    tunnel_key: str,
+    hub_apart: bool = False,
+) -> Result:
+    res = Result(impl, n, hub_apart)
+    # the hub's own folder (its sqlite database, its log): on this machine's one disk,
+    # which the jobs write to as well, or (--hub-apart) in memory
+    workdir = Path(
+        tempfile.mkdtemp(prefix=f"xh-bench-{impl}-{n}-", dir="/dev/shm" if hub_apart else None)
+    )
     extra = (
         "c.SlurmSSHSpawner.require_github_id = False\n"
         'c.SlurmSSHSpawner.workshop_repo = ""\n'
@@ -243,11 +276,87 @@ FLOOR_SCRIPT = """#!/bin/bash
 #SBATCH --cpus-per-task=1
 #SBATCH --output={dir}/job.log
 cd {dir} || exit 2
-# the same JupyterLab server from the same job environment, as `jupyter lab`:
-# jupyterhub-singleuser will not start without a hub to talk to
-exec {job_env}/bin/jupyter-lab --no-browser --ServerApp.sock={dir}/server.sock \\
-    --ServerApp.sock_mode=0600 --ServerApp.base_url=/user/floor-{i:03d}/
+{environment}
+exec {server} --ServerApp.sock={dir}/server.sock --ServerApp.sock_mode=0600 {base_url}
 """
+
+#: the floor's server: the same jupyterhub-singleuser as a spawn runs (its hub API is
+#: the stand-in below), or `jupyter lab` (no hub at all; it imports about 1.4 s of CPU
+#: less than jupyterhub-singleuser, which imports much of JupyterHub itself)
+FLOOR_SERVERS = ("singleuser", "lab")
+
+
+class HubStandIn:
+    """What jupyterhub-singleuser needs of a hub to start, and no more: its hub API
+    answers the version check (``GET .../hub/api``) and takes anything else (activity
+    reports) with an empty 200.  A thread of this process, on the hub side's address, so
+    the jobs reach it as they reach the hub's sshd; it does no work per request that a
+    hub would (no database, no authentication)."""
+
+    def __init__(self, host: str, version: str) -> None:
+        import http.server
+        import threading
+
+        body = json.dumps({"version": version}).encode()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                if length:
+                    self.rfile.read(length)
+                out = body if self.path.rstrip("/").endswith("/hub/api") else b"{}"
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer((host, 0), Handler)
+        self.url = f"http://{host}:{self.httpd.server_address[1]}/hub/api"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def floor_script(i: int, d: Path, info, partition: str, server: str, hub: HubStandIn | None) -> str:
+    name = f"floor-{i:03d}"
+    if server == "lab":
+        return FLOOR_SCRIPT.format(
+            i=i,
+            partition=partition,
+            dir=d,
+            environment="",
+            server=f"{info.job_env}/bin/jupyter-lab --no-browser",
+            base_url=f"--ServerApp.base_url=/user/{name}/",
+        )
+    assert hub is not None
+    env = {  # what a spawn's server gets, with the stand-in for the hub API
+        "JUPYTERHUB_API_TOKEN": os.urandom(16).hex(),
+        "JUPYTERHUB_API_URL": hub.url,
+        "JUPYTERHUB_CLIENT_ID": f"jupyterhub-user-{name}",
+        "JUPYTERHUB_USER": name,
+        "JUPYTERHUB_SERVER_NAME": "",
+        "JUPYTERHUB_BASE_URL": "/",
+        "JUPYTERHUB_SERVICE_PREFIX": f"/user/{name}/",
+        "JUPYTERHUB_SERVICE_URL": f"http://127.0.0.1:8888/user/{name}/",
+        "JUPYTERHUB_OAUTH_CALLBACK_URL": f"/user/{name}/oauth_callback",
+        "JUPYTERHUB_ROOT_DIR": ".",
+    }
+    return FLOOR_SCRIPT.format(
+        i=i,
+        partition=partition,
+        dir=d,
+        environment="\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items()),
+        server=f"{info.job_env}/bin/jupyterhub-singleuser",
+        base_url="",
+    )
 
 
 def answers(sock: str, prefix: str) -> bool:
@@ -272,12 +381,13 @@ def answers(sock: str, prefix: str) -> bool:
         conn.close()
 
 
-def run_floor(n: int, info, partition: str = "compute") -> Result:
+def run_floor(n: int, info, server: str = "singleuser", partition: str = "compute") -> Result:
     """N servers with no hub in the loop: one sbatch each, as the gateway account, on the
     login node; ready when the server answers on its socket (read from this machine: the
     job directories are on the same file system)."""
-    res = Result("floor", n)
+    res = Result("floor" if server == "singleuser" else f"floor ({server})", n)
     top = Path(f"/home/{info.gateway_user}/bench-floor")
+    hub = HubStandIn(info.hub_ip, jupyterhub.__version__) if server == "singleuser" else None
     cluster = netns.nsenter_argv(info.cluster_netns)
     as_gateway = ["runuser", "-u", info.gateway_user, "--"]
     subprocess.run([*as_gateway, "rm", "-rf", str(top)], check=False)
@@ -291,7 +401,7 @@ def run_floor(n: int, info, partition: str = "compute") -> Result:
     t_cmd0 = time.time()
 
     def submit(i: int) -> None:
-        script = FLOOR_SCRIPT.format(i=i, partition=partition, dir=dirs[i], job_env=info.job_env)
+        script = floor_script(i, dirs[i], info, partition, server, hub)
         requested[i] = time.time()
         r = subprocess.run(
             [*cluster, *as_gateway, f"{info.slurm_bin}/sbatch", "--parsable"],
@@ -341,6 +451,8 @@ def run_floor(n: int, info, partition: str = "compute") -> Result:
         subprocess.run([*cluster, "scancel", "-u", info.gateway_user], check=False)
         time.sleep(3)
         subprocess.run([*as_gateway, "rm", "-rf", str(top)], check=False)
+        if hub is not None:
+            hub.close()
     return res
 
 
@@ -524,6 +636,20 @@ def main() -> int:
     ap.add_argument("--cycles", type=int, default=3, help="poll intervals to stay running")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument(
+        "--hub-apart",
+        action="store_true",
+        help="model a hub on a machine of its own: its folder (the sqlite database) in "
+        f"memory, and the cluster's jobs at nice {JOBS_NICE} (the nodes' slurmd, whose nice "
+        "value jobs inherit), so the hub's CPU and disk are not the jobs'",
+    )
+    ap.add_argument(
+        "--floor-server",
+        choices=FLOOR_SERVERS,
+        default="singleuser",
+        help="the floor's server: jupyterhub-singleuser with a stand-in hub API (default), "
+        "or jupyter lab",
+    )
+    ap.add_argument(
         "--phases",
         type=int,
         metavar="K",
@@ -555,20 +681,30 @@ def main() -> int:
     path = Path(info.tunnel_authorized_keys)
     results = []
     try:
+        if args.hub_apart:
+            renice_slurmd(JOBS_NICE)
         if "baseline" in args.impl:
             path.write_text(path.read_text() + line + "\n")
         for n in args.n:
             for impl in args.impl:
                 print(f"== {impl}, N={n} ...", flush=True)
                 if impl == "floor":
-                    res = run_floor(n, info)
+                    res = run_floor(n, info, args.floor_server)
                 else:
                     res = run_one(
-                        impl, n, info, args.poll, args.cycles, shared.export_private_key().decode()
+                        impl,
+                        n,
+                        info,
+                        args.poll,
+                        args.cycles,
+                        shared.export_private_key().decode(),
+                        args.hub_apart,
                     )
                 results.append(res)
                 print(json.dumps(asdict(res)), flush=True)
     finally:
+        if args.hub_apart:
+            renice_slurmd(0)
         path.write_text(
             "".join(
                 ln + "\n"
@@ -583,7 +719,7 @@ def main() -> int:
     print()
     print("CPU seconds by kind of process, from the first request until all were ready:")
     for r in results:
-        kinds = ", ".join(f"{k} {v:.1f}" for k, v in r.cpu_by_kind.items() if v >= 0.05)
+        kinds = ", ".join(f"{k} {v:.1f}" for k, v in r.cpu_by_kind.items() if v >= 0.1)
         print(f"  {r.impl} N={r.n}: {kinds}")
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=2))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 
 import asyncssh
@@ -136,3 +137,14 @@ def test_cluster_description_and_nodes(cluster):
     assert set(cpus) == set(cluster.nodes)
     assert sum(cpus.values()) >= 100  # room for a 100-attendee workshop of 1-core jobs
     assert cluster.gateway_user == "gateway" and set(cluster.researchers) == {"alice", "bob"}
+
+
+def test_the_job_environment_imports_no_slow_iri_validator(cluster):
+    """The install drops rfc3987-syntax from the job environment: jsonschema would
+    import it in every server's start and build 35 parsers (2.3 s of CPU here)."""
+    py = f"{cluster.job_env}/bin/python"
+    probe = "import importlib.util as u; print(u.find_spec('rfc3987_syntax'))"
+    r = subprocess.run([py, "-c", probe], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "None"
+    # and what used it still imports (the format checker without the IRI formats)
+    subprocess.run([py, "-c", "import jupyter_events.validators"], check=True)
