@@ -690,6 +690,7 @@ def main() -> int:
                 print(f"== {impl}, N={n} ...", flush=True)
                 if impl == "floor":
                     res = run_floor(n, info, args.floor_server)
+                    res.hub_apart = args.hub_apart
                 else:
                     res = run_one(
                         impl,
