@@ -59,8 +59,10 @@ def test_the_agents_ssh_checks_the_hub_and_forwards_only_what_it_must():
             *("--api-host", "127.0.0.1", "--api-port", "8081", "--hub-port", "20001"),
         ]
     )
-    fwd, rev = jobagent.forward_argv(opts), jobagent.reverse_argv(opts)
-    for argv in (fwd, rev):
+    fwd = jobagent.forward_argv(opts)
+    rev = jobagent.reverse_argv(opts, late=True, forward=True)
+    master = jobagent.reverse_argv(opts, late=True, forward=False)
+    for argv in (fwd, rev, master, jobagent.reverse_argv(opts, late=False, forward=True)):
         text = " ".join(argv)
         assert argv[0] == "ssh" and argv[-1] == "tunnelbot@10.0.0.1"
         assert "StrictHostKeyChecking=yes" in text
@@ -73,6 +75,17 @@ def test_the_agents_ssh_checks_the_hub_and_forwards_only_what_it_must():
     assert "-R" not in fwd
     assert rev[rev.index("-R") + 1] == "127.0.0.1:20001:/h/.xsedehub/jobs/u1-abc/server.sock"
     assert "-L" not in rev
+    # the reverse tunnel opens as a control master with no forward; the forward is added
+    # on it (through its control socket in the job directory) once the server listens
+    ctl = "ControlPath=/h/.xsedehub/jobs/u1-abc/tunnel.ctl"
+    assert "-R" not in master and "ControlMaster=yes" in master and ctl in master
+    add = jobagent.add_forward_argv(opts)
+    assert add[add.index("-O") + 1] == "forward" and ctl in add
+    assert add[add.index("-R") + 1] == rev[rev.index("-R") + 1]
+    assert "-i" not in add  # it authenticates nothing: the master's connection does
+    # where the control socket's path would be too long, the forward comes at once
+    plain = jobagent.reverse_argv(opts, late=False, forward=True)
+    assert "-R" in plain and not any(a.startswith("Control") for a in plain)
     opts.api_host = "fd00::1"
     assert jobagent.forward_argv(opts)[-2].endswith(":[fd00::1]:8081")
 

@@ -245,6 +245,20 @@ async def test_a_wait_for_a_socket_wakes_when_it_is_created(tmp_path):
         created.close()
 
 
+def test_a_job_directory_too_deep_for_the_control_socket_forwards_at_once(tmp_path):
+    """ssh binds the control socket at its path plus 17 characters: where that does not
+    fit a unix socket's path, the reverse tunnel forwards from its start (as before the
+    forward was added late) instead of failing."""
+    # the server's socket still fits (the agent runs), the control socket does not
+    deep = tmp_path / ("d" * (90 - len(str(tmp_path)) - 1))
+    assert len(str(deep / jobagent.SERVER_SOCKET)) <= jobagent.UNIX_PATH_MAX
+    short = jobagent.Agent(opts_for(tmp_path))
+    assert short.late_forward and "-R" not in short.reverse.argv
+    long = jobagent.Agent(opts_for(deep))
+    assert not long.late_forward and "-R" in long.reverse.argv
+    assert long.reverse.ready is None
+
+
 async def test_a_wait_for_a_linked_socket_sleeps_until_it_is_created(tmp_path, monkeypatch):
     """In the sandbox the server's socket is a link (``server.sock`` to
     ``sock/server.sock``) made before the server starts: the wait watches the link's

@@ -216,7 +216,8 @@ def finish(job: Job, keys) -> None:
 def assert_nothing_left(job: Job) -> None:
     assert not (job.dir / "env").exists(), "the environment (API token) is left"
     assert not (job.dir / "tunnel_key").exists(), "the tunnel key is left"
-    assert not (job.dir / "hubapi.sock").exists() and not (job.dir / "server.sock").exists()
+    for sock in ("hubapi.sock", "server.sock", "tunnel.ctl"):
+        assert not (job.dir / sock).exists(), sock
     assert job_processes(job.dir) == {}
     assert port_free(job.hub_port), "the reverse tunnel is still open"
     forwarded = re.search(r"hub API forwarded to local port (\d+)", job.log)
