@@ -67,7 +67,8 @@ class Result:
     all_ready_s: float = 0.0
     overhead_median_s: float = 0.0
     overhead_p95_s: float = 0.0
-    # ours only: the overhead split at the hub's own check answering ("Server is ready")
+    # ours only: the overhead split where the hub saw its port accept (the server listens
+    # and the tunnel is up: start() returns, JupyterHub checks the server and routes it)
     listening_to_answered_median_s: float = float("nan")
     answered_to_routed_median_s: float = float("nan")
     latency_median_s: float = 0.0
@@ -484,7 +485,7 @@ def hub_events(log: str, user: str, since: float) -> dict[str, float]:
             seen.setdefault("submitted", _stamp(m.group(1)))
         elif msg.startswith(f"{user}: Job ") and " running on " in msg:
             seen.setdefault("running", _stamp(m.group(1)))
-        elif msg == f"{user}: Server is ready":
+        elif msg == f"{user}: The server listens and the tunnel to the compute node is up":
             seen.setdefault("answered", _stamp(m.group(1)))
     return seen
 
@@ -575,8 +576,8 @@ def table(results: list[Result]) -> str:
         ("all ready (s)", "all_ready_s"),
         ("overhead median (s)", "overhead_median_s"),
         ("overhead p95 (s)", "overhead_p95_s"),
-        ("listening to hub check answered, median (s)", "listening_to_answered_median_s"),
-        ("hub check answered to routed, median (s)", "answered_to_routed_median_s"),
+        ("listening to hub port open, median (s)", "listening_to_answered_median_s"),
+        ("hub port open to routed, median (s)", "answered_to_routed_median_s"),
         ("latency median (s)", "latency_median_s"),
         ("latency p95 (s)", "latency_p95_s"),
         ("SSH handshakes", "handshakes_total"),

@@ -14,8 +14,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
-
 from .errors import ClusterUnreachable, SpawnError, StartTimeout
 from .job import JobFiles
 from .ssh import Connection
@@ -99,61 +97,26 @@ async def wait_server(
     files: JobFiles,
     *,
     hub_port: int,
-    url: str,
     timeout: float,
     report: Report,
 ) -> None:
-    """Until the server answers ``url`` through the tunnel on ``hub_port`` (checked often
-    at first, then every :data:`CHECK_MAX` seconds), watching that the job is still alive.
+    """Until the hub's port accepts (looked at often at first, then every
+    :data:`CHECK_MAX` seconds), watching that the job is still alive.
 
     The job's agent adds the reverse forward once the server listens on its socket, so
-    until then the port refuses on the hub itself: a check costs a refused ``connect()``
-    here and nothing on the node.  (A job of an older xsedehub forwards from its start:
-    its checks get no HTTP answer until the server listens, and are made again.)
-
-    The checks use an HTTP client of their own: tornado's shared one runs ten requests
-    at a time for the whole hub, and a burst of starting servers, each slow to answer its
-    first request, would hold every slot while servers that are ready wait."""
-    client = AsyncHTTPClient(force_instance=True)
-    try:
-        await _wait_server(
-            client, conn, job_id, files, hub_port=hub_port, url=url, timeout=timeout, report=report
-        )
-    finally:
-        client.close()
-
-
-async def _wait_server(
-    client: AsyncHTTPClient,
-    conn: Connection,
-    job_id: str,
-    files: JobFiles,
-    *,
-    hub_port: int,
-    url: str,
-    timeout: float,
-    report: Report,
-) -> None:
-    tunnel_seen = False
+    the port accepting *is* the server listening, and until then it is refused on the
+    hub itself: a look costs a refused ``connect()`` here and nothing on the compute node
+    or the hub's sshd.  The HTTP check that follows is JupyterHub's own (``wait_up``,
+    once start() returns): no second round trip through the tunnel.  (Where the job
+    directory's path is too long for ssh's control socket, the job forwards from the
+    tunnel's start; ``wait_up`` then retries until the server answers.)"""
     deadline = time.monotonic() + timeout
     next_job_check = time.monotonic() + 5
     delay = 0.05
     while time.monotonic() < deadline:
-        if not tunnel_seen:
-            tunnel_seen = await port_open(hub_port)
-            if tunnel_seen:
-                report("The tunnel to the compute node is up; checking the server", 80)
-        if tunnel_seen:
-            try:
-                await client.fetch(HTTPRequest(url, request_timeout=5, follow_redirects=False))
-                report("Server is ready", 95)
-                return
-            except HTTPClientError as e:
-                if e.code != 599:  # any HTTP answer means the server is there
-                    report("Server is ready", 95)
-                    return
-            except OSError:
-                pass
+        if await port_open(hub_port):
+            report("The server listens and the tunnel to the compute node is up", 95)
+            return
         if time.monotonic() >= next_job_check:
             next_job_check = time.monotonic() + 5
             try:

@@ -995,7 +995,6 @@ class SlurmSSHSpawner(Spawner):
                 self.job_id,
                 files,
                 hub_port=self.hub_port,
-                url=f"http://127.0.0.1:{self.hub_port}{self.server.base_url}api",
                 timeout=self.http_timeout,
                 report=self._progress,
             )
