@@ -67,6 +67,9 @@ BACKOFF_MAX = 5.0
 STABLE_SECONDS = 30.0
 #: in-process readiness checks (a connect() on a unix socket costs microseconds)
 CHECK_INTERVAL = 0.05
+#: a wait on a folder watch looks again after this long even if nothing was created
+#: (to see whether it should go on waiting)
+WATCH_FALLBACK = 1.0
 #: how long the server and ssh get to end on SIGTERM before SIGKILL
 SERVER_GRACE = 15.0
 SSH_GRACE = 3.0
@@ -212,7 +215,9 @@ async def _sleep_or(event: asyncio.Event, seconds: float) -> None:
 
 
 IN_MOVED_TO, IN_CREATE = 0x80, 0x100
-WATCHED = IN_CREATE | IN_MOVED_TO
+IN_ONLYDIR, IN_DONT_FOLLOW = 0x01000000, 0x02000000
+#: what a folder watch reports: a name created or moved in, in a folder that is no link
+WATCHED = IN_CREATE | IN_MOVED_TO | IN_ONLYDIR | IN_DONT_FOLLOW
 
 
 class Created:
@@ -221,6 +226,7 @@ class Created:
 
     def __init__(self, libc, fd: int) -> None:
         self.libc, self.fd = libc, fd
+        self.root = ""  # the first folder watched (the job directory)
         self.folders: set[str] = set()
         self.event = asyncio.Event()
         asyncio.get_running_loop().add_reader(fd, self._readable)
@@ -238,14 +244,15 @@ class Created:
         if fd < 0:
             return None
         created = cls(libc, fd)
+        created.root = os.path.abspath(directory)
         if not created.add(directory):
             created.close()
             return None
         return created
 
     def add(self, folder: str) -> bool:
-        """Watch ``folder`` too (True if it is watched)."""
-        folder = os.path.realpath(folder)
+        """Watch ``folder`` too (True if it is watched; a link is not followed)."""
+        folder = os.path.abspath(folder)
         if folder not in self.folders:
             if self.libc.inotify_add_watch(self.fd, os.fsencode(folder), WATCHED) < 0:
                 return False
@@ -254,8 +261,17 @@ class Created:
 
     def covers(self, path: str) -> bool:
         """Whether this watch sees ``path`` appear, adding a watch on the folder where
-        it will: a symbolic link's target folder (the sandbox's socket) is another."""
-        return self.add(os.path.dirname(os.path.realpath(path)))
+        it will.  ``path`` may be a link (the sandbox's socket: ``server.sock`` to
+        ``sock/server.sock``, made by the job script): its target's folder is read from
+        the link itself, one level, and watched only if it is inside the job directory
+        (the attendee owns what is in ``sock/``: nothing there is followed)."""
+        target = path
+        if os.path.islink(path):
+            target = os.path.join(os.path.dirname(path), os.readlink(path))
+        folder = os.path.dirname(os.path.normpath(target))
+        if folder != self.root and not folder.startswith(self.root + os.sep):
+            return False
+        return self.add(folder)
 
     def _readable(self) -> None:
         try:
@@ -285,7 +301,7 @@ async def wait_accepting(path: str, created: Created | None, waiting) -> bool:
         if accepts(path):
             return True
         if created is not None and not os.path.exists(path) and created.covers(path):  # noqa: ASYNC240 (one stat)
-            await created.wait(1.0)
+            await created.wait(WATCH_FALLBACK)
         else:
             await asyncio.sleep(CHECK_INTERVAL)
     return False
@@ -560,9 +576,11 @@ class Agent:
         if not self.late_forward:
             return
         self.reverse.argv = reverse_argv(self.opts, late=True, forward=True)
-        while not self.ending:
+        # not once the job is ending (SIGTERM: its key may be revoked and its port given
+        # to another spawn, whose user the forward would lead to this server)
+        while not self.ending and self.reverse.reopen:
             await _first(self.reverse.live, self.finished)
-            if self.ending or self.finished.is_set():
+            if self.ending or self.finished.is_set() or not self.reverse.reopen:
                 return
             if self.reverse.live_argv == self.reverse.argv:  # reopened: it forwards
                 return

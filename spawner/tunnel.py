@@ -4,7 +4,15 @@ Every server gets its own key pair, generated on the hub for that job.  Its line
 the tunnel account's ``authorized_keys`` allows exactly one thing: listen on that
 job's hub-side port on loopback, and open a connection to the hub API.  The line
 expires on its own and is removed when the job stops, so a leaked key cannot bind
-another user's port, nor its own once the job is gone.
+another user's port, nor log in once the job is gone.
+
+A revoked key's port stays out of use until the key would have expired: a job whose
+connection logged in before the revocation keeps that connection (sshd does not read
+the file again), and its agent adds the port's forward only once its server listens, so
+the port may still be bound by the old job.  Its line is replaced by a comment that
+holds the port::
+
+    # xsedehub: port PORT held until YYYYMMDDHHMMSSZ (revoked: SPAWN_ID)
 
 The authorized_keys file is also the registry of hub-side ports in use, so it survives
 hub restarts.  Every edit (read, change, atomic replace) holds an exclusive ``flock`` on
@@ -39,6 +47,10 @@ from . import validate as v
 _LINE = re.compile(
     r'permitlisten="127\.0\.0\.1:(?P<port>\d+)".*expiry-time="(?P<exp>\d{14})Z".*'
     r" xsedehub:(?P<spawn>[A-Za-z0-9_.-]+)$"
+)
+_HELD = re.compile(
+    r"^# xsedehub: port (?P<port>\d+) held until (?P<exp>\d{14})Z "
+    r"\(revoked: (?P<spawn>[A-Za-z0-9_.-]+)\)$"
 )
 _SPAWN_ID = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 #: the ids the spawner gives its spawns (see :func:`.slurm.new_spawn_id`)
@@ -168,6 +180,7 @@ class TunnelKeys:
             lines = [ln for ln in self._read() if not ln.endswith(f" xsedehub:{spawn_id}")]
             now = time.time()
             used = {e.port for e in self.entries() if e.expires > now and e.spawn_id != spawn_id}
+            used |= self._held(now)
             lo, hi = self.port_range
             port = next((p for p in range(lo, hi + 1) if p not in used and port_free(p)), None)
             if port is None:
@@ -185,20 +198,40 @@ class TunnelKeys:
         port = await self._edit(add)
         return TunnelGrant(spawn_id, port, key.export_private_key("openssh").decode(), expires)
 
+    def _held(self, now: float) -> set[int]:
+        """Ports of revoked keys that would not have expired yet."""
+        out = set()
+        for ln in self._read():
+            m = _HELD.match(ln)
+            if m and calendar.timegm(time.strptime(m["exp"], "%Y%m%d%H%M%S")) > now:
+                out.add(int(m["port"]))
+        return out
+
     @staticmethod
     def _expired(line: str, now: float) -> bool:
-        m = _LINE.search(line)
+        """A key line past its expiry, or a held port's comment past its hold."""
+        m = _LINE.search(line) or _HELD.match(line)
         if not m:
             return False
         exp = calendar.timegm(time.strptime(m["exp"], "%Y%m%d%H%M%S"))
         return exp <= now
 
     async def revoke(self, spawn_id: str) -> bool:
+        """Remove the spawn's key (True if it had one); its port stays held until the key
+        would have expired (see the module's text)."""
+
         def remove() -> bool:
-            lines = self._read()
-            keep = [ln for ln in lines if not ln.endswith(f" xsedehub:{spawn_id}")]
-            if len(keep) != len(lines):
-                self._write(keep)
+            keep, held = [], []
+            for ln in self._read():
+                m = _LINE.search(ln) if ln.endswith(f" xsedehub:{spawn_id}") else None
+                if m:
+                    held.append(
+                        f"# xsedehub: port {m['port']} held until {m['exp']}Z (revoked: {spawn_id})"
+                    )
+                else:
+                    keep.append(ln)
+            if held:
+                self._write(keep + held)
                 return True
             return False
 

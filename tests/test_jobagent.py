@@ -226,7 +226,8 @@ def test_a_job_directory_too_deep_for_a_unix_socket_is_said(tmp_path):
     assert "too long for a unix socket" in proc.stderr.read()
 
 
-async def test_a_wait_for_a_socket_wakes_when_it_is_created(tmp_path):
+async def test_a_wait_for_a_socket_wakes_when_it_is_created(tmp_path, monkeypatch):
+    monkeypatch.setattr(jobagent, "WATCH_FALLBACK", 60.0)  # only the watch can wake it
     created = jobagent.Created.watch(str(tmp_path))
     assert created is not None  # Linux: inotify through ctypes
     path = str(tmp_path / "server.sock")
@@ -245,18 +246,22 @@ async def test_a_wait_for_a_socket_wakes_when_it_is_created(tmp_path):
         created.close()
 
 
-def test_a_job_directory_too_deep_for_the_control_socket_forwards_at_once(tmp_path):
+def test_a_job_directory_too_deep_for_the_control_socket_forwards_at_once():
     """ssh binds the control socket at its path plus 17 characters: where that does not
     fit a unix socket's path, the reverse tunnel forwards from its start (as before the
-    forward was added late) instead of failing."""
-    # the server's socket still fits (the agent runs), the control socket does not
-    deep = tmp_path / ("d" * (90 - len(str(tmp_path)) - 1))
-    assert len(str(deep / jobagent.SERVER_SOCKET)) <= jobagent.UNIX_PATH_MAX
-    short = jobagent.Agent(opts_for(tmp_path))
-    assert short.late_forward and "-R" not in short.reverse.argv
-    long = jobagent.Agent(opts_for(deep))
-    assert not long.late_forward and "-R" in long.reverse.argv
-    assert long.reverse.ready is None
+    forward was added late) instead of failing.  (The agent only builds argv here.)"""
+    room = jobagent.UNIX_PATH_MAX - jobagent.CONTROL_SUFFIX - len("/tunnel.ctl")
+
+    def agent(length: int) -> jobagent.Agent:
+        opts = opts_for(Path("/tmp"))
+        opts.dir = "/" + "d" * (length - 1)
+        return jobagent.Agent(opts)
+
+    fits, too_long = agent(room), agent(room + 1)
+    assert fits.late_forward and "-R" not in fits.reverse.argv
+    assert fits.reverse.ready == fits.opts.dir + "/tunnel.ctl"
+    assert not too_long.late_forward and "-R" in too_long.reverse.argv
+    assert too_long.reverse.ready is None
 
 
 async def test_a_wait_for_a_linked_socket_sleeps_until_it_is_created(tmp_path, monkeypatch):
@@ -267,6 +272,7 @@ async def test_a_wait_for_a_linked_socket_sleeps_until_it_is_created(tmp_path, m
     (tmp_path / "sock").mkdir()
     link = tmp_path / "server.sock"
     link.symlink_to("sock/server.sock")
+    monkeypatch.setattr(jobagent, "WATCH_FALLBACK", 60.0)  # only the watch can wake it
     looks = []
     real_accepts = jobagent.accepts
     monkeypatch.setattr(jobagent, "accepts", lambda p: looks.append(p) or real_accepts(p))
@@ -276,8 +282,7 @@ async def test_a_wait_for_a_linked_socket_sleeps_until_it_is_created(tmp_path, m
         waiting = asyncio.ensure_future(jobagent.wait_accepting(str(link), created, lambda: True))
         await asyncio.sleep(1.5)
         assert not waiting.done()
-        # at most one look a second while nothing is created (polling: about 30)
-        assert len(looks) <= 3, f"{len(looks)} looks in 1.5 s"
+        assert len(looks) <= 3, f"{len(looks)} looks in 1.5 s"  # polling: about 30
         server = await asyncio.start_unix_server(
             lambda r, w: w.close(), tmp_path / "sock/server.sock"
         )
@@ -285,6 +290,82 @@ async def test_a_wait_for_a_linked_socket_sleeps_until_it_is_created(tmp_path, m
         server.close()
     finally:
         created.close()
+
+
+async def test_a_link_out_of_the_job_directory_is_not_watched(tmp_path):
+    """What the sandbox's socket folder holds is the attendee's: a socket link whose
+    target lies outside the job directory gets no watch there (the wait looks every
+    CHECK_INTERVAL instead), and links are read one level, never resolved further."""
+    job = tmp_path / "job"
+    (job / "sock").mkdir(parents=True)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    created = jobagent.Created.watch(str(job))
+    assert created is not None
+    try:
+        (job / "server.sock").symlink_to(outside / "server.sock")
+        assert created.covers(str(job / "server.sock")) is False
+        (job / "server.sock").unlink()
+        (job / "server.sock").symlink_to("sock/server.sock")
+        (job / "sock" / "server.sock").symlink_to(outside / "x.sock")  # a second level
+        assert created.covers(str(job / "server.sock")) is True
+        assert created.folders == {str(job), str(job / "sock")}
+    finally:
+        created.close()
+
+
+#: an ssh stand-in: records its argv; as a master, listens on its ControlPath; with -O,
+#: fails (the forward cannot be added: the port is taken on the hub side)
+FAKE_SSH = """
+import os, socket, sys, time
+argv = sys.argv[1:]
+with open(os.environ["FAKE_SSH_LOG"], "a") as f:
+    f.write(" ".join(argv) + "\\n")
+if "-O" in argv:
+    sys.exit(1)
+ctl = [a.split("=", 1)[1] for a in argv if a.startswith("ControlPath=")][0]
+s = socket.socket(socket.AF_UNIX)
+s.bind(ctl)
+s.listen()
+time.sleep(60)
+"""
+
+
+async def test_a_forward_that_cannot_be_added_reopens_the_tunnel_with_it(tmp_path, monkeypatch):
+    """A stale control socket does not keep the connection from opening; ``ssh -O
+    forward`` fails: the open connection is ended and reopened with the forward in its
+    own argv (ssh then retries it with backoff, ExitOnForwardFailure)."""
+    monkeypatch.setattr(jobagent, "BACKOFF_FIRST", 0.01)
+    fake = tmp_path / "ssh"
+    fake.write_text(f"#!{sys.executable}\n{FAKE_SSH}")
+    fake.chmod(0o755)
+    calls = tmp_path / "calls"
+    monkeypatch.setenv("FAKE_SSH_LOG", str(calls))
+    job = tmp_path / "job"
+    job.mkdir()
+    agent = jobagent.Agent(opts_for(job, "--ssh", str(fake)))
+    assert agent.late_forward
+    agent.created = agent.reverse.created = jobagent.Created.watch(str(job))
+    # a control socket left by a killed ssh: removed before each start, or ssh would
+    # say "already exists, disabling multiplexing" (the stand-in: fail to bind)
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(job / "tunnel.ctl"))
+    stale.close()
+    agent.reverse.start()
+    try:
+        await asyncio.wait_for(agent.reverse.live.wait(), 30)
+        await asyncio.wait_for(agent.open_reverse_forward(), 30)
+        deadline = time.monotonic() + 30
+        while len(calls.read_text().splitlines()) < 3 and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        first, add, again = calls.read_text().splitlines()[:3]
+        spec = f"-R 127.0.0.1:20001:{job}/server.sock"
+        assert spec not in first and "ControlMaster=yes" in first
+        assert add.startswith("-F /dev/null") and f"-O forward {spec}" in add
+        assert spec in again and "ControlMaster=yes" in again
+    finally:
+        await agent.reverse.stop()
+        agent.created.close()
 
 
 async def test_connections_past_the_cap_are_closed_and_the_relay_goes_on(tmp_path, monkeypatch):

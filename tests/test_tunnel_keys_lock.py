@@ -52,3 +52,24 @@ def test_two_processes_editing_the_keys_file_lose_no_line(tmp_path: Path):
     assert not missing and not extra
     ports = [e.port for e in entries]
     assert len(set(ports)) == len(ports), "one port handed to two keys"
+
+
+async def test_a_revoked_keys_port_is_held_until_the_key_would_have_expired(tmp_path: Path):
+    """A job whose connection logged in before its key was revoked keeps it (sshd does
+    not read the file again) and binds its port only once its server listens: the port
+    must not go to the next spawn meanwhile, or that spawn's user would be routed to the
+    old job's server.  Once the old key's expiry has passed, the port is free again."""
+    keys = TunnelKeys(str(tmp_path / "keys"), (40000, 40002), "127.0.0.1", 8081)
+    first = await keys.grant("u1-aaaaaaaaaaaa", 600)
+    assert await keys.revoke("u1-aaaaaaaaaaaa")
+    assert keys.entries() == []  # no key line: sshd lets the key in no more
+    second = await keys.grant("u2-bbbbbbbbbbbb", 600)
+    assert second.port != first.port
+    assert not await keys.revoke("u1-aaaaaaaaaaaa")  # nothing left to revoke
+    # a hold whose key would have expired already frees its port, and its line goes
+    gone = await keys.grant("u3-cccccccccccc", -60)
+    await keys.revoke("u3-cccccccccccc")
+    again = await keys.grant("u4-dddddddddddd", 600)
+    assert again.port == gone.port
+    assert "u3-cccccccccccc" not in (tmp_path / "keys").read_text()
+    assert f"port {first.port} held until" in (tmp_path / "keys").read_text()
