@@ -88,6 +88,8 @@ class Result:
     # CPU seconds by kind of process on the whole machine, from the first request until
     # all were ready (benchlib.CpuCensus; a lower bound)
     cpu_by_kind: dict[str, float] = field(default_factory=dict)
+    # the nice values the servers ran at (--hub-apart: the jobs'), read at "all ready"
+    servers_nice: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
@@ -126,12 +128,28 @@ def stop_hub(hub: subprocess.Popen, workdir: Path, info) -> None:
 JOBS_NICE = 10
 
 
-def renice_slurmd(value: int) -> None:
-    """Set every local slurmd's nice value (its jobs started from now on inherit it)."""
-    for pid in subprocess.run(
-        ["pgrep", "-x", "slurmd"], capture_output=True, text=True
-    ).stdout.split():
-        os.setpriority(os.PRIO_PROCESS, int(pid), value)
+def renice_slurmd(values: dict[int, int] | int) -> dict[int, int]:
+    """Set the local slurmd's nice values (one value for all, or pid -> value); the jobs
+    they start from now on inherit them.  Returns what they were."""
+    pids = subprocess.run(["pgrep", "-x", "slurmd"], capture_output=True, text=True).stdout
+    before = {}
+    for pid in map(int, pids.split()):
+        before[pid] = os.getpriority(os.PRIO_PROCESS, pid)
+        value = values if isinstance(values, int) else values.get(pid, before[pid])
+        os.setpriority(os.PRIO_PROCESS, pid, value)
+    return before
+
+
+def servers_nice() -> list[int]:
+    """The nice values of the running single-user servers (what --hub-apart gave them)."""
+    out = set()
+    for d in os.listdir("/proc"):
+        try:
+            if d.isdigit() and b"jupyterhub-singleuser" in Path(f"/proc/{d}/cmdline").read_bytes():
+                out.add(int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[16]))
+        except (OSError, IndexError, ValueError):
+            continue
+    return sorted(out)
 
 
 def run_one(
@@ -205,6 +223,7 @@ def run_one(
             time.sleep(0.25)
         census.__exit__(None, None, None)
         res.cpu_by_kind = census.by_kind()
+        res.servers_nice = servers_nice()
         res.failures = n - len(ready)
         res.all_ready_s = (max(ready.values()) - min(requested.values())) if ready else float("nan")
         latencies = [ready[nm] - requested[nm] for nm in ready]
@@ -681,9 +700,8 @@ def main() -> int:
     )
     path = Path(info.tunnel_authorized_keys)
     results = []
+    slurmd_nice = renice_slurmd(JOBS_NICE) if args.hub_apart else {}
     try:
-        if args.hub_apart:
-            renice_slurmd(JOBS_NICE)
         if "baseline" in args.impl:
             path.write_text(path.read_text() + line + "\n")
         for n in args.n:
@@ -705,8 +723,8 @@ def main() -> int:
                 results.append(res)
                 print(json.dumps(asdict(res)), flush=True)
     finally:
-        if args.hub_apart:
-            renice_slurmd(0)
+        if slurmd_nice:
+            renice_slurmd(slurmd_nice)
         path.write_text(
             "".join(
                 ln + "\n"
