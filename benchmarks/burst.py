@@ -140,6 +140,23 @@ def renice_slurmd(values: dict[int, int] | int) -> dict[int, int]:
     return before
 
 
+AUTOGROUP = Path("/proc/sys/kernel/sched_autogroup_enabled")
+
+
+def set_autogroup(value: str) -> str:
+    """Turn the kernel's per-session CPU sharing on ("1") or off ("0"); returns what it
+    was ("" where the kernel has none).  With it on, every job is a session of its own
+    and gets the same CPU share as the hub whatever its nice value: 100 jobs leave the
+    hub a hundredth of the CPU.  --hub-apart turns it off for the run, so the jobs' nice
+    value counts against the hub's."""
+    try:
+        before = AUTOGROUP.read_text().strip()
+        AUTOGROUP.write_text(value)
+    except OSError:
+        return ""
+    return before
+
+
 def servers_nice() -> list[int]:
     """The nice values of the running single-user servers (what --hub-apart gave them)."""
     out = set()
@@ -660,7 +677,8 @@ def main() -> int:
         action="store_true",
         help="model a hub on a machine of its own: its folder (the sqlite database) in "
         f"memory, and the cluster's jobs at nice {JOBS_NICE} (the nodes' slurmd, whose nice "
-        "value jobs inherit), so the hub's CPU and disk are not the jobs'",
+        "value jobs inherit; the kernel's per-session CPU sharing, autogroup, off for the "
+        "run), so the hub's CPU and disk are not the jobs'",
     )
     ap.add_argument(
         "--floor-server",
@@ -701,6 +719,7 @@ def main() -> int:
     path = Path(info.tunnel_authorized_keys)
     results = []
     slurmd_nice = renice_slurmd(JOBS_NICE) if args.hub_apart else {}
+    autogroup = set_autogroup("0") if args.hub_apart else ""
     try:
         if "baseline" in args.impl:
             path.write_text(path.read_text() + line + "\n")
@@ -725,6 +744,8 @@ def main() -> int:
     finally:
         if slurmd_nice:
             renice_slurmd(slurmd_nice)
+        if autogroup:
+            set_autogroup(autogroup)
         path.write_text(
             "".join(
                 ln + "\n"
