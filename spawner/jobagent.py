@@ -261,10 +261,10 @@ class Created:
 
     def covers(self, path: str) -> bool:
         """Whether this watch sees ``path`` appear, adding a watch on the folder where
-        it will.  ``path`` may be a link (the sandbox's socket: ``server.sock`` to
-        ``sock/server.sock``, made by the job script): its target's folder is read from
-        the link itself, one level, and watched only if it is inside the job directory
-        (the attendee owns what is in ``sock/``: nothing there is followed)."""
+        it will.  ``path`` may be a link (the sandbox's socket: the job script links
+        ``server.sock`` to a socket in the sandbox's own folder): its target's folder is
+        read from the link itself, one level, and watched only if it is inside the job
+        directory (the attendee owns what is in that folder: nothing there is followed)."""
         target = path
         if os.path.islink(path):
             target = os.path.join(os.path.dirname(path), os.readlink(path))

@@ -969,6 +969,7 @@ class SlurmSSHSpawner(Spawner):
         grant = await keys.grant(self.spawn_id, lifetime)
         self.services.spawns.started(self.spawn_id)
         self.hub_port = grant.port
+        submitting = False  # from here a job may exist (an sbatch that timed out, say)
         try:
             # inside: a script that cannot be built must not leave the key granted
             script = self.job_script(job_dir, grant.port)
@@ -977,9 +978,12 @@ class SlurmSSHSpawner(Spawner):
             await retry("writing job files", files.create, contents, *job.claims(self))
             # never sbatch twice: a retry first looks the spawn up by its comment
             submission = job.Submission(conn, script, self.spawn_id)
+            submitting = True
             self.job_id = await retry("submitting", submission)
         except BaseException:
-            await keys.revoke(self.spawn_id)
+            # no job, no connection that could have logged in with the key: its port
+            # need not be held
+            await keys.revoke(self.spawn_id, hold=submitting)
             self.services.spawns.ended(self.spawn_id)
             await files.remove_secrets()
             self.clear_state()

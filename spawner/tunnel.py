@@ -216,24 +216,26 @@ class TunnelKeys:
         exp = calendar.timegm(time.strptime(m["exp"], "%Y%m%d%H%M%S"))
         return exp <= now
 
-    async def revoke(self, spawn_id: str) -> bool:
-        """Remove the spawn's key (True if it had one); its port stays held until the key
-        would have expired (see the module's text)."""
+    async def revoke(self, spawn_id: str, *, hold: bool = True) -> bool:
+        """Remove the spawn's key (True if it had one).  Its port stays held until the key
+        would have expired (see the module's text), unless ``hold`` is false: no job was
+        ever submitted with the key, so nothing can have logged in with it."""
 
         def remove() -> bool:
-            keep, held = [], []
+            keep, held, removed = [], [], False
             for ln in self._read():
-                m = _LINE.search(ln) if ln.endswith(f" xsedehub:{spawn_id}") else None
-                if m:
+                if not ln.endswith(f" xsedehub:{spawn_id}"):
+                    keep.append(ln)
+                    continue
+                removed = True
+                m = _LINE.search(ln)
+                if hold and m:
                     held.append(
                         f"# xsedehub: port {m['port']} held until {m['exp']}Z (revoked: {spawn_id})"
                     )
-                else:
-                    keep.append(ln)
-            if held:
+            if removed:
                 self._write(keep + held)
-                return True
-            return False
+            return removed
 
         return await self._edit(remove)
 

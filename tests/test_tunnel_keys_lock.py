@@ -73,3 +73,8 @@ async def test_a_revoked_keys_port_is_held_until_the_key_would_have_expired(tmp_
     assert again.port == gone.port
     assert "u3-cccccccccccc" not in (tmp_path / "keys").read_text()
     assert f"port {first.port} held until" in (tmp_path / "keys").read_text()
+    # a key no job was ever submitted with holds nothing: its port is free at once
+    unused = await keys.grant("u5-eeeeeeeeeeee", 600)
+    assert await keys.revoke("u5-eeeeeeeeeeee", hold=False)
+    assert "u5-eeeeeeeeeeee" not in (tmp_path / "keys").read_text()
+    assert (await keys.grant("u6-ffffffffffff", 600)).port == unused.port
