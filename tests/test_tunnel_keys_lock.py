@@ -59,7 +59,7 @@ async def test_a_revoked_keys_port_is_held_until_the_key_would_have_expired(tmp_
     not read the file again) and binds its port only once its server listens: the port
     must not go to the next spawn meanwhile, or that spawn's user would be routed to the
     old job's server.  Once the old key's expiry has passed, the port is free again."""
-    keys = TunnelKeys(str(tmp_path / "keys"), (40000, 40002), "127.0.0.1", 8081)
+    keys = TunnelKeys(str(tmp_path / "keys"), (40000, 40005), "127.0.0.1", 8081)
     first = await keys.grant("u1-aaaaaaaaaaaa", 600)
     assert await keys.revoke("u1-aaaaaaaaaaaa")
     assert keys.entries() == []  # no key line: sshd lets the key in no more
