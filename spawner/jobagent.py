@@ -21,15 +21,18 @@ What it does, and why:
 * **It reports without a race.**  ``port N`` once the socket listens; then
   ``forward-open`` once ssh's socket answers, or ``forward-failed`` if it did not within
   ``--api-timeout`` seconds (ssh's own messages, in the job's log, say why).
-* **It keeps the two SSH connections open** as the tunnel account, each reopened with
-  backoff whenever it drops: the hub API forward, and the reverse tunnel from the hub's
-  port to the server's socket.  Both open at the job's start, while the server starts,
-  so neither handshake delays the server being seen by the hub.  The reverse tunnel
-  opens with no forward, as a control master; the forward is added on it (``ssh -O
-  forward``: a request on the open connection) once the server listens.  Until then the
-  hub's port refuses connections on the hub itself, so the hub's checks while the server
-  starts cost the node and the hub's sshd nothing.  Readiness is checked in this process
-  (a ``connect()`` on a unix socket, woken by inotify), never by starting a process.
+* **It keeps one SSH connection open** as the tunnel account, reopened with backoff
+  whenever it drops.  It carries both forwards: the hub API forward, and the reverse
+  tunnel from the hub's port to the server's socket.  It opens at the job's start, while
+  the server starts, so its handshake does not delay the server being seen by the hub.
+  It opens with the API forward only, as a control master; the reverse forward is added
+  on it once the server listens: a request on the open connection, through its control
+  socket, in OpenSSH's control protocol (what ``ssh -O forward`` sends, without
+  starting it).
+  Until then the hub's port refuses connections on the hub itself, so the hub's checks
+  while the server starts cost the node and the hub's sshd nothing.  Readiness is
+  checked in this process (a ``connect()`` on a unix socket, woken by inotify), never
+  by starting a process.
 * **It ends cleanly**: when the control channel closes (the script ended, or died), or on
   SIGTERM when there is no control channel.  In that order: the secret files go, the
   server is ended if it still runs, then the ssh children, and only then the port.  On
@@ -38,13 +41,21 @@ What it does, and why:
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":  # the job's agent (not the hub, not a test importing this)
+    # it speaks no TLS: asyncio imports ssl only to offer it, and OpenSSL's start-up
+    # would add 1.3 MB to every job (an import of a module set to None fails, and
+    # asyncio goes on without it, as on a Python built without ssl)
+    sys.modules.setdefault("ssl", None)  # type: ignore[assignment]
+
 import argparse
 import asyncio
 import os
 import random
 import signal
 import socket
-import sys
+import struct
 import time
 
 #: files of the job directory that hold secrets: removed on every way out
@@ -73,8 +84,21 @@ WATCH_FALLBACK = 1.0
 #: how long the server and ssh get to end on SIGTERM before SIGKILL
 SERVER_GRACE = 15.0
 SSH_GRACE = 3.0
-#: how long ``ssh -O forward`` gets to add the forward to the open connection
+#: how long the open connection gets to add the forward (the hub's sshd answering)
 ADD_FORWARD_TIMEOUT = 30.0
+#: OpenSSH's control protocol (PROTOCOL.mux in OpenSSH's sources), version 4: what
+#: ``ssh -O forward`` sends, spoken here without starting a process for it
+MUX_VERSION = 4
+MUX_MSG_HELLO = 0x00000001
+MUX_C_OPEN_FWD = 0x10000006
+MUX_S_OK = 0x80000001
+MUX_S_PERMISSION_DENIED = 0x80000002
+MUX_S_FAILURE = 0x80000003
+MUX_S_REMOTE_PORT = 0x80000007
+MUX_FWD_REMOTE = 2
+MUX_PORT_STREAMLOCAL = 0xFFFFFFFE  # (unsigned) -2: the connect host is a unix socket path
+MUX_MAX_PACKET = 256 * 1024  # the master's own bound on a packet
+MUX_REQUEST_ID = 0  # as ssh -O numbers its first request
 UNIX_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
 
 
@@ -142,10 +166,10 @@ def ssh_argv(opts: argparse.Namespace, *forward: str) -> list[str]:
     ]
 
 
-def forward_argv(opts: argparse.Namespace) -> list[str]:
-    """``ssh -L <job dir>/hubapi.sock:<hub API>``: the forward listens on a unix socket."""
+def api_spec(opts: argparse.Namespace) -> str:
+    """``<job dir>/hubapi.sock:<hub API>``: the hub API forward listens on a unix socket."""
     host = f"[{opts.api_host}]" if ":" in opts.api_host else opts.api_host
-    return ssh_argv(opts, "-L", f"{opts.dir}/{API_SOCKET}:{host}:{opts.api_port}")
+    return f"{opts.dir}/{API_SOCKET}:{host}:{opts.api_port}"
 
 
 def reverse_spec(opts: argparse.Namespace) -> str:
@@ -157,24 +181,90 @@ def control_path(opts: argparse.Namespace) -> str:
     return os.path.join(opts.dir, CONTROL_SOCKET)
 
 
-def reverse_argv(opts: argparse.Namespace, *, late: bool, forward: bool) -> list[str]:
-    """The reverse tunnel's connection: ``ssh -R <reverse_spec>``.  With ``late``, a
-    control master (its socket in the job directory), and without ``forward`` it opens
-    with no forward yet: :func:`add_forward_argv` adds it once the server listens."""
-    if not late:
-        return ssh_argv(opts, "-R", reverse_spec(opts))
+def tunnel_argv(opts: argparse.Namespace, *, late: bool, forward: bool) -> list[str]:
+    """The job's one SSH connection: ``ssh -L <api_spec> -R <reverse_spec>``.  With
+    ``late``, a control master (its socket in the job directory), and without ``forward``
+    it opens with the API forward only: :func:`add_forward` adds the reverse forward once
+    the server listens.  Without ``late`` both forwards come at once."""
     mux = ("-o", "ControlMaster=yes", "-o", f"ControlPath={control_path(opts)}")
-    return ssh_argv(opts, *mux, *(("-R", reverse_spec(opts)) if forward else ()))
+    reverse = ("-R", reverse_spec(opts)) if forward or not late else ()
+    return ssh_argv(opts, *(mux if late else ()), "-L", api_spec(opts), *reverse)
 
 
-def add_forward_argv(opts: argparse.Namespace) -> list[str]:
-    """``ssh -O forward -R <reverse_spec>``: the forward, added to the open connection
-    through its control socket (a request on it: no new connection, no handshake)."""
-    return [
-        opts.ssh,
-        *("-F", "/dev/null", "-o", f"ControlPath={control_path(opts)}"),
-        *("-O", "forward", "-R", reverse_spec(opts), opts.ssh_target),
-    ]
+def _mux_u32(*values: int) -> bytes:
+    return struct.pack(f">{len(values)}I", *values)
+
+
+def _mux_string(text: str) -> bytes:
+    data = os.fsencode(text)
+    return _mux_u32(len(data)) + data
+
+
+def mux_packet(kind: int, body: bytes) -> bytes:
+    """One control-protocol packet: its length, its type, its body."""
+    return _mux_u32(4 + len(body), kind) + body
+
+
+def open_forward_request(opts: argparse.Namespace) -> bytes:
+    """The hello and ``MUX_C_OPEN_FWD`` for ``-R <reverse_spec>``, byte for byte what
+    ``ssh -O forward -R 127.0.0.1:<hub port>:<job dir>/server.sock`` sends."""
+    forward = (
+        _mux_u32(MUX_REQUEST_ID, MUX_FWD_REMOTE)
+        + _mux_string("127.0.0.1")
+        + _mux_u32(opts.hub_port)
+        + _mux_string(f"{opts.dir}/{SERVER_SOCKET}")
+        + _mux_u32(MUX_PORT_STREAMLOCAL)
+    )
+    return mux_packet(MUX_MSG_HELLO, _mux_u32(MUX_VERSION)) + mux_packet(MUX_C_OPEN_FWD, forward)
+
+
+async def _mux_read(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    (length,) = struct.unpack(">I", await reader.readexactly(4))
+    if not 4 <= length <= MUX_MAX_PACKET:
+        raise ValueError(f"a packet of {length} bytes")
+    data = await reader.readexactly(length)
+    return struct.unpack(">I", data[:4])[0], data[4:]
+
+
+def _mux_reason(body: bytes) -> str:
+    """The reason of a ``MUX_S_FAILURE`` or ``MUX_S_PERMISSION_DENIED`` (after its
+    request id), printable."""
+    (length,) = struct.unpack(">I", body[4:8])
+    reason = body[8 : 8 + length].decode("utf-8", "replace")
+    return "".join(ch if ch.isprintable() else "?" for ch in reason)[:200]
+
+
+async def add_forward(opts: argparse.Namespace, timeout: float) -> str | None:
+    """Add the reverse forward to the open connection through its control socket, as
+    ``ssh -O forward`` does, but in this process: a request on the connection (no new
+    connection, no handshake, no process to start while the node is busiest).  The
+    master answers once the hub's sshd has bound the port.  None when it is added (or
+    was already there), else why not."""
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_unix_connection(control_path(opts)), timeout
+        )
+    except (OSError, asyncio.TimeoutError) as e:  # noqa: UP041 (not the same class before 3.11)
+        return f"cannot reach the connection's control socket: {e}"
+    try:
+        writer.write(open_forward_request(opts))
+        kind, body = await asyncio.wait_for(_mux_read(reader), timeout)
+        if kind != MUX_MSG_HELLO or body[:4] != _mux_u32(MUX_VERSION):
+            return "the control socket does not speak version 4 of ssh's control protocol"
+        kind, body = await asyncio.wait_for(_mux_read(reader), timeout)
+        if body[:4] != _mux_u32(MUX_REQUEST_ID):
+            return "an answer to another request"
+        if kind in (MUX_S_OK, MUX_S_REMOTE_PORT):
+            return None
+        if kind in (MUX_S_FAILURE, MUX_S_PERMISSION_DENIED):
+            return _mux_reason(body)
+        return f"an unexpected answer ({kind:#x})"
+    except asyncio.TimeoutError:  # noqa: UP041 (not the same class before Python 3.11)
+        return f"no answer within {timeout:g} s"
+    except (OSError, EOFError, ValueError, struct.error) as e:
+        return f"the control connection failed: {e!r}"
+    finally:
+        writer.close()
 
 
 def remove_secrets(job_dir: str) -> None:
@@ -328,11 +418,15 @@ def _die_with_parent() -> None:
 class Connection:
     """One ssh process, reopened with backoff whenever it ends, until :meth:`stop`.
 
-    ``ready``, if given, is a unix socket that answers once the connection is usable:
-    :attr:`opened` is set the first time it does."""
+    ``ready`` are unix sockets that all answer once the connection is usable (its
+    forward, its control socket): :attr:`opened` is set the first time they do."""
 
     def __init__(
-        self, name: str, argv: list[str], ready: str | None = None, created: Created | None = None
+        self,
+        name: str,
+        argv: list[str],
+        ready: tuple[str, ...] = (),
+        created: Created | None = None,
     ) -> None:
         self.name, self.argv, self.ready, self.created = name, argv, ready, created
         self.proc: asyncio.subprocess.Process | None = None
@@ -362,9 +456,10 @@ class Connection:
             return None
 
     async def _watch_ready(self, proc: asyncio.subprocess.Process, argv: list[str]) -> None:
-        if self.ready and await wait_accepting(
-            self.ready, self.created, lambda: proc.returncode is None
-        ):
+        for path in self.ready:
+            if not await wait_accepting(path, self.created, lambda: proc.returncode is None):
+                return
+        if self.ready:
             if self.opened.is_set():
                 log(f"{self.name} open again")
             self.live_argv = argv
@@ -378,9 +473,9 @@ class Connection:
                 return
             began = time.monotonic()
             self.starts += 1
-            if self.ready:  # a socket the last process left would pass for this one's
+            for path in self.ready:  # a socket the last process left would pass for its own
                 try:
-                    os.unlink(self.ready)
+                    os.unlink(path)
                 except OSError:
                     pass
             argv = list(self.argv)
@@ -480,17 +575,17 @@ class Agent:
         self.opts = opts
         self.api_path = os.path.join(opts.dir, API_SOCKET)
         self.server_path = os.path.join(opts.dir, SERVER_SOCKET)
-        self.forward = Connection("hub API forward", forward_argv(opts), ready=self.api_path)
-        # the reverse tunnel opens at the start with no forward, and the forward is added
-        # when the server listens: until then the hub's port refuses at once, on the hub,
-        # and a check the hub makes costs nothing here (where ssh's control socket cannot
-        # be made, the path being too long, it forwards from the start)
+        # the connection opens at the start with the API forward only, and the reverse
+        # forward is added when the server listens: until then the hub's port refuses at
+        # once, on the hub, and a check the hub makes costs nothing here (where ssh's
+        # control socket cannot be made, the path being too long, it forwards from the
+        # start)
         ctl = control_path(opts)
         self.late_forward = len(os.fsencode(ctl)) + CONTROL_SUFFIX <= UNIX_PATH_MAX
-        self.reverse = Connection(
-            f"tunnel to hub port {opts.hub_port}",
-            reverse_argv(opts, late=self.late_forward, forward=not self.late_forward),
-            ready=ctl if self.late_forward else None,
+        self.tunnel = Connection(
+            f"tunnel to the hub (API, port {opts.hub_port})",
+            tunnel_argv(opts, late=self.late_forward, forward=not self.late_forward),
+            ready=(self.api_path, ctl) if self.late_forward else (self.api_path,),
         )
         self.server: Process | None = None
         self.created: Created | None = None
@@ -575,23 +670,23 @@ class Agent:
         through its control socket, or, if that fails, is reopened with it."""
         if not self.late_forward:
             return
-        self.reverse.argv = reverse_argv(self.opts, late=True, forward=True)
+        self.tunnel.argv = tunnel_argv(self.opts, late=True, forward=True)
         # not once the job is ending (SIGTERM: its key may be revoked and its port given
         # to another spawn, whose user the forward would lead to this server)
-        while not self.ending and self.reverse.reopen:
-            await _first(self.reverse.live, self.finished)
-            if self.ending or self.finished.is_set() or not self.reverse.reopen:
+        while not self.ending and self.tunnel.reopen:
+            await _first(self.tunnel.live, self.finished)
+            if self.ending or self.finished.is_set() or not self.tunnel.reopen:
                 return
-            if self.reverse.live_argv == self.reverse.argv:  # reopened: it forwards
+            if self.tunnel.live_argv == self.tunnel.argv:  # reopened: it forwards
                 return
-            rc = await run_briefly(add_forward_argv(self.opts), ADD_FORWARD_TIMEOUT)
-            if rc == 0:
+            why = await add_forward(self.opts, ADD_FORWARD_TIMEOUT)
+            if why is None:
                 log(f"hub port {self.opts.hub_port} now leads to the server")
                 return
-            if not self.reverse.live.is_set():  # it dropped meanwhile: look again
+            if not self.tunnel.live.is_set():  # it dropped meanwhile: look again
                 continue
-            log(f"could not add the forward to the open tunnel ({rc}): reopening it")
-            self.reverse.restart()
+            log(f"could not add the forward to the open tunnel ({why}): reopening it")
+            self.tunnel.restart()
             return
 
     # ------------------------------------------------------------------ control
@@ -615,7 +710,7 @@ class Agent:
         reopened; with a control channel, the script says when the rest may go."""
         if not self.ending:
             remove_secrets(self.opts.dir)
-            self.forward.reopen = self.reverse.reopen = False
+            self.tunnel.reopen = False
         if self.opts.ctl_fd is None:
             self.finished.set()
 
@@ -624,10 +719,10 @@ class Agent:
         opened = asyncio.ensure_future(self.opened_or_finished())
         await asyncio.wait([opened], timeout=self.opts.api_timeout)
         opened.cancel()
-        return self.forward.opened.is_set()
+        return self.tunnel.opened.is_set()
 
     async def opened_or_finished(self) -> None:
-        await _first(self.forward.opened, self.finished)
+        await _first(self.tunnel.opened, self.finished)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -638,18 +733,16 @@ class Agent:
                 log(f"the job directory's path is too long for a unix socket: {path}")
                 emit("failed")
                 return 2
-        self.created = self.forward.created = self.reverse.created = Created.watch(self.opts.dir)
+        self.created = self.tunnel.created = Created.watch(self.opts.dir)
         self.bind()
         await self.serve()
         emit(f"port {self.port}")
         if self.opts.ctl_fd is not None:
             self._tasks.add(asyncio.ensure_future(self.control(self.opts.ctl_fd)))
-        # both connections open at once, while the server starts: the reverse tunnel is
-        # ready before the server listens, so no SSH handshake lies between the server
-        # listening and the hub seeing it (a connection the hub makes before that is
-        # refused by ssh on the node, and the hub asks again)
-        self.forward.start()
-        self.reverse.start()
+        # the connection opens while the server starts: it is ready before the server
+        # listens, so no SSH handshake lies between the server listening and the hub
+        # seeing it
+        self.tunnel.start()
         if await self.wait_forward():
             log(f"hub API forwarded to local port {self.port} (held by the job agent)")
             emit("forward-open")
@@ -658,7 +751,7 @@ class Agent:
                 f"the hub API forward did not open within {self.opts.api_timeout:g} s "
                 "(ssh's messages above say why)"
             )
-            await self.forward.stop()
+            await self.tunnel.stop()
             emit("forward-failed")
             if self.opts.ctl_fd is None:
                 self.finished.set()
@@ -673,7 +766,7 @@ class Agent:
         if self.server is not None and self.server.alive():
             log("the job script is gone while the server runs: ending the server")
             await self.server.end(SERVER_GRACE)
-        await asyncio.gather(self.reverse.stop(), self.forward.stop())
+        await self.tunnel.stop()
         if self._relay is not None:
             self._relay.close()
         for w in list(self._clients):
@@ -698,26 +791,6 @@ async def _first(*events: asyncio.Event) -> None:
     finally:
         for w in waiters:
             w.cancel()
-
-
-async def run_briefly(argv: list[str], timeout: float) -> int | None:
-    """Run a short command (its messages to the job's log); its exit status, or None
-    if it could not start or did not end within ``timeout`` seconds (then it is ended)."""
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=sys.stderr.fileno(),
-            preexec_fn=_die_with_parent,
-        )
-    except OSError as e:
-        log(f"cannot run {argv[0]}: {e}")
-        return None
-    try:
-        return await asyncio.wait_for(proc.wait(), timeout)
-    except asyncio.TimeoutError:  # noqa: UP041 (not the same class before Python 3.11)
-        await _end(proc, SSH_GRACE)
-        return None
 
 
 async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

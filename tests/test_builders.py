@@ -59,10 +59,10 @@ def test_the_agents_ssh_checks_the_hub_and_forwards_only_what_it_must():
             *("--api-host", "127.0.0.1", "--api-port", "8081", "--hub-port", "20001"),
         ]
     )
-    fwd = jobagent.forward_argv(opts)
-    rev = jobagent.reverse_argv(opts, late=True, forward=True)
-    master = jobagent.reverse_argv(opts, late=True, forward=False)
-    for argv in (fwd, rev, master, jobagent.reverse_argv(opts, late=False, forward=True)):
+    late = jobagent.tunnel_argv(opts, late=True, forward=True)
+    master = jobagent.tunnel_argv(opts, late=True, forward=False)
+    plain = jobagent.tunnel_argv(opts, late=False, forward=True)
+    for argv in (late, master, plain):
         text = " ".join(argv)
         assert argv[0] == "ssh" and argv[-1] == "tunnelbot@10.0.0.1"
         assert "StrictHostKeyChecking=yes" in text
@@ -70,24 +70,20 @@ def test_the_agents_ssh_checks_the_hub_and_forwards_only_what_it_must():
         assert "GlobalKnownHostsFile=/dev/null" in text
         assert "-i /h/.xsedehub/jobs/u1-abc/tunnel_key" in text
         assert "ExitOnForwardFailure=yes" in text and "BatchMode=yes" in text
-    # the forward listens on a unix socket in the job directory, never on a port
-    assert fwd[fwd.index("-L") + 1] == "/h/.xsedehub/jobs/u1-abc/hubapi.sock:127.0.0.1:8081"
-    assert "-R" not in fwd
-    assert rev[rev.index("-R") + 1] == "127.0.0.1:20001:/h/.xsedehub/jobs/u1-abc/server.sock"
-    assert "-L" not in rev
-    # the reverse tunnel opens as a control master with no forward; the forward is added
-    # on it (through its control socket in the job directory) once the server listens
+        # one connection carries both: the API forward listens on a unix socket in the
+        # job directory, never on a port
+        assert argv[argv.index("-L") + 1] == "/h/.xsedehub/jobs/u1-abc/hubapi.sock:127.0.0.1:8081"
+        assert argv.count("-L") == 1 and argv.count("-R") <= 1
+    assert late[late.index("-R") + 1] == "127.0.0.1:20001:/h/.xsedehub/jobs/u1-abc/server.sock"
+    # it opens as a control master with the API forward only; the reverse forward is
+    # added on it (through its control socket in the job directory) once the server listens
     ctl = "ControlPath=/h/.xsedehub/jobs/u1-abc/tunnel.ctl"
     assert "-R" not in master and "ControlMaster=yes" in master and ctl in master
-    add = jobagent.add_forward_argv(opts)
-    assert add[add.index("-O") + 1] == "forward" and ctl in add
-    assert add[add.index("-R") + 1] == rev[rev.index("-R") + 1]
-    assert "-i" not in add  # it authenticates nothing: the master's connection does
     # where the control socket's path would be too long, the forward comes at once
-    plain = jobagent.reverse_argv(opts, late=False, forward=True)
-    assert "-R" in plain and not any(a.startswith("Control") for a in plain)
+    assert plain[plain.index("-R") + 1] == late[late.index("-R") + 1]
+    assert not any(a.startswith("Control") for a in plain)
     opts.api_host = "fd00::1"
-    assert jobagent.forward_argv(opts)[-2].endswith(":[fd00::1]:8081")
+    assert jobagent.api_spec(opts).endswith(":[fd00::1]:8081")
 
 
 def test_script_with_account_gpus_and_prologue():

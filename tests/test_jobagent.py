@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -119,7 +120,9 @@ async def test_a_dropped_connection_is_reopened_until_stopped(tmp_path, monkeypa
         "import socket, sys, time; s = socket.socket(socket.AF_UNIX); "
         "s.bind(sys.argv[1]); s.listen(); time.sleep(60)"
     )
-    slow = jobagent.Connection("slow", [sys.executable, "-c", listen, str(sock)], ready=str(sock))
+    slow = jobagent.Connection(
+        "slow", [sys.executable, "-c", listen, str(sock)], ready=(str(sock),)
+    )
     slow.start()
     await asyncio.wait_for(slow.opened.wait(), 30)
     proc = slow.proc
@@ -194,6 +197,22 @@ def test_a_forward_that_never_opens_is_reported_and_the_port_held_till_the_end(t
     assert intruder_binds(int(port)) != []
 
 
+def test_the_agent_loads_no_tls_but_the_hub_keeps_it(tmp_path):
+    """Run as the job's agent, it leaves ssl (and OpenSSL, 1.3 MB per job) out; imported
+    into another program (the hub reads its text; tests import it), it changes nothing."""
+    proc, ctl = run_agent(tmp_path, "--ssh", "/bin/false", "--api-timeout", "60")
+    try:
+        assert proc.stdout.readline().split()[0] == "port"
+        maps = Path(f"/proc/{proc.pid}/maps").read_text()
+        assert "libssl" not in maps and "_ssl" not in maps, maps
+    finally:
+        os.close(ctl)
+        assert proc.wait(30) == 0
+    code = "import xsedehub.spawner.jobagent, ssl, asyncio.sslproto as p; print(p.ssl is ssl)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout == "True\n"
+
+
 def test_sigterm_removes_the_secrets_at_once(tmp_path):
     proc, ctl = run_agent(tmp_path, "--ssh", "/bin/false", "--api-timeout", "60")
     try:
@@ -258,10 +277,12 @@ def test_a_job_directory_too_deep_for_the_control_socket_forwards_at_once():
         return jobagent.Agent(opts)
 
     fits, too_long = agent(room), agent(room + 1)
-    assert fits.late_forward and "-R" not in fits.reverse.argv
-    assert fits.reverse.ready == fits.opts.dir + "/tunnel.ctl"
-    assert not too_long.late_forward and "-R" in too_long.reverse.argv
-    assert too_long.reverse.ready is None
+    assert fits.late_forward and "-R" not in fits.tunnel.argv and "-L" in fits.tunnel.argv
+    api = fits.opts.dir + "/hubapi.sock"
+    assert fits.tunnel.ready == (api, fits.opts.dir + "/tunnel.ctl")
+    assert not too_long.late_forward and "-R" in too_long.tunnel.argv
+    assert "-L" in too_long.tunnel.argv
+    assert too_long.tunnel.ready == (too_long.opts.dir + "/hubapi.sock",)
 
 
 async def test_a_wait_for_a_linked_socket_sleeps_until_it_is_created(tmp_path, monkeypatch):
@@ -314,27 +335,123 @@ async def test_a_link_out_of_the_job_directory_is_not_watched(tmp_path):
         created.close()
 
 
-#: an ssh stand-in: records its argv; as a master, listens on its ControlPath; with -O,
-#: fails (the forward cannot be added: the port is taken on the hub side)
+def _serve_one_mux_client(ctl: Path, answer: bytes) -> tuple[threading.Thread, list[bytes]]:
+    """A control master's side of one control connection: its hello, then every packet
+    the client sends is recorded, and the first one after the client's hello gets
+    ``answer`` (an ``MUX_S_*`` type and body; the request id is the client's)."""
+    got: list[bytes] = []
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(ctl))
+    srv.listen()
+
+    def packet(c: socket.socket) -> bytes:
+        head = c.recv(4, socket.MSG_WAITALL)
+        return head + c.recv(int.from_bytes(head, "big"), socket.MSG_WAITALL)
+
+    def serve() -> None:
+        c, _ = srv.accept()
+        with c, srv:
+            c.sendall(jobagent.mux_packet(jobagent.MUX_MSG_HELLO, (4).to_bytes(4, "big")))
+            got.append(packet(c))  # the client's hello
+            got.append(packet(c))  # its request
+            request_id = got[-1][8:12]
+            c.sendall(
+                jobagent.mux_packet(int.from_bytes(answer[:4], "big"), request_id + answer[4:])
+            )
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return t, got
+
+
+def test_the_forward_request_is_what_ssh_O_forward_sends(tmp_path):
+    """The agent speaks OpenSSH's control protocol itself instead of starting
+    ``ssh -O forward -R ...``: the real ssh client's bytes, recorded on a control socket,
+    are the agent's, byte for byte."""
+    opts = opts_for(tmp_path)
+    ok = jobagent._mux_u32(jobagent.MUX_S_OK)
+    t, got = _serve_one_mux_client(tmp_path / "tunnel.ctl", ok)
+    spec = f"127.0.0.1:20001:{tmp_path}/server.sock"
+    r = subprocess.run(
+        ["ssh", "-F", "/dev/null", "-o", f"ControlPath={tmp_path}/tunnel.ctl"]
+        + ["-O", "forward", "-R", spec, "tunnelbot@127.0.0.1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    t.join(10)
+    assert r.returncode == 0, r.stderr
+    assert b"".join(got) == jobagent.open_forward_request(opts)
+
+
+async def test_the_agent_adds_the_forward_and_says_why_not(tmp_path):
+    """The master's answers: OK is added; a refusal comes back with the master's reason
+    (printable only); a socket nobody listens on, or one that does not answer in the
+    protocol, is a reason too, never an exception."""
+    opts = opts_for(tmp_path)
+    ctl = tmp_path / "tunnel.ctl"
+    t, got = _serve_one_mux_client(ctl, jobagent._mux_u32(jobagent.MUX_S_OK))
+    assert await jobagent.add_forward(opts, 10) is None
+    t.join(10)
+    assert b"".join(got) == jobagent.open_forward_request(opts)
+    ctl.unlink()
+    reason = b"remote port forwarding failed for listen port 20001\x1b[2J"
+    refusal = jobagent._mux_u32(jobagent.MUX_S_FAILURE, len(reason)) + reason
+    t, _ = _serve_one_mux_client(ctl, refusal)
+    why = await jobagent.add_forward(opts, 10)
+    t.join(10)
+    assert why == "remote port forwarding failed for listen port 20001?[2J"
+    ctl.unlink()
+    assert "cannot reach the connection's control socket" in await jobagent.add_forward(opts, 10)
+    # a listener that says nothing: the timeout, not a hang
+    silent = socket.socket(socket.AF_UNIX)
+    silent.bind(str(ctl))
+    silent.listen()
+    try:
+        assert await jobagent.add_forward(opts, 0.5) == "no answer within 0.5 s"
+    finally:
+        silent.close()
+
+
+#: an ssh stand-in: records its argv; listens on its -L socket and, as a master, on its
+#: ControlPath, and refuses the forward in the control protocol (the port is taken on
+#: the hub side)
 FAKE_SSH = """
 import os, socket, sys, time
 argv = sys.argv[1:]
 with open(os.environ["FAKE_SSH_LOG"], "a") as f:
     f.write(" ".join(argv) + "\\n")
-if "-O" in argv:
-    sys.exit(1)
+api = socket.socket(socket.AF_UNIX)
+api.bind(argv[argv.index("-L") + 1].split(":")[0])
+api.listen()
 ctl = [a.split("=", 1)[1] for a in argv if a.startswith("ControlPath=")][0]
 s = socket.socket(socket.AF_UNIX)
 s.bind(ctl)
 s.listen()
-time.sleep(60)
+while True:
+    c, _ = s.accept()  # the agent's own look at the socket closes at once: no request
+    try:
+        c.sendall((8).to_bytes(4, "big") + (1).to_bytes(4, "big") + (4).to_bytes(4, "big"))
+        for _ in range(2):
+            head = c.recv(4, socket.MSG_WAITALL)
+            body = c.recv(int.from_bytes(head, "big"), socket.MSG_WAITALL)
+    except OSError:
+        continue
+    if len(head) < 4:
+        continue
+    with open(os.environ["FAKE_SSH_LOG"], "a") as f:
+        f.write("mux " + body.hex() + "\\n")
+    reason = b"remote port forwarding failed for listen port 20001"
+    answer = (0x80000003).to_bytes(4, "big") + body[4:8] + len(reason).to_bytes(4, "big") + reason
+    c.sendall(len(answer).to_bytes(4, "big") + answer)
+    c.close()
 """
 
 
 async def test_a_forward_that_cannot_be_added_reopens_the_tunnel_with_it(tmp_path, monkeypatch):
-    """A stale control socket does not keep the connection from opening; ``ssh -O
-    forward`` fails: the open connection is ended and reopened with the forward in its
-    own argv (ssh then retries it with backoff, ExitOnForwardFailure)."""
+    """A stale control socket does not keep the connection from opening; the master
+    refuses the forward: the open connection is ended and reopened with the forward in
+    its own argv (ssh then retries it with backoff, ExitOnForwardFailure)."""
     monkeypatch.setattr(jobagent, "BACKOFF_FIRST", 0.01)
     fake = tmp_path / "ssh"
     fake.write_text(f"#!{sys.executable}\n{FAKE_SSH}")
@@ -345,15 +462,15 @@ async def test_a_forward_that_cannot_be_added_reopens_the_tunnel_with_it(tmp_pat
     job.mkdir()
     agent = jobagent.Agent(opts_for(job, "--ssh", str(fake)))
     assert agent.late_forward
-    agent.created = agent.reverse.created = jobagent.Created.watch(str(job))
+    agent.created = agent.tunnel.created = jobagent.Created.watch(str(job))
     # a control socket left by a killed ssh: removed before each start, or ssh would
     # say "already exists, disabling multiplexing" (the stand-in: fail to bind)
     stale = socket.socket(socket.AF_UNIX)
     stale.bind(str(job / "tunnel.ctl"))
     stale.close()
-    agent.reverse.start()
+    agent.tunnel.start()
     try:
-        await asyncio.wait_for(agent.reverse.live.wait(), 30)
+        await asyncio.wait_for(agent.tunnel.live.wait(), 30)
         await asyncio.wait_for(agent.open_reverse_forward(), 30)
         deadline = time.monotonic() + 30
         while len(calls.read_text().splitlines()) < 3 and time.monotonic() < deadline:  # noqa: ASYNC110
@@ -361,10 +478,11 @@ async def test_a_forward_that_cannot_be_added_reopens_the_tunnel_with_it(tmp_pat
         first, add, again = calls.read_text().splitlines()[:3]
         spec = f"-R 127.0.0.1:20001:{job}/server.sock"
         assert spec not in first and "ControlMaster=yes" in first
-        assert add.startswith("-F /dev/null") and f"-O forward {spec}" in add
+        request = jobagent.open_forward_request(agent.opts)
+        assert add == "mux " + request[request.index(b"\x10\x00\x00\x06") :].hex()
         assert spec in again and "ControlMaster=yes" in again
     finally:
-        await agent.reverse.stop()
+        await agent.tunnel.stop()
         agent.created.close()
 
 

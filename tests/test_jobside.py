@@ -268,7 +268,7 @@ def test_every_way_a_job_ends_leaves_nothing_behind(cluster, keys, end):
         job.wait_serving()
         running = job_processes(job.dir)
         ssh = [cmd for cmd in running.values() if cmd.startswith("ssh ")]
-        assert len(ssh) == 2, running  # the hub API forward and the reverse tunnel
+        assert len(ssh) == 1, running  # one connection: the hub API forward and the tunnel
         end(job)
         killed = end is _batch_shell_killed  # nothing of the script's own runs after it
         job.wait_ended("job agent ended" if killed else "job ended")
@@ -328,16 +328,17 @@ def test_an_agent_that_dies_before_the_forward_opens_ends_the_job_and_says_so(cl
 
 
 def test_the_hubs_port_leads_to_the_server_only_once_it_listens(cluster, keys):
-    """Both connections open at the job's start, but the reverse tunnel forwards nothing
-    while the server starts: the hub's port refuses on the hub itself, so the hub's
-    checks cost ssh on the node nothing (it logs no failed connect).  When the server
-    listens, the forward is added on the open connection: no third handshake."""
+    """The job's one connection opens at its start with the hub API forward, but forwards
+    nothing from the hub's port while the server starts: the port refuses on the hub
+    itself, so the hub's checks cost ssh on the node nothing (it logs no failed connect).
+    When the server listens, the reverse forward is added on the open connection: no
+    second handshake."""
     job = submit(cluster, keys, server=LATE_STAND_IN)
     try:
         wait_for(
-            lambda: "hub API forwarded to local port" in job.log and job.handshakes() == 2,
+            lambda: "hub API forwarded to local port" in job.log and job.handshakes() == 1,
             90,
-            f"job {job.id}'s two connections",
+            f"job {job.id}'s connection",
         )
         time.sleep(1)  # an -R given at connect time would be listening by now
         for _ in range(5):  # what the hub's checks meet while the server starts
@@ -350,6 +351,6 @@ def test_the_hubs_port_leads_to_the_server_only_once_it_listens(cluster, keys):
         with socket.create_connection(("127.0.0.1", job.hub_port), 10) as s:
             s.sendall(b"hello")
             assert s.recv(10) == b"ok"
-        assert job.handshakes() == 2, job.log
+        assert job.handshakes() == 1, job.log
     finally:
         finish(job, keys)

@@ -161,6 +161,9 @@ def write_slurm_conf(root: Path) -> None:
         "ReturnToService=2",
         "MinJobAge=120",
         "KillWait=5",
+        # a job runs at the nice value of the sbatch that submitted it (never at a
+        # higher priority than slurmd's): benchmarks/burst.py --hub-apart
+        "PropagatePrioProcess=1",
         "InactiveLimit=0",
         "SchedulerParameters=sched_min_interval=100000",
         # SLURM's default, written out: benchmarks/scale.py holds 1,000 jobs at once
@@ -206,7 +209,7 @@ def sshd_conf(root: Path, keys: dict[str, Path], side: str) -> Path:
             [
                 f"AllowUsers {TUNNEL_USER}",
                 "AuthorizedKeysFile none",
-                # every job holds two connections here; benchmarks/scale.py's 1,000 jobs
+                # every job holds one connection here; benchmarks/scale.py's 1,000 jobs
                 # open up to a few hundred at once while they start
                 "MaxStartups 1000:30:2000",
                 *match_block(
