@@ -31,6 +31,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -123,21 +124,32 @@ def stop_hub(hub: subprocess.Popen, workdir: Path, info) -> None:
     )
 
 
-#: --hub-apart: the nice value of the nodes' slurmd, which the jobs inherit
-#: (SLURM's PropagatePrioProcess=0, the default)
-JOBS_NICE = 10
+#: --hub-apart: the jobs' nice value.  The local cluster has SLURM's
+#: ``PropagatePrioProcess=1``: a job runs at the nice value of the sbatch that submitted
+#: it, so the login node's sshd (whose sessions run the spawners' sbatch) and the floor's
+#: sbatch run at this value, and slurmd, slurmctld and slurmstepd stay at 0 (a slurmd
+#: niced with its jobs, starved, stopped answering slurmctld at N = 100, which requeued
+#: its jobs).  19, the lowest priority: at nice 10, 100 runnable jobs (weight 110 each)
+#: left the hub (1024) about a sixth of a core, and its event loop stalled for seconds
+JOBS_NICE = 19
 
 
-def renice_slurmd(values: dict[int, int] | int) -> dict[int, int]:
-    """Set the local slurmd's nice values (one value for all, or pid -> value); the jobs
-    they start from now on inherit them.  Returns what they were."""
-    pids = subprocess.run(["pgrep", "-x", "slurmd"], capture_output=True, text=True).stdout
+def renice(pids: list[int], values: dict[int, int] | int) -> dict[int, int]:
+    """Set these processes' nice values (one value for all, or pid -> value); their
+    children from now on inherit them.  Returns what they were."""
     before = {}
-    for pid in map(int, pids.split()):
+    for pid in pids:
         before[pid] = os.getpriority(os.PRIO_PROCESS, pid)
         value = values if isinstance(values, int) else values.get(pid, before[pid])
         os.setpriority(os.PRIO_PROCESS, pid, value)
     return before
+
+
+def login_sshd_pids(info) -> list[int]:
+    """The login node's sshd (the one the spawners' commands run under)."""
+    conf = str(Path(info.root) / "sshd_login.conf")
+    out = subprocess.run(["pgrep", "-f", f"sshd -f {conf} "], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
 
 
 AUTOGROUP = Path("/proc/sys/kernel/sched_autogroup_enabled")
@@ -177,6 +189,7 @@ def run_one(
     steady_cycles: int,
     tunnel_key: str,
     hub_apart: bool = False,
+    keep_logs: Path | None = None,
 ) -> Result:
     res = Result(impl, n, hub_apart)
     # the hub's own folder (its sqlite database, its log): on this machine's one disk,
@@ -258,6 +271,8 @@ def run_one(
         }
         overheads, to_answered, to_routed = [], [], []
         hub_log = (workdir / "hub.log").read_text(errors="replace")
+        if keep_logs:
+            (keep_logs / f"{impl}-{n}-hub.log").write_text(hub_log)
         for name, t_ready in ready.items():
             if impl == "ours":
                 log = Path(
@@ -266,6 +281,8 @@ def run_one(
                 )
             else:
                 log = Path(f"/home/{info.gateway_user}/bench-baseline-{name}.log")
+            if keep_logs:
+                shutil.copy(log, keep_logs / f"{impl}-{n}-{name}.job.log")
             t_listen = listening_time(log)
             if t_listen:
                 overheads.append(t_ready - t_listen)
@@ -418,7 +435,9 @@ def answers(sock: str, prefix: str) -> bool:
         conn.close()
 
 
-def run_floor(n: int, info, server: str = "singleuser", partition: str = "compute") -> Result:
+def run_floor(
+    n: int, info, server: str = "singleuser", partition: str = "compute", nice: int = 0
+) -> Result:
     """N servers with no hub in the loop: one sbatch each, as the gateway account, on the
     login node; ready when the server answers on its socket (read from this machine: the
     job directories are on the same file system)."""
@@ -441,7 +460,8 @@ def run_floor(n: int, info, server: str = "singleuser", partition: str = "comput
         script = floor_script(i, dirs[i], info, partition, server, hub)
         requested[i] = time.time()
         r = subprocess.run(
-            [*cluster, *as_gateway, f"{info.slurm_bin}/sbatch", "--parsable"],
+            [*cluster, "nice", "-n", str(nice), *as_gateway, f"{info.slurm_bin}/sbatch"]
+            + ["--parsable"],
             input=script,
             capture_output=True,
             text=True,
@@ -464,6 +484,7 @@ def run_floor(n: int, info, server: str = "singleuser", partition: str = "comput
             time.sleep(0.1)
         census.__exit__(None, None, None)
         res.cpu_by_kind = census.by_kind()
+        res.servers_nice = servers_nice()
         res.failures = n - len(ready)
         if ready:
             res.all_ready_s = max(ready.values()) - min(requested.values())
@@ -676,9 +697,10 @@ def main() -> int:
         "--hub-apart",
         action="store_true",
         help="model a hub on a machine of its own: its folder (the sqlite database) in "
-        f"memory, and the cluster's jobs at nice {JOBS_NICE} (the nodes' slurmd, whose nice "
-        "value jobs inherit; the kernel's per-session CPU sharing, autogroup, off for the "
-        "run), so the hub's CPU and disk are not the jobs'",
+        f"memory, and the cluster's jobs at nice {JOBS_NICE} (submitted at that nice value: "
+        "the login node's sshd and the floor's sbatch; SLURM's PropagatePrioProcess=1; the "
+        "kernel's per-session CPU sharing, autogroup, off for the run), so the hub's CPU "
+        "and disk are not the jobs'",
     )
     ap.add_argument(
         "--floor-server",
@@ -686,6 +708,12 @@ def main() -> int:
         default="singleuser",
         help="the floor's server: jupyterhub-singleuser with a stand-in hub API (default), "
         "or jupyter lab",
+    )
+    ap.add_argument(
+        "--keep-logs",
+        type=Path,
+        metavar="DIR",
+        help="copy the hub's log and every job's log of each burst into DIR",
     )
     ap.add_argument(
         "--phases",
@@ -717,8 +745,10 @@ def main() -> int:
         + " bench-baseline-shared"
     )
     path = Path(info.tunnel_authorized_keys)
+    if args.keep_logs:
+        args.keep_logs.mkdir(parents=True, exist_ok=True)
     results = []
-    slurmd_nice = renice_slurmd(JOBS_NICE) if args.hub_apart else {}
+    sshd_nice = renice(login_sshd_pids(info), JOBS_NICE) if args.hub_apart else {}
     autogroup = set_autogroup("0") if args.hub_apart else ""
     try:
         if "baseline" in args.impl:
@@ -727,7 +757,9 @@ def main() -> int:
             for impl in args.impl:
                 print(f"== {impl}, N={n} ...", flush=True)
                 if impl == "floor":
-                    res = run_floor(n, info, args.floor_server)
+                    res = run_floor(
+                        n, info, args.floor_server, nice=JOBS_NICE if args.hub_apart else 0
+                    )
                     res.hub_apart = args.hub_apart
                 else:
                     res = run_one(
@@ -738,12 +770,13 @@ def main() -> int:
                         args.cycles,
                         shared.export_private_key().decode(),
                         args.hub_apart,
+                        args.keep_logs,
                     )
                 results.append(res)
                 print(json.dumps(asdict(res)), flush=True)
     finally:
-        if slurmd_nice:
-            renice_slurmd(slurmd_nice)
+        if sshd_nice:
+            renice(list(sshd_nice), sshd_nice)
         if autogroup:
             set_autogroup(autogroup)
         path.write_text(

@@ -1,6 +1,6 @@
 """The hub's own cost at N = 250, 500, 1000 running servers, on sqlite and PostgreSQL.
 
-Every part is real (SLURM jobs, the job agent and its two SSH connections, tunnel keys,
+Every part is real (SLURM jobs, the job agent and its SSH connection, tunnel keys,
 proxy routes, the shared squeue and the polls) except the single-user server: each job
 runs benchmarks/responder.py, a few-MB HTTP responder on the job's socket, so that 1,000
 jobs fit on the machine.  Gateway mode, the default poll interval (30 s).
@@ -12,7 +12,7 @@ For each database and N: time until all N servers are routed; hub CPU per poll c
 hub memory while they run; squeue runs per interval (the login node's wrappers); the
 proxy's route count; the time the shared squeue takes to answer (the spawner's own argv,
 on the login node); memory per job (PSS of the job's processes, its slurmstepd and the
-hub side's sshd processes of its two tunnels) and the machine's MemAvailable drop per
+hub side's sshd processes of its tunnel) and the machine's MemAvailable drop per
 job; then the hub is stopped (SIGTERM; servers keep running) and started again, and the
 time until every server is ready again is taken; then every server stops.  PostgreSQL
 is Debian's, a private cluster on a unix socket that this script starts and stops.
@@ -75,7 +75,7 @@ class Result:
     squeue_lines: int = 0
     job_pss_mb: float = 0.0  # per job: the job's own processes
     slurmstepd_pss_mb: float = 0.0  # per job
-    tunnel_sshd_pss_mb: float = 0.0  # per job: the hub side's sshd of its two connections
+    tunnel_sshd_pss_mb: float = 0.0  # per job: the hub side's sshd of its connection
     mem_available_drop_per_job_mb: float = 0.0
     processes_per_job: float = 0.0
     restart_exit_s: float = 0.0
@@ -261,7 +261,15 @@ def wait_no_jobs(info, timeout: float) -> bool:
 
 
 def run_one(
-    db: str, n: int, info, cycles: int, pg: Postgres | None, threads: int, wave: int, floor_mb: int
+    db: str,
+    n: int,
+    info,
+    cycles: int,
+    pg: Postgres | None,
+    threads: int,
+    wave: int,
+    floor_mb: int,
+    profile: Path | None = None,
 ) -> Result:
     res = Result(db, n)
     workdir = Path(tempfile.mkdtemp(prefix=f"xh-scale-{db}-{n}-"))
@@ -346,9 +354,24 @@ def run_one(
         print(f"   {len(ready)}/{n} routed in {res.all_ready_s:.0f} s", flush=True)
         # steady state: the servers run for `cycles` poll intervals
         time.sleep(5)
+        spy = None
+        spy_bin = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        if profile is not None and not os.access(spy_bin, os.X_OK):
+            res.notes.append("--profile: py-spy is not installed (pip install py-spy)")
+        elif profile is not None:  # py-spy samples the hub from outside (not in its CPU)
+            profile.mkdir(parents=True, exist_ok=True)
+            spy = subprocess.Popen(
+                [spy_bin, "record", "--nonblocking", "--format", "raw", "--rate", "50"]
+                + ["--duration", str(POLL * cycles), "--pid", str(hub.pid)]
+                + ["--output", str(profile / f"hub-steady-{db}-{n}.txt")],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
         t_steady, cpu2 = time.time(), cpu_seconds(hub.pid)
         time.sleep(POLL * cycles)
         cpu3 = cpu_seconds(hub.pid)
+        if spy is not None:
+            spy.wait(60)
         res.poll_cycles = cycles
         res.hub_cpu_per_poll_cycle_s = (cpu3 - cpu2) / cycles
         res.hub_cpu_share_of_core = res.hub_cpu_per_poll_cycle_s / POLL
@@ -461,6 +484,13 @@ def main() -> int:
         help="start no wave that would leave less MemAvailable than this (MB)",
     )
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="sample the hub with py-spy (if installed) over the steady window; folded "
+        "stacks into DIR",
+    )
     args = ap.parse_args()
     r = subprocess.run([sys.executable, "-m", "xsedehub.cli", "cluster", "up"], check=False)
     if r.returncode:
@@ -491,6 +521,7 @@ def main() -> int:
                     args.threads,
                     args.wave,
                     args.floor_mb,
+                    args.profile,
                 )
                 results.append(res)
                 print(json.dumps(asdict(res)), flush=True)
