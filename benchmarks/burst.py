@@ -139,9 +139,12 @@ def renice(pids: list[int], values: dict[int, int] | int) -> dict[int, int]:
     children from now on inherit them.  Returns what they were."""
     before = {}
     for pid in pids:
-        before[pid] = os.getpriority(os.PRIO_PROCESS, pid)
-        value = values if isinstance(values, int) else values.get(pid, before[pid])
-        os.setpriority(os.PRIO_PROCESS, pid, value)
+        try:
+            before[pid] = os.getpriority(os.PRIO_PROCESS, pid)
+            value = values if isinstance(values, int) else values.get(pid, before[pid])
+            os.setpriority(os.PRIO_PROCESS, pid, value)
+        except ProcessLookupError:  # it ended meanwhile (an sshd restarted): nothing to set
+            continue
     return before
 
 
@@ -775,10 +778,7 @@ def main() -> int:
                 results.append(res)
                 print(json.dumps(asdict(res)), flush=True)
     finally:
-        if sshd_nice:
-            renice(list(sshd_nice), sshd_nice)
-        if autogroup:
-            set_autogroup(autogroup)
+        # the shared key first: it may listen on any of the hub's ports
         path.write_text(
             "".join(
                 ln + "\n"
@@ -786,6 +786,10 @@ def main() -> int:
                 if not ln.endswith("bench-baseline-shared")
             )
         )
+        if autogroup:
+            set_autogroup(autogroup)
+        if sshd_nice:
+            renice(list(sshd_nice), sshd_nice)
     print()
     print(table(results))
     print()

@@ -10,6 +10,8 @@ job's log when the job ends first.
 from __future__ import annotations
 
 import asyncio
+import errno
+import select
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -24,8 +26,9 @@ T = TypeVar("T")
 #: the longest pause between two looks at a starting server's hub port (each is one
 #: connect() on loopback, refused on the hub itself until the server listens)
 CHECK_MAX = 0.1
-#: a look's bound: a connect() on loopback is accepted or refused within the call
-LOOK_TIMEOUT = 0.05
+#: how long a look waits for its connect() (ms): on loopback the kernel accepts or
+#: refuses within the call, so this only bounds a listener that does not accept
+LOOK_WAIT_MS = 2
 
 
 class Report(Protocol):
@@ -142,9 +145,16 @@ async def wait_server(
 def port_open(port: int) -> bool:
     """Whether the hub's port on loopback accepts.  The kernel accepts or refuses a
     loopback connect() within the call, so this holds the event loop for tens of
-    microseconds (never more than :data:`LOOK_TIMEOUT`): a sixth of the CPU of asyncio's
+    microseconds, and never more than :data:`LOOK_WAIT_MS` (a listener that accepts
+    nothing, its queue full, is "not yet"): a sixth of the CPU of asyncio's
     ``open_connection``, which counts with a hundred servers starting at once, each
     looked at ten times a second."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.settimeout(LOOK_TIMEOUT)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+        s.setblocking(False)
+        if s.connect_ex(("127.0.0.1", port)) not in (0, errno.EINPROGRESS):
+            return False
+        poller = select.poll()
+        poller.register(s, select.POLLOUT)
+        if not poller.poll(LOOK_WAIT_MS):
+            return False
+        return s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0

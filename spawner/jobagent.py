@@ -26,9 +26,10 @@ What it does, and why:
   tunnel from the hub's port to the server's socket.  It opens at the job's start, while
   the server starts, so its handshake does not delay the server being seen by the hub.
   It opens with the API forward only, as a control master; the reverse forward is added
-  on it once the server listens: a request on the open connection, through its control
-  socket, in OpenSSH's control protocol (what ``ssh -O forward`` sends, without
-  starting it).
+  on it once the server listens, and again on each connection that replaces it: a
+  request on the open connection, through its control socket, in OpenSSH's control
+  protocol (what ``ssh -O forward`` sends, without starting it).  A forward the hub's
+  sshd refuses is asked for again with backoff; the API forward never waits for it.
   Until then the hub's port refuses connections on the hub itself, so the hub's checks
   while the server starts cost the node and the hub's sshd nothing.  Readiness is
   checked in this process (a ``connect()`` on a unix socket, woken by inotify), never
@@ -57,6 +58,7 @@ import signal
 import socket
 import struct
 import time
+from collections.abc import Callable
 
 #: files of the job directory that hold secrets: removed on every way out
 SECRET_FILES = ("env", "tunnel_key")
@@ -234,12 +236,15 @@ def _mux_reason(body: bytes) -> str:
     return "".join(ch if ch.isprintable() else "?" for ch in reason)[:200]
 
 
-async def add_forward(opts: argparse.Namespace, timeout: float) -> str | None:
+async def add_forward(
+    opts: argparse.Namespace, timeout: float, wanted: Callable[[], bool] = lambda: True
+) -> str | None:
     """Add the reverse forward to the open connection through its control socket, as
     ``ssh -O forward`` does, but in this process: a request on the connection (no new
     connection, no handshake, no process to start while the node is busiest).  The
     master answers once the hub's sshd has bound the port.  None when it is added (or
-    was already there), else why not."""
+    was already there), else why not.  ``wanted`` is asked last, just before the
+    request goes (the job may have begun to end while the socket opened)."""
     try:
         reader, writer = await asyncio.wait_for(
             asyncio.open_unix_connection(control_path(opts)), timeout
@@ -247,6 +252,8 @@ async def add_forward(opts: argparse.Namespace, timeout: float) -> str | None:
     except (OSError, asyncio.TimeoutError) as e:  # noqa: UP041 (not the same class before 3.11)
         return f"cannot reach the connection's control socket: {e}"
     try:
+        if not wanted():
+            return "the job is ending"
         writer.write(open_forward_request(opts))
         kind, body = await asyncio.wait_for(_mux_read(reader), timeout)
         if kind != MUX_MSG_HELLO or body[:4] != _mux_u32(MUX_VERSION):
@@ -418,22 +425,27 @@ def _die_with_parent() -> None:
 class Connection:
     """One ssh process, reopened with backoff whenever it ends, until :meth:`stop`.
 
-    ``ready`` are unix sockets that all answer once the connection is usable (its
-    forward, its control socket): :attr:`opened` is set the first time they do."""
+    ``ready``, if given, is a unix socket that answers once the connection is usable:
+    :attr:`opened` is set the first time it does.  ``ready`` and ``sockets`` (the
+    connection's other sockets: its control socket) are removed before each start: a
+    socket the last process left would pass for this one's, and ssh does not replace a
+    control socket that exists.  :attr:`live` is set while the running
+    process is usable, :attr:`down` once it has ended (until the next one is usable)."""
 
     def __init__(
         self,
         name: str,
         argv: list[str],
-        ready: tuple[str, ...] = (),
+        ready: str | None = None,
         created: Created | None = None,
+        sockets: tuple[str, ...] = (),
     ) -> None:
         self.name, self.argv, self.ready, self.created = name, argv, ready, created
+        self.sockets = (ready, *sockets) if ready else sockets
         self.proc: asyncio.subprocess.Process | None = None
         self.opened = asyncio.Event()
-        #: the running process is ready (set and cleared with each one), and its argv
         self.live = asyncio.Event()
-        self.live_argv: list[str] | None = None
+        self.down = asyncio.Event()
         self.reopen = True  # cleared on SIGTERM: the key is gone, do not try again
         self.starts = 0
         self._stopping = asyncio.Event()
@@ -455,14 +467,13 @@ class Connection:
             log(f"{self.name}: cannot run {argv[0]}: {e}")
             return None
 
-    async def _watch_ready(self, proc: asyncio.subprocess.Process, argv: list[str]) -> None:
-        for path in self.ready:
-            if not await wait_accepting(path, self.created, lambda: proc.returncode is None):
-                return
-        if self.ready:
+    async def _watch_ready(self, proc: asyncio.subprocess.Process) -> None:
+        if self.ready and await wait_accepting(
+            self.ready, self.created, lambda: proc.returncode is None
+        ):
             if self.opened.is_set():
                 log(f"{self.name} open again")
-            self.live_argv = argv
+            self.down.clear()
             self.live.set()
             self.opened.set()
 
@@ -473,22 +484,21 @@ class Connection:
                 return
             began = time.monotonic()
             self.starts += 1
-            for path in self.ready:  # a socket the last process left would pass for its own
+            for path in self.sockets:
                 try:
                     os.unlink(path)
                 except OSError:
                     pass
-            argv = list(self.argv)
-            self.proc = proc = await self._spawn(argv)
+            self.proc = proc = await self._spawn(list(self.argv))
             rc = None
             if proc is not None:
                 if self._stopping.is_set():  # stop() came while ssh was starting
                     await _end(proc, SSH_GRACE)
                     return
-                watch = asyncio.ensure_future(self._watch_ready(proc, argv)) if self.ready else None
+                watch = asyncio.ensure_future(self._watch_ready(proc)) if self.ready else None
                 rc = await proc.wait()
                 self.live.clear()
-                self.live_argv = None
+                self.down.set()
                 if watch is not None:
                     watch.cancel()
             if self._stopping.is_set():
@@ -502,11 +512,6 @@ class Connection:
             log(f"{self.name} closed ({rc}); reopening in {pause:.1f} s")
             await _sleep_or(self._stopping, pause)
             delay = min(delay * 2, BACKOFF_MAX)
-
-    def restart(self) -> None:
-        """End the running ssh process: it is reopened (with the current argv)."""
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.terminate()
 
     async def stop(self) -> None:
         """End the ssh process (SIGTERM, then SIGKILL) and reopen it no more."""
@@ -580,12 +585,13 @@ class Agent:
         # once, on the hub, and a check the hub makes costs nothing here (where ssh's
         # control socket cannot be made, the path being too long, it forwards from the
         # start)
-        ctl = control_path(opts)
-        self.late_forward = len(os.fsencode(ctl)) + CONTROL_SUFFIX <= UNIX_PATH_MAX
+        self.ctl_path = control_path(opts)
+        self.late_forward = len(os.fsencode(self.ctl_path)) + CONTROL_SUFFIX <= UNIX_PATH_MAX
         self.tunnel = Connection(
             f"tunnel to the hub (API, port {opts.hub_port})",
             tunnel_argv(opts, late=self.late_forward, forward=not self.late_forward),
-            ready=(self.api_path, ctl) if self.late_forward else (self.api_path,),
+            ready=self.api_path,
+            sockets=(self.ctl_path,) if self.late_forward else (),
         )
         self.server: Process | None = None
         self.created: Created | None = None
@@ -662,32 +668,47 @@ class Agent:
             self.server_path, self.created, lambda: not self.ending and server.alive()
         ):
             log("server listening on its socket")
-            await self.open_reverse_forward()
+            await self.keep_reverse_forward()
 
-    async def open_reverse_forward(self) -> None:
-        """The server listens: from now on the hub's port leads to it.  A connection
-        opened from now on forwards from its start; the open one gets the forward added
-        through its control socket, or, if that fails, is reopened with it."""
-        if not self.late_forward:
+    def forward_wanted(self) -> bool:
+        """Whether the hub's port may lead to the server: not once the job is ending
+        (SIGTERM: its key may be revoked and its port given to another spawn, whose user
+        the forward would lead to this server)."""
+        return not self.ending and self.tunnel.reopen and not self.finished.is_set()
+
+    async def keep_reverse_forward(self) -> None:
+        """The server listens: from now on the hub's port leads to it, on the open
+        connection and on each one that replaces it, through its control socket.  The
+        connection's own argv never asks for it, so a forward the hub's sshd refuses
+        (ExitOnForwardFailure) cannot take the API forward down with it: it is asked for
+        again, with backoff, on the same connection."""
+        if not self.late_forward:  # the forward came with the connection
             return
-        self.tunnel.argv = tunnel_argv(self.opts, late=True, forward=True)
-        # not once the job is ending (SIGTERM: its key may be revoked and its port given
-        # to another spawn, whose user the forward would lead to this server)
-        while not self.ending and self.tunnel.reopen:
+        delay, added = BACKOFF_FIRST, False
+        while self.forward_wanted():
             await _first(self.tunnel.live, self.finished)
-            if self.ending or self.finished.is_set() or not self.tunnel.reopen:
+            if not self.forward_wanted():
                 return
-            if self.tunnel.live_argv == self.tunnel.argv:  # reopened: it forwards
-                return
-            why = await add_forward(self.opts, ADD_FORWARD_TIMEOUT)
+            if await wait_accepting(
+                self.ctl_path,
+                self.created,
+                lambda: self.forward_wanted() and self.tunnel.live.is_set(),
+            ):
+                why = await add_forward(self.opts, ADD_FORWARD_TIMEOUT, self.forward_wanted)
+            else:
+                why = "its control socket does not answer"
             if why is None:
-                log(f"hub port {self.opts.hub_port} now leads to the server")
-                return
-            if not self.tunnel.live.is_set():  # it dropped meanwhile: look again
+                word = "again" if added else "now"
+                log(f"hub port {self.opts.hub_port} {word} leads to the server")
+                delay, added = BACKOFF_FIRST, True
+                await _first(self.tunnel.down, self.finished)  # then on the next connection
                 continue
-            log(f"could not add the forward to the open tunnel ({why}): reopening it")
-            self.tunnel.restart()
-            return
+            if not self.forward_wanted() or not self.tunnel.live.is_set():
+                continue  # ending, or it dropped meanwhile: on the next connection
+            pause = delay * random.uniform(0.8, 1.2)  # noqa: S311 (jitter)
+            log(f"could not add the forward to the open tunnel ({why}); again in {pause:.1f} s")
+            await _sleep_or(self.finished, pause)
+            delay = min(delay * 2, BACKOFF_MAX)
 
     # ------------------------------------------------------------------ control
     async def control(self, fd: int) -> None:

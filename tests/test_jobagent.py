@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from xsedehub.spawner import jobagent
 
 SOURCE = Path(jobagent.__file__).read_text()
@@ -120,9 +121,7 @@ async def test_a_dropped_connection_is_reopened_until_stopped(tmp_path, monkeypa
         "import socket, sys, time; s = socket.socket(socket.AF_UNIX); "
         "s.bind(sys.argv[1]); s.listen(); time.sleep(60)"
     )
-    slow = jobagent.Connection(
-        "slow", [sys.executable, "-c", listen, str(sock)], ready=(str(sock),)
-    )
+    slow = jobagent.Connection("slow", [sys.executable, "-c", listen, str(sock)], ready=str(sock))
     slow.start()
     await asyncio.wait_for(slow.opened.wait(), 30)
     proc = slow.proc
@@ -278,11 +277,10 @@ def test_a_job_directory_too_deep_for_the_control_socket_forwards_at_once():
 
     fits, too_long = agent(room), agent(room + 1)
     assert fits.late_forward and "-R" not in fits.tunnel.argv and "-L" in fits.tunnel.argv
-    api = fits.opts.dir + "/hubapi.sock"
-    assert fits.tunnel.ready == (api, fits.opts.dir + "/tunnel.ctl")
+    assert fits.tunnel.ready == fits.opts.dir + "/hubapi.sock"
+    assert fits.ctl_path == fits.opts.dir + "/tunnel.ctl"
     assert not too_long.late_forward and "-R" in too_long.tunnel.argv
     assert "-L" in too_long.tunnel.argv
-    assert too_long.tunnel.ready == (too_long.opts.dir + "/hubapi.sock",)
 
 
 async def test_a_wait_for_a_linked_socket_sleeps_until_it_is_created(tmp_path, monkeypatch):
@@ -335,10 +333,13 @@ async def test_a_link_out_of_the_job_directory_is_not_watched(tmp_path):
         created.close()
 
 
-def _serve_one_mux_client(ctl: Path, answer: bytes) -> tuple[threading.Thread, list[bytes]]:
-    """A control master's side of one control connection: its hello, then every packet
-    the client sends is recorded, and the first one after the client's hello gets
-    ``answer`` (an ``MUX_S_*`` type and body; the request id is the client's)."""
+def _serve_one_mux_client(
+    ctl: Path, answer: bytes, *, hello: bytes | None = None, raw: bytes | None = None
+) -> tuple[threading.Thread, list[bytes]]:
+    """A control master's side of one control connection: its hello (or ``hello``, as
+    sent), then every packet the client sends is recorded, and the first one after the
+    client's hello gets ``answer`` (an ``MUX_S_*`` type and body; the request id is the
+    client's), or ``raw`` bytes as they are (then the connection closes)."""
     got: list[bytes] = []
     srv = socket.socket(socket.AF_UNIX)
     srv.bind(str(ctl))
@@ -351,9 +352,16 @@ def _serve_one_mux_client(ctl: Path, answer: bytes) -> tuple[threading.Thread, l
     def serve() -> None:
         c, _ = srv.accept()
         with c, srv:
-            c.sendall(jobagent.mux_packet(jobagent.MUX_MSG_HELLO, (4).to_bytes(4, "big")))
+            c.sendall(
+                hello
+                if hello is not None
+                else jobagent.mux_packet(jobagent.MUX_MSG_HELLO, (4).to_bytes(4, "big"))
+            )
             got.append(packet(c))  # the client's hello
             got.append(packet(c))  # its request
+            if raw is not None:
+                c.sendall(raw)
+                return
             request_id = got[-1][8:12]
             c.sendall(
                 jobagent.mux_packet(int.from_bytes(answer[:4], "big"), request_id + answer[4:])
@@ -382,6 +390,37 @@ def test_the_forward_request_is_what_ssh_O_forward_sends(tmp_path):
     t.join(10)
     assert r.returncode == 0, r.stderr
     assert b"".join(got) == jobagent.open_forward_request(opts)
+
+
+U32 = jobagent._mux_u32
+DENIED = U32(jobagent.MUX_S_PERMISSION_DENIED, 6) + b"denied"
+
+
+@pytest.mark.parametrize(
+    ("answer", "hello", "raw", "why"),
+    [
+        (U32(jobagent.MUX_S_REMOTE_PORT, 20001), None, None, None),
+        (DENIED, None, None, "denied"),
+        (U32(0x80000099), None, None, "an unexpected answer (0x80000099)"),
+        (b"", None, U32(8, jobagent.MUX_S_OK, 7), "an answer to another request"),
+        (b"", jobagent.mux_packet(1, U32(3)), None, "does not speak version 4"),
+        (b"", None, U32(0xFFFFFFFF), "a packet of 4294967295 bytes"),
+        (b"", None, b"", "the control connection failed"),
+    ],
+    ids=["remote port", "denied", "unknown", "other id", "version 3", "huge", "closed"],
+)
+async def test_every_answer_of_the_master_is_read_right(tmp_path, answer, hello, raw, why):
+    """Only OK or the remote port (for this request) count as added; anything else is
+    a reason, never an exception: a refusal with the master's words, an unknown
+    answer, an answer to another request, another protocol version, a length past the
+    master's own bound, a connection closed mid-answer."""
+    t, _ = _serve_one_mux_client(tmp_path / "tunnel.ctl", answer, hello=hello, raw=raw)
+    result = await jobagent.add_forward(opts_for(tmp_path), 10)
+    t.join(10)
+    if why is None:
+        assert result is None
+    else:
+        assert result is not None and why in result, result
 
 
 async def test_the_agent_adds_the_forward_and_says_why_not(tmp_path):
@@ -414,12 +453,13 @@ async def test_the_agent_adds_the_forward_and_says_why_not(tmp_path):
 
 
 #: an ssh stand-in: records its argv; listens on its -L socket and, as a master, on its
-#: ControlPath, and refuses the forward in the control protocol (the port is taken on
-#: the hub side)
+#: ControlPath; refuses the first forward asked for in the control protocol (the port is
+#: taken on the hub side) and adds the ones after
 FAKE_SSH = """
 import os, socket, sys, time
 argv = sys.argv[1:]
-with open(os.environ["FAKE_SSH_LOG"], "a") as f:
+log = os.environ["FAKE_SSH_LOG"]
+with open(log, "a") as f:
     f.write(" ".join(argv) + "\\n")
 api = socket.socket(socket.AF_UNIX)
 api.bind(argv[argv.index("-L") + 1].split(":")[0])
@@ -439,19 +479,29 @@ while True:
         continue
     if len(head) < 4:
         continue
-    with open(os.environ["FAKE_SSH_LOG"], "a") as f:
+    asked = sum(1 for line in open(log) if line.startswith("mux "))
+    with open(log, "a") as f:
         f.write("mux " + body.hex() + "\\n")
-    reason = b"remote port forwarding failed for listen port 20001"
-    answer = (0x80000003).to_bytes(4, "big") + body[4:8] + len(reason).to_bytes(4, "big") + reason
+    if asked == 0:
+        reason = b"remote port forwarding failed for listen port 20001"
+        answer = (0x80000003).to_bytes(4, "big") + body[4:8] + len(reason).to_bytes(4, "big")
+        answer += reason
+    else:
+        answer = (0x80000001).to_bytes(4, "big") + body[4:8]
     c.sendall(len(answer).to_bytes(4, "big") + answer)
     c.close()
 """
 
 
-async def test_a_forward_that_cannot_be_added_reopens_the_tunnel_with_it(tmp_path, monkeypatch):
-    """A stale control socket does not keep the connection from opening; the master
-    refuses the forward: the open connection is ended and reopened with the forward in
-    its own argv (ssh then retries it with backoff, ExitOnForwardFailure)."""
+async def test_the_reverse_forward_is_asked_for_again_and_added_on_every_connection(
+    tmp_path, monkeypatch
+):
+    """A stale control socket does not keep the connection from opening.  The hub's
+    sshd refuses the first forward: it is asked for again on the same connection, which
+    stays up (its API forward with it) and never carries -R in its argv (with
+    ExitOnForwardFailure a refused -R would end the connection and its API forward
+    again and again).  When the connection drops, the forward is added again on the one
+    that replaces it."""
     monkeypatch.setattr(jobagent, "BACKOFF_FIRST", 0.01)
     fake = tmp_path / "ssh"
     fake.write_text(f"#!{sys.executable}\n{FAKE_SSH}")
@@ -463,25 +513,41 @@ async def test_a_forward_that_cannot_be_added_reopens_the_tunnel_with_it(tmp_pat
     agent = jobagent.Agent(opts_for(job, "--ssh", str(fake)))
     assert agent.late_forward
     agent.created = agent.tunnel.created = jobagent.Created.watch(str(job))
-    # a control socket left by a killed ssh: removed before each start, or ssh would
-    # say "already exists, disabling multiplexing" (the stand-in: fail to bind)
-    stale = socket.socket(socket.AF_UNIX)
-    stale.bind(str(job / "tunnel.ctl"))
-    stale.close()
-    agent.tunnel.start()
-    try:
-        await asyncio.wait_for(agent.tunnel.live.wait(), 30)
-        await asyncio.wait_for(agent.open_reverse_forward(), 30)
+    # sockets left by a killed ssh: removed before each start, or ssh would say
+    # "already exists, disabling multiplexing" (the stand-in: fail to bind)
+    for name in ("tunnel.ctl", "hubapi.sock"):
+        stale = socket.socket(socket.AF_UNIX)
+        stale.bind(str(job / name))
+        stale.close()
+
+    def lines(prefix: str) -> list[str]:
+        text = calls.read_text() if calls.exists() else ""
+        return [ln for ln in text.splitlines() if ln.startswith(prefix)]
+
+    async def until(what, count: int) -> None:
         deadline = time.monotonic() + 30
-        while len(calls.read_text().splitlines()) < 3 and time.monotonic() < deadline:  # noqa: ASYNC110
+        while len(what()) < count and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
-        first, add, again = calls.read_text().splitlines()[:3]
-        spec = f"-R 127.0.0.1:20001:{job}/server.sock"
-        assert spec not in first and "ControlMaster=yes" in first
+        assert len(what()) >= count, lines("")
+
+    agent.tunnel.start()
+    keeping = asyncio.ensure_future(agent.keep_reverse_forward())
+    try:
+        await until(lambda: lines("mux "), 2)  # refused, then added
         request = jobagent.open_forward_request(agent.opts)
-        assert add == "mux " + request[request.index(b"\x10\x00\x00\x06") :].hex()
-        assert spec in again and "ControlMaster=yes" in again
+        open_fwd = request[request.index(b"\x10\x00\x00\x06") :].hex()
+        assert lines("mux ") == ["mux " + open_fwd] * 2
+        started = lines("-N ")
+        assert len(started) == 1 and agent.tunnel.starts == 1  # the same connection
+        spec = f"-R 127.0.0.1:20001:{job}/server.sock"
+        assert spec not in started[0] and "ControlMaster=yes" in started[0]
+        agent.tunnel.proc.kill()  # the connection drops
+        await until(lambda: lines("mux "), 3)  # added on the new one
+        assert len(lines("-N ")) == 2 and spec not in lines("-N ")[1]
+        assert not keeping.done()
     finally:
+        agent.finished.set()
+        await asyncio.wait_for(keeping, 30)
         await agent.tunnel.stop()
         agent.created.close()
 

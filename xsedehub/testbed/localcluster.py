@@ -203,6 +203,17 @@ def _pid_files(root: Path) -> dict[str, Path]:
     return files
 
 
+def _reset_nice(root: Path) -> None:
+    """The daemons at nice 0: a benchmark ended by SIGKILL (``burst.py --hub-apart``
+    renices the login node's sshd, whose sessions submit the jobs) leaves nothing lower
+    for the next run's jobs (SLURM's PropagatePrioProcess)."""
+    for pid_file in _pid_files(root).values():
+        try:
+            os.setpriority(os.PRIO_PROCESS, int(pid_file.read_text().split()[0]), 0)
+        except (OSError, ValueError, IndexError):
+            continue
+
+
 # --------------------------------------------------------------------------- install
 #: how a missing piece is installed (``scripts/install.sh`` runs ``xsedehub cluster install``)
 INSTALL_HINT = "run `bash scripts/install.sh` (as root, with network access) first"
@@ -595,6 +606,7 @@ def up(root: Path = ROOT) -> ClusterInfo:
         raise ClusterError(f"not installed: {'; '.join(missing)}: {INSTALL_HINT}")
     if healthy(root):
         _log("already up")
+        _reset_nice(root)
         return ClusterInfo.load(root)
     # every step below is idempotent: a partly running cluster is completed, not rebuilt
     for d in ("run", "log", "hub", "slurmd"):
