@@ -33,6 +33,19 @@ t0=$(date +%s)
 if [ "${CI:-}" = true ] || [ "${XSEDEHUB_CLEAN:-}" = 1 ]; then
     echo "[install] clean state: removing $PREFIX and the local cluster's state"
     if [ -x "$ENV/bin/xsedehub" ]; then "$ENV/bin/xsedehub" cluster down >/dev/null 2>&1 || true; fi
+    # what `cluster down` could not stop (its environment no longer runs: an editable
+    # install whose checkout is gone): the daemons named by the pid files of the state
+    # about to go, each checked to be one of the cluster's daemons before it is ended
+    if [ -d /var/lib/xsedehub ]; then
+        while IFS= read -r f; do
+            pid=$(head -c 16 "$f" | tr -dc 0-9)
+            [ -n "$pid" ] && [ -r "/proc/$pid/cmdline" ] || continue
+            if tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qE '(^|/| )(slurmctld|slurmd|munged|sshd)( |:|$)'; then
+                kill "$pid" 2>/dev/null || true
+            fi
+        done < <(find /var/lib/xsedehub -name '*.pid' -type f 2>/dev/null)
+        sleep 1
+    fi
     for ns in xh-hub xh-cluster xh-cluster2; do ip netns del "$ns" 2>/dev/null || true; done
     # the second cluster's mount namespace (a bind mount on a file in a private mount)
     umount /run/xsedehub-mntns/xh-cluster2 2>/dev/null || true
