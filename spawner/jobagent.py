@@ -689,14 +689,19 @@ class Agent:
             await _first(self.tunnel.live, self.finished)
             if not self.forward_wanted():
                 return
+            deadline = time.monotonic() + ADD_FORWARD_TIMEOUT
             if await wait_accepting(
                 self.ctl_path,
                 self.created,
-                lambda: self.forward_wanted() and self.tunnel.live.is_set(),
+                lambda deadline=deadline: (
+                    self.forward_wanted()
+                    and self.tunnel.live.is_set()
+                    and time.monotonic() < deadline
+                ),
             ):
                 why = await add_forward(self.opts, ADD_FORWARD_TIMEOUT, self.forward_wanted)
             else:
-                why = "its control socket does not answer"
+                why = f"its control socket did not answer within {ADD_FORWARD_TIMEOUT:g} s"
             if why is None:
                 word = "again" if added else "now"
                 log(f"hub port {self.opts.hub_port} {word} leads to the server")

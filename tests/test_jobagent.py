@@ -464,6 +464,8 @@ with open(log, "a") as f:
 api = socket.socket(socket.AF_UNIX)
 api.bind(argv[argv.index("-L") + 1].split(":")[0])
 api.listen()
+if os.environ.get("FAKE_SSH_NO_CTL"):  # multiplexing could not start
+    time.sleep(60)
 ctl = [a.split("=", 1)[1] for a in argv if a.startswith("ControlPath=")][0]
 s = socket.socket(socket.AF_UNIX)
 s.bind(ctl)
@@ -545,6 +547,39 @@ async def test_the_reverse_forward_is_asked_for_again_and_added_on_every_connect
         await until(lambda: lines("mux "), 3)  # added on the new one
         assert len(lines("-N ")) == 2 and spec not in lines("-N ")[1]
         assert not keeping.done()
+    finally:
+        agent.finished.set()
+        await asyncio.wait_for(keeping, 30)
+        await agent.tunnel.stop()
+        agent.created.close()
+
+
+async def test_a_control_socket_that_never_comes_is_said_in_the_log(tmp_path, monkeypatch, capsys):
+    """ssh could not start multiplexing (its control socket never appears): the agent
+    says so in the job's log and asks again, on the same connection, instead of
+    waiting forever in silence; the API forward stays up."""
+    monkeypatch.setattr(jobagent, "ADD_FORWARD_TIMEOUT", 0.3)
+    monkeypatch.setattr(jobagent, "BACKOFF_FIRST", 0.01)
+    fake = tmp_path / "ssh"
+    fake.write_text(f"#!{sys.executable}\n{FAKE_SSH}")
+    fake.chmod(0o755)
+    monkeypatch.setenv("FAKE_SSH_LOG", str(tmp_path / "calls"))
+    monkeypatch.setenv("FAKE_SSH_NO_CTL", "1")
+    job = tmp_path / "job"
+    job.mkdir()
+    agent = jobagent.Agent(opts_for(job, "--ssh", str(fake)))
+    agent.created = agent.tunnel.created = jobagent.Created.watch(str(job))
+    agent.tunnel.start()
+    keeping = asyncio.ensure_future(agent.keep_reverse_forward())
+    try:
+        await asyncio.wait_for(agent.tunnel.opened.wait(), 30)  # the API forward is up
+        said = "its control socket did not answer within 0.3 s"
+        err, deadline = "", time.monotonic() + 30
+        while err.count(said) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            err += capsys.readouterr().err
+        assert err.count(said) >= 2, err  # said, and asked again
+        assert agent.tunnel.starts == 1 and agent.tunnel.live.is_set()
     finally:
         agent.finished.set()
         await asyncio.wait_for(keeping, 30)
