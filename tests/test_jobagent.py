@@ -554,7 +554,7 @@ async def test_the_reverse_forward_is_asked_for_again_and_added_on_every_connect
         agent.created.close()
 
 
-async def test_a_control_socket_that_never_comes_is_said_in_the_log(tmp_path, monkeypatch, capsys):
+async def test_a_control_socket_that_never_comes_is_said_in_the_log(tmp_path, monkeypatch, capfd):
     """ssh could not start multiplexing (its control socket never appears): the agent
     says so in the job's log and asks again, on the same connection, instead of
     waiting forever in silence; the API forward stays up."""
@@ -577,7 +577,7 @@ async def test_a_control_socket_that_never_comes_is_said_in_the_log(tmp_path, mo
         err, deadline = "", time.monotonic() + 30
         while err.count(said) < 2 and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-            err += capsys.readouterr().err
+            err += capfd.readouterr().err
         assert err.count(said) >= 2, err  # said, and asked again
         assert agent.tunnel.starts == 1 and agent.tunnel.live.is_set()
     finally:
