@@ -183,14 +183,15 @@ def control_path(opts: argparse.Namespace) -> str:
     return os.path.join(opts.dir, CONTROL_SOCKET)
 
 
-def tunnel_argv(opts: argparse.Namespace, *, late: bool, forward: bool) -> list[str]:
-    """The job's one SSH connection: ``ssh -L <api_spec> -R <reverse_spec>``.  With
-    ``late``, a control master (its socket in the job directory), and without ``forward``
-    it opens with the API forward only: :func:`add_forward` adds the reverse forward once
-    the server listens.  Without ``late`` both forwards come at once."""
-    mux = ("-o", "ControlMaster=yes", "-o", f"ControlPath={control_path(opts)}")
-    reverse = ("-R", reverse_spec(opts)) if forward or not late else ()
-    return ssh_argv(opts, *(mux if late else ()), "-L", api_spec(opts), *reverse)
+def tunnel_argv(opts: argparse.Namespace, *, late: bool) -> list[str]:
+    """The job's one SSH connection.  With ``late``: ``ssh -L <api_spec>`` as a control
+    master (its socket in the job directory), the API forward only; :func:`add_forward`
+    adds the reverse forward once the server listens.  Without: ``ssh -L <api_spec>
+    -R <reverse_spec>``, both at once."""
+    if late:
+        mux = ("-o", "ControlMaster=yes", "-o", f"ControlPath={control_path(opts)}")
+        return ssh_argv(opts, *mux, "-L", api_spec(opts))
+    return ssh_argv(opts, "-L", api_spec(opts), "-R", reverse_spec(opts))
 
 
 def _mux_u32(*values: int) -> bytes:
@@ -589,7 +590,7 @@ class Agent:
         self.late_forward = len(os.fsencode(self.ctl_path)) + CONTROL_SUFFIX <= UNIX_PATH_MAX
         self.tunnel = Connection(
             f"tunnel to the hub (API, port {opts.hub_port})",
-            tunnel_argv(opts, late=self.late_forward, forward=not self.late_forward),
+            tunnel_argv(opts, late=self.late_forward),
             ready=self.api_path,
             sockets=(self.ctl_path,) if self.late_forward else (),
         )
