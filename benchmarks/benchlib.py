@@ -45,8 +45,30 @@ class Api:
         adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=128)
         self.s.mount("http://", adapter)
 
-    def __call__(self, method: str, path: str, **kw):
-        return self.s.request(method, f"{HUB}/hub/api{path}", timeout=300, **kw)
+    def __call__(self, method: str, path: str, **kw) -> requests.Response:
+        try:
+            r = self.s.request(method, f"{HUB}/hub/api{path}", timeout=300, **kw)
+            r.resent = False  # type: ignore[attr-defined]
+        except requests.ConnectionError:
+            # the proxy (node) closes a kept-alive connection after 5 s idle: a request
+            # sent on it just then gets no answer.  Sent again once, on a new connection;
+            # the first may have reached the hub (see started() and created())
+            r = self.s.request(method, f"{HUB}/hub/api{path}", timeout=300, **kw)
+            r.resent = True  # type: ignore[attr-defined]
+        return r
+
+    @staticmethod
+    def started(r: requests.Response) -> bool:
+        """A server start the hub took (201, 202; or, sent again, "already running")."""
+        return r.status_code in (201, 202) or (
+            getattr(r, "resent", False) and r.status_code == 400 and "already running" in r.text
+        )
+
+    @staticmethod
+    def created(r: requests.Response) -> None:
+        """Raise unless users were created (or, sent again, already were: 409)."""
+        if not (getattr(r, "resent", False) and r.status_code == 409):
+            r.raise_for_status()
 
 
 def markdown_table(results: list, cols: list[tuple[str, str | Callable[[Any], Any]]]) -> str:

@@ -217,14 +217,14 @@ def run_one(
     api = Api((workdir / "service_token").read_text().strip())
     names = [f"bench-{i:03d}" for i in range(n)]
     try:
-        api("POST", "/users", json={"usernames": names}).raise_for_status()
+        api.created(api("POST", "/users", json={"usernames": names}))
         cpu0, hs0, t_cmd0 = cpu_seconds(hub.pid), handshakes(info), time.time()
         requested: dict[str, float] = {}
 
         def start(name: str) -> None:
             requested[name] = time.time()
             r = api("POST", f"/users/{name}/server")
-            if r.status_code not in (201, 202):
+            if not api.started(r):
                 res.notes.append(f"{name}: start {r.status_code} {r.text[:100]}")
 
         census = CpuCensus().__enter__()
@@ -579,10 +579,10 @@ def run_phases(info, poll: int, repeats: int) -> list[dict[str, float]]:
     try:
         for k in range(repeats):
             name = f"phase-{k:02d}"
-            api("POST", "/users", json={"usernames": [name]}).raise_for_status()
+            api.created(api("POST", "/users", json={"usernames": [name]}))
             t = {"requested": time.time()}
             r = api("POST", f"/users/{name}/server")
-            if r.status_code not in (201, 202):
+            if not api.started(r):
                 print(f"{name}: start {r.status_code} {r.text[:200]}")
                 continue
             deadline = time.time() + 180

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import itertools
 import json
 import os
 import platform
@@ -66,6 +67,9 @@ class Result:
     poll_cycles: int = 0
     hub_cpu_per_poll_cycle_s: float = 0.0
     hub_cpu_share_of_core: float = 0.0
+    #: each cycle's hub CPU; one of every 10 holds JupyterHub's last-activity sweep
+    hub_cpu_each_cycle_s: list[float] = field(default_factory=list)
+    hub_cpu_median_cycle_s: float = 0.0
     hub_rss_mb: float = 0.0
     hub_peak_mb: float = 0.0
     proxy_rss_mb: float = 0.0
@@ -150,8 +154,8 @@ def job_memory(info, n: int, res: Result) -> None:
         elif cmd.startswith(f"sshd: {tb}"):
             sshd += pss_mb(pid)
             nproc += 1
-        elif pg_uid is not None and uid == pg_uid:
-            pg += pss_mb(pid)
+        elif pg_uid is not None and uid == pg_uid and res.db == "postgresql":
+            pg += pss_mb(pid)  # (in a sqlite lane the server idles for the other lane)
     res.job_pss_mb = job / n
     res.slurmstepd_pss_mb = step / n
     res.tunnel_sshd_pss_mb = sshd / n
@@ -166,6 +170,50 @@ def _uid(user: str) -> int | None:
         return pwd.getpwnam(user).pw_uid
     except KeyError:
         return None
+
+
+def spy_on(
+    pid: int, profile: Path | None, name: str, res: Result, seconds: float | None = None
+) -> subprocess.Popen | None:
+    """py-spy sampling ``pid`` from outside (not in its CPU) into ``profile/name.txt``
+    (folded stacks), for ``seconds`` or until :func:`end_spy`; None without --profile."""
+    if profile is None:
+        return None
+    spy_bin = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not os.access(spy_bin, os.X_OK):
+        if "--profile: py-spy is not installed (pip install py-spy)" not in res.notes:
+            res.notes.append("--profile: py-spy is not installed (pip install py-spy)")
+        return None
+    profile.mkdir(parents=True, exist_ok=True)
+    argv = [spy_bin, "record", "--nonblocking", "--format", "raw", "--rate", "50"]
+    if seconds is not None:
+        argv += ["--duration", str(int(seconds))]
+    argv += ["--pid", str(pid), "--output", str(profile / f"{name}.txt")]
+    with open(profile / f"{name}.err", "wb") as err:  # py-spy's own complaints
+        spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err)
+    spy.timed = seconds is not None  # type: ignore[attr-defined]
+    return spy
+
+
+def end_spy(spy: subprocess.Popen | None, res: Result) -> None:
+    """Let a sampler write its stacks: one with a duration ends on its own (given 5 s
+    more), one without on SIGINT (as on Ctrl-C), at once."""
+    if spy is None:
+        return
+    if spy.poll() is None:
+        try:
+            if not spy.timed:  # type: ignore[attr-defined]
+                raise subprocess.TimeoutExpired(spy.args, 0)
+            spy.wait(5)
+        except subprocess.TimeoutExpired:
+            spy.send_signal(signal.SIGINT)
+            try:
+                spy.wait(60)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+                spy.wait()
+    if spy.returncode:
+        res.notes.append(f"py-spy ended {spy.returncode}: see its .err file beside the stacks")
 
 
 # ------------------------------------------------------------------------- PostgreSQL
@@ -282,6 +330,10 @@ def run_one(
         f"c.SlurmSSHSpawner.cmd = [{info.job_env + '/bin/python'!r}, '-I', '-S', "
         f"{str(RESPONDER)!r}]\n"
         "c.JupyterHub.log_level = 'INFO'\n"
+        # JupyterHub's default (the local hub's tests use 60 s): every interval the hub
+        # reads every route's activity from the proxy and looks up each user in its
+        # database, the largest part of its CPU at these sizes
+        "c.JupyterHub.last_activity_interval = 300\n"
         "c.JupyterHub.concurrent_spawn_limit = 0\n"
         "c.JupyterHub.active_server_limit = 0\n"
         "c.JupyterHub.api_page_max_limit = 5000\n"
@@ -297,12 +349,12 @@ def run_one(
     proxy = requests.Session()
     proxy.headers["Authorization"] = f"token {PROXY_TOKEN}"
     try:
-        api("POST", "/users", json={"usernames": names}).raise_for_status()
+        api.created(api("POST", "/users", json={"usernames": names}))
         t0 = time.time()
 
         def start(name: str) -> None:
             r = api("POST", f"/users/{name}/server")
-            if r.status_code not in (201, 202):
+            if not api.started(r):
                 res.notes.append(f"{name}: start {r.status_code} {r.text[:100]}")
 
         # in waves: before each wave, the memory the running jobs took so far says whether
@@ -354,24 +406,16 @@ def run_one(
         print(f"   {len(ready)}/{n} routed in {res.all_ready_s:.0f} s", flush=True)
         # steady state: the servers run for `cycles` poll intervals
         time.sleep(5)
-        spy = None
-        spy_bin = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-        if profile is not None and not os.access(spy_bin, os.X_OK):
-            res.notes.append("--profile: py-spy is not installed (pip install py-spy)")
-        elif profile is not None:  # py-spy samples the hub from outside (not in its CPU)
-            profile.mkdir(parents=True, exist_ok=True)
-            spy = subprocess.Popen(
-                [spy_bin, "record", "--nonblocking", "--format", "raw", "--rate", "50"]
-                + ["--duration", str(POLL * cycles), "--pid", str(hub.pid)]
-                + ["--output", str(profile / f"hub-steady-{db}-{n}.txt")],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
+        spy = spy_on(hub.pid, profile, f"hub-steady-{db}-{n}", res, POLL * cycles)
         t_steady, cpu2 = time.time(), cpu_seconds(hub.pid)
-        time.sleep(POLL * cycles)
-        cpu3 = cpu_seconds(hub.pid)
-        if spy is not None:
-            spy.wait(60)
+        marks = [cpu2]
+        for c in range(cycles):  # the CPU of each cycle: JupyterHub's sweep shows as one
+            time.sleep(max(0.0, t_steady + POLL * (c + 1) - time.time()))
+            marks.append(cpu_seconds(hub.pid))
+        cpu3 = marks[-1]
+        res.hub_cpu_each_cycle_s = [round(b - a, 2) for a, b in itertools.pairwise(marks)]
+        res.hub_cpu_median_cycle_s = statistics.median(res.hub_cpu_each_cycle_s)
+        end_spy(spy, res)
         res.poll_cycles = cycles
         res.hub_cpu_per_poll_cycle_s = (cpu3 - cpu2) / cycles
         res.hub_cpu_share_of_core = res.hub_cpu_per_poll_cycle_s / POLL
@@ -400,6 +444,7 @@ def run_one(
         log_mark = (workdir / "hub.log").stat().st_size
         t_start = time.time()
         hub = localhub.start_hub(workdir, debug=False)
+        spy = spy_on(hub.pid, profile, f"hub-restart-{db}-{n}", res)
         deadline = time.time() + 600
         count = -1
         while time.time() < deadline:
@@ -410,6 +455,7 @@ def run_one(
         res.restart_all_ready_s = time.time() - t_start
         res.restart_ready = count
         res.restart_hub_cpu_s = cpu_seconds(hub.pid)
+        end_spy(spy, res)
         with open(workdir / "hub.log", "rb") as f:
             f.seek(log_mark)
             m = re.search(rb"Initialized (\d+) spawners in ([\d.]+) seconds", f.read())
@@ -421,6 +467,7 @@ def run_one(
             flush=True,
         )
         # everyone stops
+        spy = spy_on(hub.pid, profile, f"hub-stop-{db}-{n}", res)
         t_stop = time.time()
         with concurrent.futures.ThreadPoolExecutor(threads) as ex:
             list(ex.map(lambda nm: api("DELETE", f"/users/{nm}/server"), names))
@@ -430,6 +477,7 @@ def run_one(
                 break
             time.sleep(2)
         res.stop_all_s = time.time() - t_stop
+        end_spy(spy, res)
     finally:
         hub.send_signal(signal.SIGTERM)
         try:
@@ -455,6 +503,7 @@ def table(results: list[Result]) -> str:
         ("routes", "routes"),
         ("hub CPU/poll cycle (s)", "hub_cpu_per_poll_cycle_s"),
         ("share of a core", "hub_cpu_share_of_core"),
+        ("median cycle (s)", "hub_cpu_median_cycle_s"),
         ("hub RSS MB", "hub_rss_mb"),
         ("hub peak MB", "hub_peak_mb"),
         ("squeue/interval", "squeue_per_interval"),
@@ -474,7 +523,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--n", type=int, nargs="+", default=[250, 500, 1000])
     ap.add_argument("--db", nargs="+", default=["sqlite", "postgresql"])
-    ap.add_argument("--cycles", type=int, default=2, help="poll intervals to measure (30 s)")
+    ap.add_argument(
+        "--cycles",
+        type=int,
+        default=10,
+        help="poll intervals (30 s) to measure; the default 10 spans one of JupyterHub's "
+        "last_activity_interval (300 s), whose sweep of every route is part of the hub's cost",
+    )
     ap.add_argument("--threads", type=int, default=32, help="concurrent start/stop requests")
     ap.add_argument("--wave", type=int, default=100, help="servers started per wave")
     ap.add_argument(
@@ -488,10 +543,16 @@ def main() -> int:
         "--profile",
         type=Path,
         metavar="DIR",
-        help="sample the hub with py-spy (if installed) over the steady window; folded "
-        "stacks into DIR",
+        help="sample the hub with py-spy (if installed) over the steady window, the "
+        "restart and the stop; folded stacks into DIR",
     )
     args = ap.parse_args()
+
+    def ended(signum: int, _frame) -> None:  # SIGTERM: the hub, its jobs and PostgreSQL go
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # through the `finally`s, as after
+        raise SystemExit(128 + signum)  # an error; a second SIGTERM cannot cut them short
+
+    signal.signal(signal.SIGTERM, ended)
     r = subprocess.run([sys.executable, "-m", "xsedehub.cli", "cluster", "up"], check=False)
     if r.returncode:
         return r.returncode
