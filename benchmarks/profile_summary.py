@@ -27,10 +27,14 @@ def frame_name(frame: str) -> str:
     return f"{m['func']} ({path})"
 
 
-def summarise(lines: list[str]) -> tuple[int, collections.Counter, collections.Counter]:
-    """Total samples, samples per frame anywhere on the stack, samples per top frame."""
+def summarise(
+    lines: list[str], names: tuple[str, ...] = ()
+) -> tuple[int, collections.Counter, collections.Counter, collections.Counter]:
+    """Total samples, samples per frame anywhere on the stack, samples per top frame, and
+    samples per name in ``names`` with a frame starting with it on the stack."""
     inclusive: collections.Counter = collections.Counter()
     own: collections.Counter = collections.Counter()
+    under: collections.Counter = collections.Counter()
     total = 0
     for line in lines:
         line = line.rstrip()
@@ -43,7 +47,10 @@ def summarise(lines: list[str]) -> tuple[int, collections.Counter, collections.C
         for f in set(frames):
             inclusive[f] += n
         own[frames[-1]] += n
-    return total, inclusive, own
+        for name in names:
+            if any(f.startswith(name) for f in frames):
+                under[name] += n
+    return total, inclusive, own, under
 
 
 def main() -> int:
@@ -51,10 +58,20 @@ def main() -> int:
     ap.add_argument("stacks", help="a py-spy raw (folded) file")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--rate", type=int, default=50, help="py-spy's samples per second")
+    ap.add_argument(
+        "--frames",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="also the samples with a frame whose name starts with NAME on their stack "
+        "(e.g. User.stop SlurmSSHSpawner.stop)",
+    )
     args = ap.parse_args()
     with open(args.stacks) as f:
-        total, inclusive, own = summarise(f.readlines())
+        total, inclusive, own, under = summarise(f.readlines(), tuple(args.frames))
     print(f"{args.stacks}: {total} samples ({total / args.rate:.1f} s at {args.rate}/s)")
+    for name in args.frames:
+        print(f"{under[name]:7d} {100 * under[name] / max(1, total):5.1f}%  under {name}*")
     for title, counter in (("inclusive", inclusive), ("self", own)):
         print(f"-- {title}")
         for frame, n in counter.most_common(args.top):
