@@ -200,18 +200,18 @@ def end_spy(spy: subprocess.Popen | None, res: Result) -> None:
     more), one without on SIGINT (as on Ctrl-C), at once."""
     if spy is None:
         return
-    if spy.poll() is None:
+    if spy.timed:  # type: ignore[attr-defined]
         try:
-            if not spy.timed:  # type: ignore[attr-defined]
-                raise subprocess.TimeoutExpired(spy.args, 0)
             spy.wait(5)
         except subprocess.TimeoutExpired:
-            spy.send_signal(signal.SIGINT)
-            try:
-                spy.wait(60)
-            except subprocess.TimeoutExpired:
-                spy.kill()
-                spy.wait()
+            pass
+    if spy.poll() is None:
+        spy.send_signal(signal.SIGINT)
+        try:
+            spy.wait(60)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            spy.wait()
     if spy.returncode:
         res.notes.append(f"py-spy ended {spy.returncode}: see its .err file beside the stacks")
 
