@@ -10,25 +10,20 @@ job's log when the job ends first.
 from __future__ import annotations
 
 import asyncio
-import errno
-import select
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
+from . import ports
 from .errors import ClusterUnreachable, SpawnError, StartTimeout
 from .job import JobFiles
 from .ssh import Connection
 
 T = TypeVar("T")
 
-#: the longest pause between two looks at a starting server's hub port (each is one
-#: connect() on loopback, refused on the hub itself until the server listens)
-CHECK_MAX = 0.1
-#: how long a look waits for its connect() (ms): on loopback the kernel accepts or
-#: refuses within the call, so this only bounds a listener that does not accept
-LOOK_WAIT_MS = 2
+#: how often a spawn waiting for its server asks whether the job still runs (the
+#: connection's shared squeue result)
+JOB_CHECK_EVERY = 5.0
 
 
 class Report(Protocol):
@@ -106,55 +101,35 @@ async def wait_server(
     timeout: float,
     report: Report,
 ) -> None:
-    """Until the hub's port accepts (looked at often at first, then every
-    :data:`CHECK_MAX` seconds), watching that the job is still alive.
+    """Until the hub's port listens (the hub process's one :class:`~.ports.PortWatch`
+    looks for every starting server at once), watching that the job is still alive.
 
     The job's agent adds the reverse forward once the server listens on its socket, so
-    the port accepting *is* the server listening, and until then it is refused on the
-    hub itself: a look costs a refused ``connect()`` here and nothing on the compute node
-    or the hub's sshd.  The HTTP check that follows is JupyterHub's own (``wait_up``,
-    once start() returns): no second round trip through the tunnel.  (Where the job
-    directory's path is too long for ssh's control socket, the job forwards from the
-    tunnel's start; ``wait_up`` then retries until the server answers.)"""
+    the port listening *is* the server listening, and until then nothing listens on it:
+    a look costs the compute node and the hub's sshd nothing.  The HTTP check that
+    follows is JupyterHub's own (``wait_up``, once start() returns): no second round
+    trip through the tunnel.  (Where the job directory's path is too long for ssh's
+    control socket, the job forwards from the tunnel's start; ``wait_up`` then retries
+    until the server answers.)"""
     deadline = time.monotonic() + timeout
-    next_job_check = time.monotonic() + 5
-    delay = 0.05
-    while time.monotonic() < deadline:
-        if port_open(hub_port):
+    watch = ports.watch()
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        if await watch.wait(hub_port, min(JOB_CHECK_EVERY, left)):
             report("The server listens and the tunnel to the compute node is up", 95)
             return
-        if time.monotonic() >= next_job_check:
-            next_job_check = time.monotonic() + 5
-            try:
-                st = await conn.status.get(job_id, max_age=2.0)
-            except ClusterUnreachable as e:
-                # a blip of the login node is not the job's end: ask again later
-                report(f"Login node unreachable while the server starts ({e}); retrying")
-                continue
-            if st is None or not st.alive:
-                raise await _ended(
-                    files, f"Batch job {job_id} ended while the server was starting."
-                )
-        await asyncio.sleep(delay)
-        delay = min(delay * 1.5, CHECK_MAX)
+        if time.monotonic() >= deadline:
+            break
+        try:
+            st = await conn.status.get(job_id, max_age=2.0)
+        except ClusterUnreachable as e:
+            # a blip of the login node is not the job's end: ask again later
+            report(f"Login node unreachable while the server starts ({e}); retrying")
+            continue
+        if st is None or not st.alive:
+            raise await _ended(files, f"Batch job {job_id} ended while the server was starting.")
     raise await _ended(
         files, f"The server in job {job_id} did not answer within {timeout} s.", StartTimeout
     )
-
-
-def port_open(port: int) -> bool:
-    """Whether the hub's port on loopback accepts.  The kernel accepts or refuses a
-    loopback connect() within the call, so this holds the event loop for tens of
-    microseconds, and never more than :data:`LOOK_WAIT_MS` (a listener that accepts
-    nothing, its queue full, is "not yet"): a sixth of the CPU of asyncio's
-    ``open_connection``, which counts with a hundred servers starting at once, each
-    looked at ten times a second."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setblocking(False)
-        if s.connect_ex(("127.0.0.1", port)) not in (0, errno.EINPROGRESS):
-            return False
-        poller = select.poll()
-        poller.register(s, select.POLLOUT)
-        if not poller.poll(LOOK_WAIT_MS):
-            return False
-        return s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0

@@ -19,7 +19,7 @@ from pathlib import Path
 import asyncssh
 import pytest
 from xsedehub.spawner import follow, job, slurm
-from xsedehub.spawner.errors import ClusterUnreachable
+from xsedehub.spawner.errors import ClusterUnreachable, SpawnError, StartTimeout
 from xsedehub.spawner.identity import KeyFiles, gateway_identity
 from xsedehub.spawner.ssh import Connection, LoginNode, Pool, SSHIdentity
 
@@ -200,6 +200,33 @@ async def test_a_login_node_blip_while_the_server_starts_is_not_fatal(cluster, t
         task.cancel()
         if server is not None:
             server.close()
+        in_cluster_root(["scancel", job_id])
+        conn.close()
+
+
+async def test_a_server_that_never_listens_times_out_and_a_job_that_ends_is_seen(cluster):
+    """The wait for the hub port ends with StartTimeout once its time is up (not
+    before), and with "ended while the server was starting" when the job goes."""
+    conn = Connection(node(cluster), gateway(cluster))
+    job_id = await submit_sleeper(conn, "u0-never")
+    files = job.JobFiles(conn, ".xsedehub/jobs/u0-never", logging.getLogger("test"), "test")
+    probe = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    port = probe.sockets[0].getsockname()[1]  # free again: nothing will listen there
+    probe.close()
+    await probe.wait_closed()
+    quiet = lambda m, pct=None: None  # noqa: E731
+    try:
+        began = time.monotonic()
+        with pytest.raises(StartTimeout, match="did not answer within 7"):
+            await follow.wait_server(conn, job_id, files, hub_port=port, timeout=7, report=quiet)
+        assert time.monotonic() - began >= 7
+        in_cluster_root(["scancel", job_id])
+        with pytest.raises(SpawnError, match="ended while the server was starting"):
+            await asyncio.wait_for(
+                follow.wait_server(conn, job_id, files, hub_port=port, timeout=300, report=quiet),
+                60,
+            )
+    finally:
         in_cluster_root(["scancel", job_id])
         conn.close()
 
