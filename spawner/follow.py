@@ -111,17 +111,31 @@ async def wait_server(
     trip through the tunnel.  (Where the job directory's path is too long for ssh's
     control socket, the job forwards from the tunnel's start; ``wait_up`` then retries
     until the server answers.)"""
-    deadline = time.monotonic() + timeout
-    watch = ports.watch()
+    listening = asyncio.ensure_future(ports.watch().wait(hub_port, timeout))
+    job_ended = asyncio.ensure_future(_until_ended(conn, job_id, files, report))
+    try:
+        # the watch goes on while the job is looked at: a slow squeue (a busy login node
+        # or slurmctld) must not hide a port that listens meanwhile
+        await asyncio.wait([listening, job_ended], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (listening, job_ended):
+            task.cancel()
+        await asyncio.gather(listening, job_ended, return_exceptions=True)
+    if listening.done() and not listening.cancelled() and listening.result():
+        report("The server listens and the tunnel to the compute node is up", 95)
+        return
+    if job_ended.done() and not job_ended.cancelled() and job_ended.exception() is not None:
+        raise job_ended.exception()  # type: ignore[misc]
+    raise await _ended(
+        files, f"The server in job {job_id} did not answer within {timeout} s.", StartTimeout
+    )
+
+
+async def _until_ended(conn: Connection, job_id: str, files: JobFiles, report: Report) -> None:
+    """Raise a :class:`SpawnError` with the job's log once the job is gone from the queue
+    (the connection's shared ``squeue``, asked every :data:`JOB_CHECK_EVERY` seconds)."""
     while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
-        if await watch.wait(hub_port, min(JOB_CHECK_EVERY, left)):
-            report("The server listens and the tunnel to the compute node is up", 95)
-            return
-        if time.monotonic() >= deadline:
-            break
+        await asyncio.sleep(JOB_CHECK_EVERY)
         try:
             st = await conn.status.get(job_id, max_age=2.0)
         except ClusterUnreachable as e:
@@ -130,6 +144,3 @@ async def wait_server(
             continue
         if st is None or not st.alive:
             raise await _ended(files, f"Batch job {job_id} ended while the server was starting.")
-    raise await _ended(
-        files, f"The server in job {job_id} did not answer within {timeout} s.", StartTimeout
-    )

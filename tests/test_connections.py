@@ -204,6 +204,41 @@ async def test_a_login_node_blip_while_the_server_starts_is_not_fatal(cluster, t
         conn.close()
 
 
+async def test_a_port_that_listens_while_squeue_hangs_is_seen_at_once(cluster):
+    """The look at the job (the shared squeue, every 5 s) runs beside the watch of the
+    port, not instead of it: with slurmctld held (SIGSTOP), squeue hangs (SLURM's own
+    timeout is 10 s, the spawner's 30 s), and a port that listens meanwhile ends the
+    wait within the watch's next looks, not after the squeue."""
+    conn = Connection(node(cluster), gateway(cluster))
+    job_id = await submit_sleeper(conn, "u0-hung")
+    files = job.JobFiles(conn, ".xsedehub/jobs/u0-hung", logging.getLogger("test"), "test")
+    probe = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    port = probe.sockets[0].getsockname()[1]
+    probe.close()
+    await probe.wait_closed()
+    slurmctld = int(Path(cluster.pid_files["slurmctld"]).read_text().split()[0])
+    server = None
+    task = asyncio.ensure_future(
+        follow.wait_server(
+            conn, job_id, files, hub_port=port, timeout=120, report=lambda m, pct=None: None
+        )
+    )
+    try:
+        await asyncio.sleep(1)
+        os.kill(slurmctld, signal.SIGSTOP)
+        await asyncio.sleep(follow.JOB_CHECK_EVERY + 1.5)  # the job's look is under way
+        assert not task.done()
+        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", port)
+        await asyncio.wait_for(task, 5)  # a hung squeue holds it 10 s or more
+    finally:
+        os.kill(slurmctld, signal.SIGCONT)
+        task.cancel()
+        if server is not None:
+            server.close()
+        in_cluster_root(["scancel", job_id])
+        conn.close()
+
+
 async def test_a_server_that_never_listens_times_out_and_a_job_that_ends_is_seen(cluster):
     """The wait for the hub port ends with StartTimeout once its time is up (not
     before), and with "ended while the server was starting" when the job goes."""
