@@ -1,10 +1,14 @@
-"""What the benchmarks share: a hub's CPU and memory from /proc, percentiles, and a
-client of the hub's REST API.  Standard library and requests only (burst.py's baseline
-needs batchspawner; scale.py does not)."""
+"""What the benchmarks share: a hub's CPU and memory from /proc, percentiles, a
+client of the hub's REST API, and py-spy samplers of the hub.  Standard library and
+requests only (burst.py's baseline needs batchspawner; scale.py does not)."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -125,8 +129,8 @@ class CpuCensus:
     def __init__(self) -> None:
         import threading
 
-        # (pid, start time) -> (kind, CPU seconds at the first sample, at the last)
-        self._seen: dict[tuple[int, int], tuple[str, float, float]] = {}
+        # (pid, start time) -> (kind, CPU seconds at the first sample, at the last, name)
+        self._seen: dict[tuple[int, int], tuple[str, float, float, str]] = {}
         self._started = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -136,18 +140,27 @@ class CpuCensus:
             if not d.isdigit():
                 continue
             try:
-                stat = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
+                head, _, rest = Path(f"/proc/{d}/stat").read_text().rpartition(")")
+                comm, stat = head.partition("(")[2], rest.split()
                 key = (int(d), int(stat[19]))  # pid and start time: pids are reused
                 cpu = (int(stat[11]) + int(stat[12])) / TICK
-                # the kind from the newest command line: a fork execs after we see it
-                raw = Path(f"/proc/{d}/cmdline").read_bytes().rstrip(b"\0")
-                argv = raw.decode(errors="replace").split("\0")
-                kind = process_kind(argv)
-                if kind == "other":  # named by its program, to tell what it is
-                    kind = f"other: {os.path.basename(argv[0])[:20]}"
+                seen = self._seen.get(key)
+                # the kind from the newest command line: a fork execs after we see it,
+                # and an exec changes the name in stat (read again only then)
+                if seen is not None and (seen[3] == comm or stat[0] == "Z"):
+                    kind = seen[0]
+                else:
+                    raw = Path(f"/proc/{d}/cmdline").read_bytes().rstrip(b"\0")
+                    argv = raw.decode(errors="replace").split("\0") if raw else []
+                    if not argv and (stat[1] == "2" or d == "2"):  # kthreadd's
+                        kind = f"kernel: {comm.split('/')[0]}"  # kworker/1:1H-kblockd
+                    else:
+                        kind = process_kind(argv)
+                        if kind == "other":  # named by its program, to tell what it is
+                            kind = f"other: {os.path.basename(argv[0])[:20] if argv else comm}"
                 # a process already running at the start counts from there
-                first = self._seen[key][1] if key in self._seen else (0.0 if self._started else cpu)
-                self._seen[key] = (kind, first, cpu)
+                first = seen[1] if seen is not None else (0.0 if self._started else cpu)
+                self._seen[key] = (kind, first, cpu, comm)
             except (OSError, IndexError, ValueError):
                 continue
 
@@ -178,6 +191,50 @@ class CpuCensus:
     def by_kind(self) -> dict[str, float]:
         """CPU seconds per kind, largest first."""
         out: dict[str, float] = {}
-        for kind, first, last in self._seen.values():
+        for kind, first, last, _name in self._seen.values():
             out[kind] = out.get(kind, 0.0) + (last - first)
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def spy_on(
+    pid: int, profile: Path | None, name: str, notes: list[str], seconds: float | None = None
+) -> subprocess.Popen | None:
+    """py-spy sampling ``pid`` from outside (not in its CPU) into ``profile/name.txt``
+    (folded stacks), for ``seconds`` or until :func:`end_spy`; None without --profile."""
+    if profile is None:
+        return None
+    spy_bin = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not os.access(spy_bin, os.X_OK):
+        if "--profile: py-spy is not installed (pip install py-spy)" not in notes:
+            notes.append("--profile: py-spy is not installed (pip install py-spy)")
+        return None
+    profile.mkdir(parents=True, exist_ok=True)
+    argv = [spy_bin, "record", "--nonblocking", "--format", "raw", "--rate", "50"]
+    if seconds is not None:
+        argv += ["--duration", str(int(seconds))]
+    argv += ["--pid", str(pid), "--output", str(profile / f"{name}.txt")]
+    with open(profile / f"{name}.err", "wb") as err:  # py-spy's own complaints
+        spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err)
+    spy.timed = seconds is not None  # type: ignore[attr-defined]
+    return spy
+
+
+def end_spy(spy: subprocess.Popen | None, notes: list[str]) -> None:
+    """Let a sampler write its stacks: one with a duration ends on its own (given 5 s
+    more), one without on SIGINT (as on Ctrl-C), at once."""
+    if spy is None:
+        return
+    if spy.timed:  # type: ignore[attr-defined]
+        try:
+            spy.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+    if spy.poll() is None:
+        spy.send_signal(signal.SIGINT)
+        try:
+            spy.wait(60)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            spy.wait()
+    if spy.returncode:
+        notes.append(f"py-spy ended {spy.returncode}: see its .err file beside the stacks")

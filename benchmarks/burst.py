@@ -49,12 +49,24 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 import xh_bench_baseline as baseline  # noqa: E402
-from benchlib import Api, CpuCensus, cpu_seconds, markdown_table, peak_mb, percentile  # noqa: E402
+from benchlib import (  # noqa: E402
+    Api,
+    CpuCensus,
+    cpu_seconds,
+    end_spy,
+    markdown_table,
+    peak_mb,
+    percentile,
+    spy_on,
+)
 
-from xsedehub.testbed import localcluster, localhub, netns  # noqa: E402
+from xsedehub.testbed import clusterconf, localcluster, localhub, netns  # noqa: E402
 
 PROXY_API = "http://127.0.0.1:8001/api/routes"
 PROXY_TOKEN = "xsedehub-bench-" + os.urandom(8).hex()
+#: how often every lane looks for its servers being ready (the proxy's routing table for
+#: the hubs' lanes, each server's socket for the floor), in seconds
+READY_LOOK = 0.1
 LISTENING = re.compile(
     r"^\[I (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) ServerApp\] Jupyter Server .* is running at"
 )
@@ -126,33 +138,25 @@ def stop_hub(hub: subprocess.Popen, workdir: Path, info) -> None:
 
 #: --hub-apart: the jobs' nice value.  The local cluster has SLURM's
 #: ``PropagatePrioProcess=1``: a job runs at the nice value of the sbatch that submitted
-#: it, so the login node's sshd (whose sessions run the spawners' sbatch) and the floor's
-#: sbatch run at this value, and slurmd, slurmctld and slurmstepd stay at 0 (a slurmd
+#: it, so the login node's sbatch (the local cluster's wrapper, see set_jobs_nice) and
+#: the floor's sbatch run at this value; the login node's sshd, its squeue and scancel,
+#: slurmd, slurmctld and slurmstepd stay at 0 (until 2026-11-29 the login node's sshd
+#: was niced, and every squeue and ssh command of both hubs with it; a slurmd
 #: niced with its jobs, starved, stopped answering slurmctld at N = 100, which requeued
 #: its jobs).  19, the lowest priority: at nice 10, 100 runnable jobs (weight 110 each)
 #: left the hub (1024) about a sixth of a core, and its event loop stalled for seconds
 JOBS_NICE = 19
 
 
-def renice(pids: list[int], values: dict[int, int] | int) -> dict[int, int]:
-    """Set these processes' nice values (one value for all, or pid -> value); their
-    children from now on inherit them.  Returns what they were."""
-    before = {}
-    for pid in pids:
-        try:
-            before[pid] = os.getpriority(os.PRIO_PROCESS, pid)
-            value = values if isinstance(values, int) else values.get(pid, before[pid])
-            os.setpriority(os.PRIO_PROCESS, pid, value)
-        except ProcessLookupError:  # it ended meanwhile (an sshd restarted): nothing to set
-            continue
-    return before
-
-
-def login_sshd_pids(info) -> list[int]:
-    """The login node's sshd (the one the spawners' commands run under)."""
-    conf = str(Path(info.root) / "sshd_login.conf")
-    out = subprocess.run(["pgrep", "-f", f"sshd -f {conf} "], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split()]
+def set_jobs_nice(info, value: int | None) -> None:
+    """Have the login node's ``sbatch`` (the local cluster's wrapper) run at nice
+    ``value``, and so the jobs it submits (None: as it is)."""
+    path = clusterconf.jobs_nice_file(Path(info.root))
+    if value is None:
+        path.unlink(missing_ok=True)
+    else:
+        path.write_text(f"{value}\n")
+        path.chmod(0o644)
 
 
 AUTOGROUP = Path("/proc/sys/kernel/sched_autogroup_enabled")
@@ -193,6 +197,7 @@ def run_one(
     tunnel_key: str,
     hub_apart: bool = False,
     keep_logs: Path | None = None,
+    profile: Path | None = None,
 ) -> Result:
     res = Result(impl, n, hub_apart)
     # the hub's own folder (its sqlite database, its log): on this machine's one disk,
@@ -206,6 +211,9 @@ def run_one(
         "c.JupyterHub.log_level = 'INFO'\n"
         "c.JupyterHub.concurrent_spawn_limit = 0\n"
         "c.JupyterHub.active_server_limit = 0\n"
+        # JupyterHub's default (the local hub of the tests sets 60 s): its sweep of
+        # every route is part of what a hub does while servers arrive
+        "c.JupyterHub.last_activity_interval = 300\n"
         # 100 JupyterLab servers start on the same 2 cores as everything else: give
         # both implementations the same generous time to answer
         "c.SlurmSSHSpawner.http_timeout = 300\n"
@@ -228,6 +236,7 @@ def run_one(
                 res.notes.append(f"{name}: start {r.status_code} {r.text[:100]}")
 
         census = CpuCensus().__enter__()
+        spy = spy_on(hub.pid, profile, f"hub-burst-{impl}-{n}", res.notes)
         with concurrent.futures.ThreadPoolExecutor(n) as ex:
             list(ex.map(start, names))
         # readiness from the proxy's routing table (JupyterHub adds a user's route when
@@ -253,7 +262,8 @@ def run_one(
                 )
                 if failed and failed + len(ready) >= n:
                     break
-            time.sleep(0.25)
+            time.sleep(READY_LOOK)
+        end_spy(spy, res.notes)
         census.__exit__(None, None, None)
         res.cpu_by_kind = census.by_kind()
         res.servers_nice = servers_nice()
@@ -477,14 +487,22 @@ def run_floor(
         census = CpuCensus().__enter__()
         with concurrent.futures.ThreadPoolExecutor(n) as ex:
             list(ex.map(submit, range(n)))
-        ready: dict[int, float] = {}
         deadline = time.time() + 360
-        while len(ready) < n and time.time() < deadline:
-            for i in range(n):
-                sock, prefix = str(dirs[i] / "server.sock"), f"/user/floor-{i:03d}/"
-                if i not in ready and answers(sock, prefix):
-                    ready[i] = time.time()
-            time.sleep(0.1)
+
+        def first_answer(i: int) -> float | None:
+            # one prober per server: a server that accepts but is slow to answer holds
+            # only its own prober (a single loop over all sockets waited for each in
+            # turn, and so counted the slow ones' delay against every server after them)
+            sock, prefix = str(dirs[i] / "server.sock"), f"/user/floor-{i:03d}/"
+            while time.time() < deadline:
+                if answers(sock, prefix):
+                    return time.time()
+                time.sleep(READY_LOOK)
+            return None
+
+        with concurrent.futures.ThreadPoolExecutor(n) as ex:
+            answered = list(ex.map(first_answer, range(n)))
+        ready = {i: t for i, t in enumerate(answered) if t is not None}
         census.__exit__(None, None, None)
         res.cpu_by_kind = census.by_kind()
         res.servers_nice = servers_nice()
@@ -701,7 +719,7 @@ def main() -> int:
         action="store_true",
         help="model a hub on a machine of its own: its folder (the sqlite database) in "
         f"memory, and the cluster's jobs at nice {JOBS_NICE} (submitted at that nice value: "
-        "the login node's sshd and the floor's sbatch; SLURM's PropagatePrioProcess=1; the "
+        "the login node's sbatch and the floor's; SLURM's PropagatePrioProcess=1; the "
         "kernel's per-session CPU sharing, autogroup, off for the run), so the hub's CPU "
         "and disk are not the jobs'",
     )
@@ -717,6 +735,14 @@ def main() -> int:
         type=Path,
         metavar="DIR",
         help="copy the hub's log and every job's log of each burst into DIR",
+    )
+    ap.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="sample each hub with py-spy (if installed) from the first start request "
+        "until all are ready, into DIR/hub-burst-IMPL-N.txt (folded stacks; "
+        "benchmarks/profile_summary.py reads them)",
     )
     ap.add_argument(
         "--phases",
@@ -751,7 +777,7 @@ def main() -> int:
     if args.keep_logs:
         args.keep_logs.mkdir(parents=True, exist_ok=True)
     results = []
-    sshd_nice = renice(login_sshd_pids(info), JOBS_NICE) if args.hub_apart else {}
+    set_jobs_nice(info, JOBS_NICE if args.hub_apart else None)
     autogroup = set_autogroup("0") if args.hub_apart else ""
     try:
         if "baseline" in args.impl:
@@ -774,6 +800,7 @@ def main() -> int:
                         shared.export_private_key().decode(),
                         args.hub_apart,
                         args.keep_logs,
+                        args.profile,
                     )
                 results.append(res)
                 print(json.dumps(asdict(res)), flush=True)
@@ -788,8 +815,7 @@ def main() -> int:
         )
         if autogroup:
             set_autogroup(autogroup)
-        if sshd_nice:
-            renice(list(sshd_nice), sshd_nice)
+        set_jobs_nice(info, None)
     print()
     print(table(results))
     print()

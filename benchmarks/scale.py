@@ -44,7 +44,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from benchlib import Api, cpu_seconds, markdown_table, peak_mb  # noqa: E402
+from benchlib import Api, cpu_seconds, end_spy, markdown_table, peak_mb, spy_on  # noqa: E402
 from xsedehub.spawner import slurm  # noqa: E402
 
 from xsedehub.testbed import localcluster, localhub, netns  # noqa: E402
@@ -170,50 +170,6 @@ def _uid(user: str) -> int | None:
         return pwd.getpwnam(user).pw_uid
     except KeyError:
         return None
-
-
-def spy_on(
-    pid: int, profile: Path | None, name: str, res: Result, seconds: float | None = None
-) -> subprocess.Popen | None:
-    """py-spy sampling ``pid`` from outside (not in its CPU) into ``profile/name.txt``
-    (folded stacks), for ``seconds`` or until :func:`end_spy`; None without --profile."""
-    if profile is None:
-        return None
-    spy_bin = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    if not os.access(spy_bin, os.X_OK):
-        if "--profile: py-spy is not installed (pip install py-spy)" not in res.notes:
-            res.notes.append("--profile: py-spy is not installed (pip install py-spy)")
-        return None
-    profile.mkdir(parents=True, exist_ok=True)
-    argv = [spy_bin, "record", "--nonblocking", "--format", "raw", "--rate", "50"]
-    if seconds is not None:
-        argv += ["--duration", str(int(seconds))]
-    argv += ["--pid", str(pid), "--output", str(profile / f"{name}.txt")]
-    with open(profile / f"{name}.err", "wb") as err:  # py-spy's own complaints
-        spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err)
-    spy.timed = seconds is not None  # type: ignore[attr-defined]
-    return spy
-
-
-def end_spy(spy: subprocess.Popen | None, res: Result) -> None:
-    """Let a sampler write its stacks: one with a duration ends on its own (given 5 s
-    more), one without on SIGINT (as on Ctrl-C), at once."""
-    if spy is None:
-        return
-    if spy.timed:  # type: ignore[attr-defined]
-        try:
-            spy.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
-    if spy.poll() is None:
-        spy.send_signal(signal.SIGINT)
-        try:
-            spy.wait(60)
-        except subprocess.TimeoutExpired:
-            spy.kill()
-            spy.wait()
-    if spy.returncode:
-        res.notes.append(f"py-spy ended {spy.returncode}: see its .err file beside the stacks")
 
 
 # ------------------------------------------------------------------------- PostgreSQL
@@ -406,7 +362,7 @@ def run_one(
         print(f"   {len(ready)}/{n} routed in {res.all_ready_s:.0f} s", flush=True)
         # steady state: the servers run for `cycles` poll intervals
         time.sleep(5)
-        spy = spy_on(hub.pid, profile, f"hub-steady-{db}-{n}", res, POLL * cycles)
+        spy = spy_on(hub.pid, profile, f"hub-steady-{db}-{n}", res.notes, POLL * cycles)
         t_steady, cpu2 = time.time(), cpu_seconds(hub.pid)
         marks = [cpu2]
         for c in range(cycles):  # the CPU of each cycle: JupyterHub's sweep shows as one
@@ -415,7 +371,7 @@ def run_one(
         cpu3 = marks[-1]
         res.hub_cpu_each_cycle_s = [round(b - a, 2) for a, b in itertools.pairwise(marks)]
         res.hub_cpu_median_cycle_s = statistics.median(res.hub_cpu_each_cycle_s)
-        end_spy(spy, res)
+        end_spy(spy, res.notes)
         res.poll_cycles = cycles
         res.hub_cpu_per_poll_cycle_s = (cpu3 - cpu2) / cycles
         res.hub_cpu_share_of_core = res.hub_cpu_per_poll_cycle_s / POLL
@@ -444,7 +400,7 @@ def run_one(
         log_mark = (workdir / "hub.log").stat().st_size
         t_start = time.time()
         hub = localhub.start_hub(workdir, debug=False)
-        spy = spy_on(hub.pid, profile, f"hub-restart-{db}-{n}", res)
+        spy = spy_on(hub.pid, profile, f"hub-restart-{db}-{n}", res.notes)
         deadline = time.time() + 600
         count = -1
         while time.time() < deadline:
@@ -455,7 +411,7 @@ def run_one(
         res.restart_all_ready_s = time.time() - t_start
         res.restart_ready = count
         res.restart_hub_cpu_s = cpu_seconds(hub.pid)
-        end_spy(spy, res)
+        end_spy(spy, res.notes)
         with open(workdir / "hub.log", "rb") as f:
             f.seek(log_mark)
             m = re.search(rb"Initialized (\d+) spawners in ([\d.]+) seconds", f.read())
@@ -467,7 +423,7 @@ def run_one(
             flush=True,
         )
         # everyone stops
-        spy = spy_on(hub.pid, profile, f"hub-stop-{db}-{n}", res)
+        spy = spy_on(hub.pid, profile, f"hub-stop-{db}-{n}", res.notes)
         t_stop = time.time()
         with concurrent.futures.ThreadPoolExecutor(threads) as ex:
             list(ex.map(lambda nm: api("DELETE", f"/users/{nm}/server"), names))
@@ -477,7 +433,7 @@ def run_one(
                 break
             time.sleep(2)
         res.stop_all_s = time.time() - t_stop
-        end_spy(spy, res)
+        end_spy(spy, res.notes)
     finally:
         hub.send_signal(signal.SIGTERM)
         try:

@@ -198,6 +198,10 @@ def sshd_conf(root: Path, keys: dict[str, Path], side: str) -> Path:
                 "Subsystem sftp internal-sftp",
                 "AllowTcpForwarding no",
                 "X11Forwarding no",
+                # benchmarks/burst.py's baseline opens one connection per command, a
+                # hundred at once in a burst; sshd's default (10:30:100) dropped a third
+                # to a half of them, and those spawns failed (the spawner holds one)
+                "MaxStartups 1000:30:2000",
                 # last: a Match block runs to the end of the file
                 *gatewaysetup.sshd_block(GATEWAY_USER, str(gateway_keys_file(root))).splitlines(),
             ],
@@ -246,7 +250,8 @@ COUNTED = ("sbatch", "squeue", "scancel", "sinfo", "sacct", "scontrol")
 
 def command_wrappers(root: Path) -> None:
     """Wrappers that log each SLURM command run over SSH on the login node to
-    ``log/commands.log`` (time, account, command), then run it: benchmarks count them."""
+    ``log/commands.log`` (time, account, command), then run it: benchmarks count them.
+    ``sbatch`` runs at the nice value in :func:`jobs_nice_file`, if there is one."""
     bindir = root / "bin"
     bindir.mkdir(exist_ok=True)
     bindir.chmod(0o755)
@@ -255,12 +260,24 @@ def command_wrappers(root: Path) -> None:
     log.chmod(0o622)  # every account appends; only root reads
     for cmd in COUNTED:
         w = bindir / cmd
+        run = f'exec /usr/bin/{cmd} "$@"\n'
+        if cmd == "sbatch":  # the jobs' nice value, when a benchmark asks for one
+            run = (
+                f"n=$(cat {jobs_nice_file(root)} 2>/dev/null)\n"
+                f'case "$n" in [0-9]|1[0-9]) exec nice -n "$n" /usr/bin/sbatch "$@";; esac\n' + run
+            )
         w.write_text(
             "#!/bin/sh\n"
-            f'printf "%s %s {cmd}\\n" "$(date +%s.%N)" "$(id -un)" >> {log} 2>/dev/null\n'
-            f'exec /usr/bin/{cmd} "$@"\n'
+            f'printf "%s %s {cmd}\\n" "$(date +%s.%N)" "$(id -un)" >> {log} 2>/dev/null\n' + run
         )
         w.chmod(0o755)
+
+
+def jobs_nice_file(root: Path = ROOT) -> Path:
+    """Where a benchmark puts the nice value (0-19) at which the login node's ``sbatch``
+    runs, and so, through SLURM's ``PropagatePrioProcess=1``, the jobs it submits: the
+    jobs can be niced without the login node's sshd and the other commands."""
+    return root / "jobs_nice"
 
 
 def command_counts(root: Path = ROOT, since: float = 0.0) -> dict[str, int]:

@@ -55,6 +55,7 @@ from .clusterconf import (
     ensure_users,
     ensure_workshop_repo,
     gateway_keys_file,
+    jobs_nice_file,
     sshd_conf,
     write_slurm_conf,
 )
@@ -204,9 +205,11 @@ def _pid_files(root: Path) -> dict[str, Path]:
 
 
 def _reset_nice(root: Path) -> None:
-    """The daemons at nice 0: a benchmark ended by SIGKILL (``burst.py --hub-apart``
-    renices the login node's sshd, whose sessions submit the jobs) leaves nothing lower
-    for the next run's jobs (SLURM's PropagatePrioProcess)."""
+    """The daemons at nice 0 and ``sbatch`` as it is: a benchmark ended by SIGKILL
+    (``burst.py --hub-apart`` has the login node's ``sbatch`` run niced, see
+    :func:`~.clusterconf.jobs_nice_file`) leaves nothing lower for the next run's jobs
+    (SLURM's PropagatePrioProcess)."""
+    jobs_nice_file(root).unlink(missing_ok=True)
     for pid_file in _pid_files(root).values():
         try:
             os.setpriority(os.PRIO_PROCESS, int(pid_file.read_text().split()[0]), 0)
@@ -606,6 +609,7 @@ def up(root: Path = ROOT) -> ClusterInfo:
         raise ClusterError(f"not installed: {'; '.join(missing)}: {INSTALL_HINT}")
     if healthy(root):
         _log("already up")
+        command_wrappers(root)  # as this version writes them
         _reset_nice(root)
         return ClusterInfo.load(root)
     # every step below is idempotent: a partly running cluster is completed, not rebuilt
