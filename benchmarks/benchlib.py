@@ -154,10 +154,13 @@ class CpuCensus:
                     argv = raw.decode(errors="replace").split("\0") if raw else []
                     if not argv and (stat[1] == "2" or d == "2"):  # kthreadd's
                         kind = f"kernel: {comm.split('/')[0]}"  # kworker/1:1H-kblockd
+                    elif not argv:  # amid an exec (the new name, no command line yet)
+                        kind = seen[0] if seen is not None else f"other: {comm}"
+                        comm = ""  # not settled: read again next time
                     else:
                         kind = process_kind(argv)
                         if kind == "other":  # named by its program, to tell what it is
-                            kind = f"other: {os.path.basename(argv[0])[:20] if argv else comm}"
+                            kind = f"other: {os.path.basename(argv[0])[:20]}"
                 # a process already running at the start counts from there
                 first = seen[1] if seen is not None else (0.0 if self._started else cpu)
                 self._seen[key] = (kind, first, cpu, comm)
@@ -238,3 +241,15 @@ def end_spy(spy: subprocess.Popen | None, notes: list[str]) -> None:
             spy.wait()
     if spy.returncode:
         notes.append(f"py-spy ended {spy.returncode}: see its .err file beside the stacks")
+
+
+def finally_on_sigterm() -> None:
+    """SIGTERM (a run started in the background ignores Ctrl-C) ends the run as an error
+    does: through its ``finally`` blocks, which stop the hub and its jobs and undo what
+    the run set; a second SIGTERM cannot cut them short."""
+
+    def ended(signum: int, _frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, ended)

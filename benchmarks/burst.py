@@ -54,6 +54,7 @@ from benchlib import (  # noqa: E402
     CpuCensus,
     cpu_seconds,
     end_spy,
+    finally_on_sigterm,
     markdown_table,
     peak_mb,
     percentile,
@@ -751,6 +752,7 @@ def main() -> int:
         help="instead of a burst: K single spawns on an idle cluster, split into phases",
     )
     args = ap.parse_args()
+    finally_on_sigterm()  # the hubs, their jobs and the jobs' nice value go as after an error
     r = subprocess.run([sys.executable, "-m", "xsedehub.cli", "cluster", "up"], check=False)
     if r.returncode:
         return r.returncode

@@ -44,7 +44,15 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from benchlib import Api, cpu_seconds, end_spy, markdown_table, peak_mb, spy_on  # noqa: E402
+from benchlib import (  # noqa: E402
+    Api,
+    cpu_seconds,
+    end_spy,
+    finally_on_sigterm,
+    markdown_table,
+    peak_mb,
+    spy_on,
+)
 from xsedehub.spawner import slurm  # noqa: E402
 
 from xsedehub.testbed import localcluster, localhub, netns  # noqa: E402
@@ -504,11 +512,7 @@ def main() -> int:
     )
     args = ap.parse_args()
 
-    def ended(signum: int, _frame) -> None:  # SIGTERM: the hub, its jobs and PostgreSQL go
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # through the `finally`s, as after
-        raise SystemExit(128 + signum)  # an error; a second SIGTERM cannot cut them short
-
-    signal.signal(signal.SIGTERM, ended)
+    finally_on_sigterm()  # the hub, its jobs and PostgreSQL go through the `finally`s
     r = subprocess.run([sys.executable, "-m", "xsedehub.cli", "cluster", "up"], check=False)
     if r.returncode:
         return r.returncode

@@ -208,7 +208,8 @@ async def test_a_port_that_listens_while_squeue_hangs_is_seen_at_once(cluster):
     """The look at the job (the shared squeue, every 5 s) runs beside the watch of the
     port, not instead of it: with slurmctld held (SIGSTOP), squeue hangs (SLURM's own
     timeout is 10 s, the spawner's 30 s), and a port that listens meanwhile ends the
-    wait within the watch's next looks, not after the squeue."""
+    wait within the watch's next looks, not after the squeue (slurmctld is let go in the
+    end: if this test dies in between, `xsedehub cluster down` and up again)."""
     conn = Connection(node(cluster), gateway(cluster))
     job_id = await submit_sleeper(conn, "u0-hung")
     files = job.JobFiles(conn, ".xsedehub/jobs/u0-hung", logging.getLogger("test"), "test")
@@ -228,8 +229,11 @@ async def test_a_port_that_listens_while_squeue_hangs_is_seen_at_once(cluster):
         os.kill(slurmctld, signal.SIGSTOP)
         await asyncio.sleep(follow.JOB_CHECK_EVERY + 1.5)  # the job's look is under way
         assert not task.done()
+        inflight = conn.status._inflight
+        assert inflight is not None and not inflight.done(), "no job check under way"
         server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", port)
-        await asyncio.wait_for(task, 5)  # a hung squeue holds it 10 s or more
+        await asyncio.wait_for(task, 2)  # the hung squeue holds on for 10 s (MessageTimeout)
+        assert not inflight.done(), "the job check ended first: this showed nothing"
     finally:
         os.kill(slurmctld, signal.SIGCONT)
         task.cancel()

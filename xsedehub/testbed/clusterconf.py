@@ -168,6 +168,9 @@ def write_slurm_conf(root: Path) -> None:
         "SchedulerParameters=sched_min_interval=100000",
         # SLURM's default, written out: benchmarks/scale.py holds 1,000 jobs at once
         "MaxJobCount=10000",
+        # SLURM's default, written out: a command waits this long for a slurmctld that
+        # does not answer (tests/test_connections.py holds slurmctld past a job check)
+        "MessageTimeout=10",
     ]
     for node, port in NODES.items():
         lines.append(
@@ -266,11 +269,16 @@ def command_wrappers(root: Path) -> None:
                 f"n=$(cat {jobs_nice_file(root)} 2>/dev/null)\n"
                 f'case "$n" in [0-9]|1[0-9]) exec nice -n "$n" /usr/bin/sbatch "$@";; esac\n' + run
             )
-        w.write_text(
+        tmp = bindir / f".{cmd}.new"  # replaced whole: an sbatch running now reads either
+        tmp.write_text(
             "#!/bin/sh\n"
             f'printf "%s %s {cmd}\\n" "$(date +%s.%N)" "$(id -un)" >> {log} 2>/dev/null\n' + run
         )
-        w.chmod(0o755)
+        tmp.chmod(0o755)
+        tmp.replace(w)
+    # a benchmark that was killed may have left its jobs' nice value: the cluster's own
+    # jobs (tests, the demo) run as SLURM starts them
+    jobs_nice_file(root).unlink(missing_ok=True)
 
 
 def jobs_nice_file(root: Path = ROOT) -> Path:

@@ -205,11 +205,10 @@ def _pid_files(root: Path) -> dict[str, Path]:
 
 
 def _reset_nice(root: Path) -> None:
-    """The daemons at nice 0 and ``sbatch`` as it is: a benchmark ended by SIGKILL
-    (``burst.py --hub-apart`` has the login node's ``sbatch`` run niced, see
-    :func:`~.clusterconf.jobs_nice_file`) leaves nothing lower for the next run's jobs
-    (SLURM's PropagatePrioProcess)."""
-    jobs_nice_file(root).unlink(missing_ok=True)
+    """The daemons at nice 0: a benchmark ended by SIGKILL leaves nothing lower for the
+    next run's jobs (SLURM's PropagatePrioProcess; ``burst.py --hub-apart`` used to
+    renice the login node's sshd; it now has the login node's ``sbatch`` run niced, see
+    :func:`~.clusterconf.jobs_nice_file`, which :func:`command_wrappers` removes)."""
     for pid_file in _pid_files(root).values():
         try:
             os.setpriority(os.PRIO_PROCESS, int(pid_file.read_text().split()[0]), 0)
@@ -609,7 +608,7 @@ def up(root: Path = ROOT) -> ClusterInfo:
         raise ClusterError(f"not installed: {'; '.join(missing)}: {INSTALL_HINT}")
     if healthy(root):
         _log("already up")
-        command_wrappers(root)  # as this version writes them
+        command_wrappers(root)  # as this version writes them (sbatch un-niced)
         _reset_nice(root)
         return ClusterInfo.load(root)
     # every step below is idempotent: a partly running cluster is completed, not rebuilt
@@ -643,6 +642,7 @@ def up(root: Path = ROOT) -> ClusterInfo:
 def down(root: Path = ROOT) -> None:
     if os.geteuid() != 0:
         raise ClusterError("`xsedehub cluster down` must run as root")
+    jobs_nice_file(root).unlink(missing_ok=True)
     pids = _pid_files(root)
     daemons = ["sshd_login", *(f"slurmd_{n}" for n in NODES), "slurmctld", "munged"]
     delta = ["sshd_login", *(f"slurmd_{n}" for n in minidelta.NODES), "slurmctld", "munged"]
