@@ -105,8 +105,11 @@ UNIX_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
 
 
 def log(message: str) -> None:
-    """One line in the job's log, in the job script's format."""
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    """One line in the job's log, in the job script's format with milliseconds (what
+    the agent does between the server listening and the hub's port leading to it takes
+    fractions of a second: benchmarks/burst.py's job logs split it)."""
+    now = time.time()
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
     try:
         sys.stderr.write(f"{stamp} [xsedehub] {message}\n")
         sys.stderr.flush()
