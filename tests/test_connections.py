@@ -87,6 +87,15 @@ class Watcher:
         return None
 
 
+async def free_hub_port() -> int:
+    """A loopback port nothing listens on (a spawn's hub port before its forward)."""
+    probe = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    port = probe.sockets[0].getsockname()[1]
+    probe.close()
+    await probe.wait_closed()
+    return port
+
+
 # ---------------------------------------------------------------- 1. certificate renewal
 async def test_renewed_certificate_moves_watched_jobs_and_ends_the_old_refresher(cluster):
     pool = Pool()
@@ -164,10 +173,7 @@ async def test_a_login_node_blip_while_the_server_starts_is_not_fatal(cluster, t
     job_id = await submit_sleeper(conn, "u0-blip")
     reports: list[str] = []
     files = job.JobFiles(conn, ".xsedehub/jobs/u0-blip", logging.getLogger("test"), "test")
-    probe = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
-    port = probe.sockets[0].getsockname()[1]
-    probe.close()
-    await probe.wait_closed()
+    port = await free_hub_port()
     server = None
     task = asyncio.ensure_future(
         follow.wait_server(
@@ -213,10 +219,7 @@ async def test_a_port_that_listens_while_squeue_hangs_is_seen_at_once(cluster):
     conn = Connection(node(cluster), gateway(cluster))
     job_id = await submit_sleeper(conn, "u0-hung")
     files = job.JobFiles(conn, ".xsedehub/jobs/u0-hung", logging.getLogger("test"), "test")
-    probe = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
-    port = probe.sockets[0].getsockname()[1]
-    probe.close()
-    await probe.wait_closed()
+    port = await free_hub_port()
     slurmctld = int(Path(cluster.pid_files["slurmctld"]).read_text().split()[0])
     server = None
     task = asyncio.ensure_future(
@@ -249,10 +252,7 @@ async def test_a_server_that_never_listens_times_out_and_a_job_that_ends_is_seen
     conn = Connection(node(cluster), gateway(cluster))
     job_id = await submit_sleeper(conn, "u0-never")
     files = job.JobFiles(conn, ".xsedehub/jobs/u0-never", logging.getLogger("test"), "test")
-    probe = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
-    port = probe.sockets[0].getsockname()[1]  # free again: nothing will listen there
-    probe.close()
-    await probe.wait_closed()
+    port = await free_hub_port()
     quiet = lambda m, pct=None: None  # noqa: E731
     try:
         began = time.monotonic()
